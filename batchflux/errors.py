@@ -1,0 +1,124 @@
+"""The one exception tree of batchflux.
+
+::
+
+    BatchfluxError                      base of everything batchflux raises on purpose
+    ├── UsageError                      bad command line                       exit 2
+    ├── ManifestError                   invalid manifest (all diagnostics)     exit 65
+    ├── ConfigError                     no key, bad base URL, ...              exit 78
+    ├── OutputLockedError               another run holds the output dir       exit 75
+    ├── ApiError                        one HTTP exchange with Apiframe failed
+    │                                   (.category, .retryable, .http_status, .retry_after)
+    └── RunAborted                      a run-fatal condition stopped the run cleanly
+                                        (auth, credits, budget, unwritable output)
+
+Foreign exceptions (httpx, yaml, jsonschema, OSError) are translated once, at the adapter that
+meets them, with ``raise ... from exc``. Per-item failures are *data* (an ``ErrorInfo`` on a
+result line), never exceptions that escape the runner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .models import ErrorCategory
+
+EXIT_OK = 0
+EXIT_ITEMS_FAILED = 1
+EXIT_USAGE = 2
+EXIT_DATAERR = 65  # sysexits EX_DATAERR: invalid manifest
+EXIT_TEMPFAIL = 75  # sysexits EX_TEMPFAIL: provider unavailable, output locked
+EXIT_CONFIG = 78  # sysexits EX_CONFIG: no API key, bad configuration
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class BatchfluxError(Exception):
+    """Base class for every error batchflux raises on purpose."""
+
+    exit_code: int = EXIT_ITEMS_FAILED
+
+
+class UsageError(BatchfluxError):
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(BatchfluxError):
+    exit_code = EXIT_CONFIG
+
+
+class OutputLockedError(BatchfluxError):
+    exit_code = EXIT_TEMPFAIL
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Diagnostic:
+    """One problem in a manifest, located exactly: ``FILE:LINE:COL: field.path: message``.
+
+    ``line`` and ``col`` are 1-based; 0 means "the whole file" (e.g. an empty file).
+    Sorting diagnostics sorts them by file, then position, then field.
+    """
+
+    file: str
+    line: int
+    col: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        field = self.field or "(root)"
+        return f"{self.file}:{self.line}:{self.col}: {field}: {self.message}"
+
+
+class ManifestError(BatchfluxError):
+    """A manifest is invalid. Carries every diagnostic found, sorted."""
+
+    exit_code = EXIT_DATAERR
+
+    def __init__(self, diagnostics: Iterable[Diagnostic]) -> None:
+        self.diagnostics: tuple[Diagnostic, ...] = tuple(sorted(diagnostics))
+        super().__init__("\n".join(str(d) for d in self.diagnostics))
+
+
+class ApiError(BatchfluxError):
+    """One exchange with the API failed.
+
+    ``category`` says what kind of failure it was and ``retryable`` whether trying the same
+    request again can help. ``retry_after`` is the server's ``Retry-After`` in seconds, if any.
+    The message never contains the API key.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        category: ErrorCategory,
+        retryable: bool | None = None,
+        http_status: int | None = None,
+        retry_after: float | None = None,
+        details: dict[str, object] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.category = category
+        self.retryable = category.retryable if retryable is None else retryable
+        self.http_status = http_status
+        self.retry_after = retry_after
+        self.details = details or {}
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.message!r}, category={self.category.value!r}, "
+            f"retryable={self.retryable}, http_status={self.http_status})"
+        )
+
+
+class RunAborted(BatchfluxError):
+    """A run-fatal condition stopped the run cleanly (in-flight jobs were journaled)."""
+
+    def __init__(self, message: str, *, category: ErrorCategory | None = None,
+                 exit_code: int = EXIT_ITEMS_FAILED) -> None:
+        super().__init__(message)
+        self.category = category
+        self.exit_code = exit_code

@@ -1,0 +1,1 @@
+"""`batchflux validate` and `batchflux plan` (placeholder: being written)."""

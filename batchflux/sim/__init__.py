@@ -1,0 +1,1 @@
+"""A faithful, self-contained simulator of Apiframe's v2 API (placeholder: being written)."""
