@@ -1,0 +1,268 @@
+"""The three limits every worker shares: a token bucket, a global cooldown, an adaptive cap.
+
+- :class:`TokenBucket` spaces submits (and polls) to a request rate, exactly: each caller
+  reserves the next free slot and sleeps once until it, so the rate is met without polling
+  and callers are served in arrival order.
+- :class:`Cooldown` is the shared pause after a 429: one worker is told ``Retry-After`` and
+  every worker waits.
+- :class:`AdaptiveLimit` caps jobs in flight and adapts the cap (AIMD): halve on a rate
+  limit, add one after a run of clean completions.
+
+Time is injected (``clock`` and ``sleep``) so tests run on a fake clock without sleeping.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+import anyio
+
+__all__ = ["AdaptiveLimit", "Clock", "Cooldown", "Sleep", "TokenBucket"]
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class TokenBucket:
+    """Allow at most ``rate_per_second`` acquisitions per second, with bursts of ``burst``.
+
+    Implemented as GCRA (virtual scheduling): the bucket keeps the theoretical time at which
+    the next token is due, each :meth:`acquire` books a slot synchronously (so callers are
+    served first come, first served) and then sleeps exactly until it. Sleeping late does not
+    shift later slots, so the long-run rate is the configured one. A caller cancelled while
+    waiting gives its slot back if nobody booked after it.
+
+    ``rate_per_second=None`` (or ``math.inf``) means unlimited: :meth:`acquire` returns at once.
+
+    >>> bucket = TokenBucket(500 / 60, burst=5)   # 500 requests per minute
+    >>> await bucket.acquire()                     # doctest: +SKIP
+    """
+
+    __slots__ = ("_burst_span", "_clock", "_interval", "_next_due", "_sleep", "rate")
+
+    def __init__(
+        self,
+        rate_per_second: float | None,
+        *,
+        burst: float = 1.0,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = anyio.sleep,
+    ) -> None:
+        if rate_per_second is not None and not rate_per_second > 0:
+            raise ValueError("rate_per_second must be positive (or None for unlimited)")
+        if not burst >= 1.0:
+            raise ValueError("burst must be at least 1")
+        self.rate = rate_per_second
+        self._clock = clock
+        self._sleep = sleep
+        unlimited = rate_per_second is None or math.isinf(rate_per_second)
+        self._interval = 0.0 if unlimited else 1.0 / rate_per_second  # type: ignore[operator]
+        # How far ahead of "now" the schedule may run before callers must wait.
+        self._burst_span = (burst - 1.0) * self._interval
+        self._next_due: float | None = None
+
+    @property
+    def is_unlimited(self) -> bool:
+        return self._interval == 0.0
+
+    def reserve(self) -> float:
+        """Book the next slot and return how many seconds to wait for it (0 if available)."""
+        if self._interval == 0.0:
+            return 0.0
+        now = self._clock()
+        due = now if self._next_due is None else max(self._next_due, now)
+        self._next_due = due + self._interval
+        return max(0.0, due - self._burst_span - now)
+
+    async def acquire(self) -> None:
+        """Wait for a token."""
+        if self._interval == 0.0:
+            return
+        wait = self.reserve()
+        if wait <= 0.0:
+            return
+        booked = self._next_due
+        try:
+            await self._sleep(wait)
+        except BaseException:
+            # Cancelled (or the sleep failed) before using the slot: hand it back, unless
+            # someone booked after us (their slot time is already promised).
+            if self._next_due == booked and booked is not None:
+                self._next_due = booked - self._interval
+            raise
+
+
+class Cooldown:
+    """A pause shared by every worker, e.g. after a 429 with ``Retry-After``.
+
+    :meth:`trigger` extends the pause (never shortens it); :meth:`wait` returns at once when
+    not cooling down, else sleeps until the pause ends, re-checking in case it was extended
+    meanwhile. :attr:`remaining` is for the progress display.
+    """
+
+    __slots__ = ("_clock", "_ends_at", "_sleep", "triggers")
+
+    def __init__(self, *, clock: Clock = time.monotonic, sleep: Sleep = anyio.sleep) -> None:
+        self._clock = clock
+        self._sleep = sleep
+        self._ends_at = -math.inf
+        #: How many times :meth:`trigger` was called (for the run report).
+        self.triggers = 0
+
+    def trigger(self, seconds: float) -> None:
+        """Pause everyone for at least ``seconds`` from now."""
+        self.triggers += 1
+        if seconds > 0 and math.isfinite(seconds):
+            self._ends_at = max(self._ends_at, self._clock() + seconds)
+
+    @property
+    def remaining(self) -> float:
+        """Seconds left in the current pause (0 when not cooling down)."""
+        return max(0.0, self._ends_at - self._clock())
+
+    @property
+    def is_active(self) -> bool:
+        return self.remaining > 0.0
+
+    async def wait(self) -> None:
+        """Return once no pause is in effect."""
+        while True:
+            left = self._ends_at - self._clock()
+            if left <= 0:
+                return
+            await self._sleep(left)
+
+
+class AdaptiveLimit:
+    """A cap on work in flight that adapts to rate limits (AIMD).
+
+    ``async with limit:`` (or :meth:`acquire` / :meth:`release`) holds one slot; waiters are
+    served in arrival order. :meth:`on_rate_limited` halves the limit, at most once per
+    episode: a 429 answers requests that were sent under the old limit, so further 429s are
+    ignored until as many slots as were in use at the decrease have been released.
+    :meth:`on_success` adds one after ``increase_after`` clean completions in a row (reset by
+    a rate limit). The limit stays within ``[minimum, maximum]``; lowering it below
+    :attr:`in_use` is fine: new acquisitions wait until enough slots are released.
+
+    :attr:`history` lists ``(clock time, new limit)`` for every change (bounded), for the run
+    report.
+    """
+
+    def __init__(
+        self,
+        initial: int,
+        *,
+        maximum: int,
+        minimum: int = 1,
+        increase_after: int = 8,
+        clock: Clock = time.monotonic,
+        history_size: int = 256,
+    ) -> None:
+        if not 1 <= minimum <= maximum:
+            raise ValueError("need 1 <= minimum <= maximum")
+        if increase_after < 1:
+            raise ValueError("increase_after must be at least 1")
+        self._limit = min(maximum, max(minimum, initial))
+        self.maximum = maximum
+        self.minimum = minimum
+        self.increase_after = increase_after
+        self._clock = clock
+        self._in_use = 0
+        self._waiters: deque[anyio.Event] = deque()
+        self._successes = 0
+        self._releases = 0
+        # Releases needed after a decrease before another decrease counts (0: none pending).
+        self._episode_ends_at_release = 0
+        self._history: deque[tuple[float, int]] = deque(maxlen=max(2, history_size))
+        self._history.append((clock(), self._limit))
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    @property
+    def history(self) -> list[tuple[float, int]]:
+        """``(time, new limit)`` for the initial limit and each change, oldest first."""
+        return list(self._history)
+
+    async def acquire(self) -> None:
+        """Wait for a free slot (first come, first served)."""
+        if self._in_use < self._limit and not self._waiters:
+            self._in_use += 1
+            return
+        event = anyio.Event()
+        self._waiters.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():
+                # The slot was handed to us just as we were cancelled: pass it on.
+                self.release()
+            else:
+                self._waiters.remove(event)
+            raise
+
+    def release(self) -> None:
+        """Give a slot back."""
+        if self._in_use <= 0:
+            raise RuntimeError("release() without a matching acquire()")
+        self._in_use -= 1
+        self._releases += 1
+        self._wake()
+
+    async def __aenter__(self) -> AdaptiveLimit:
+        await self.acquire()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def on_rate_limited(self) -> bool:
+        """Halve the limit unless this episode already did; True if the limit changed."""
+        self._successes = 0
+        if self._releases < self._episode_ends_at_release:
+            return False
+        self._episode_ends_at_release = self._releases + max(1, self._in_use)
+        return self._set(max(self.minimum, self._limit // 2))
+
+    def on_success(self) -> bool:
+        """Count a clean completion; add one slot after a run of them. True if it changed."""
+        self._successes += 1
+        if self._successes < self.increase_after:
+            return False
+        self._successes = 0
+        return self._set(min(self.maximum, self._limit + 1))
+
+    def _set(self, new: int) -> bool:
+        if new == self._limit:
+            return False
+        self._limit = new
+        self._history.append((self._clock(), new))
+        self._wake()
+        return True
+
+    def _wake(self) -> None:
+        while self._waiters and self._in_use < self._limit:
+            self._in_use += 1
+            self._waiters.popleft().set()
+
+    def __repr__(self) -> str:
+        return (f"AdaptiveLimit(limit={self._limit}, in_use={self._in_use}, "
+                f"waiting={len(self._waiters)}, maximum={self.maximum})")

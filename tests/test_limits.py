@@ -1,0 +1,397 @@
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+
+import anyio
+import pytest
+
+from batchflux.limits import AdaptiveLimit, Cooldown, TokenBucket
+
+
+class VirtualTime:
+    """A clock and sleep for many concurrent tasks: time jumps to the next wake-up only when
+    every task is blocked, so waits are exact and nothing really sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._sleepers: list[tuple[float, int, anyio.Event]] = []
+        self._seq = itertools.count()
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        event = anyio.Event()
+        heapq.heappush(self._sleepers, (self.now + seconds, next(self._seq), event))
+        await event.wait()
+
+    async def drive(self) -> None:
+        """Advance time until no task sleeps any more (run as a task beside the others)."""
+        while True:
+            await anyio.wait_all_tasks_blocked()
+            if not self._sleepers:
+                return
+            wake, _, event = heapq.heappop(self._sleepers)
+            self.now = max(self.now, wake)
+            event.set()
+
+
+class SteppingTime:
+    """For one task at a time: sleeping simply moves the clock forward."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await anyio.lowlevel.checkpoint()
+
+
+async def _no_sleep(seconds: float) -> None:
+    raise AssertionError(f"should not sleep ({seconds})")
+
+
+# --- TokenBucket -------------------------------------------------------------------------
+
+
+async def test_token_bucket_spaces_acquisitions_exactly_at_the_rate() -> None:
+    t = SteppingTime()
+    bucket = TokenBucket(10.0, clock=t.clock, sleep=t.sleep)
+    stamps = []
+    for _ in range(51):
+        await bucket.acquire()
+        stamps.append(t.now)
+    assert stamps == pytest.approx([i / 10 for i in range(51)])
+    # 50 intervals in 5 s: exactly the configured rate, not "about".
+    assert 50 / (stamps[-1] - stamps[0]) == pytest.approx(10.0)
+
+
+async def test_token_bucket_allows_a_burst_then_the_rate_and_refills_when_idle() -> None:
+    t = SteppingTime()
+    bucket = TokenBucket(1.0, burst=3, clock=t.clock, sleep=t.sleep)
+    stamps = []
+    for _ in range(5):
+        await bucket.acquire()
+        stamps.append(t.now)
+    assert stamps == pytest.approx([0, 0, 0, 1, 2])
+    t.now = 100.0  # idle: the burst is available again, but no more than the burst
+    stamps = []
+    for _ in range(4):
+        await bucket.acquire()
+        stamps.append(t.now)
+    assert stamps == pytest.approx([100, 100, 100, 101])
+
+
+async def test_token_bucket_late_wakeups_do_not_lower_the_rate() -> None:
+    t = SteppingTime()
+
+    async def oversleeping(seconds: float) -> None:
+        t.now += seconds + 0.03  # a noisy machine wakes us late every time
+
+    bucket = TokenBucket(10.0, clock=t.clock, sleep=oversleeping)
+    for _ in range(101):
+        await bucket.acquire()
+    # Late wake-ups make a caller skip its own wait next time instead of piling up.
+    assert 100 / t.now >= 0.95 * 10.0
+
+
+@pytest.mark.parametrize("rate", [None, math.inf])
+async def test_token_bucket_unlimited_never_waits(rate: float | None) -> None:
+    bucket = TokenBucket(rate, sleep=_no_sleep)
+    assert bucket.is_unlimited
+    for _ in range(1000):
+        await bucket.acquire()
+
+
+def test_token_bucket_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        TokenBucket(0)
+    with pytest.raises(ValueError):
+        TokenBucket(1.0, burst=0.5)
+
+
+async def test_token_bucket_serves_concurrent_callers_in_arrival_order() -> None:
+    vt = VirtualTime()
+    bucket = TokenBucket(4.0, clock=vt.clock, sleep=vt.sleep)
+    served: list[tuple[int, float]] = []
+
+    async def caller(i: int) -> None:
+        await bucket.acquire()
+        served.append((i, vt.now))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(8):
+            tg.start_soon(caller, i)
+        tg.start_soon(vt.drive)
+    assert [i for i, _ in served] == list(range(8))
+    assert [at for _, at in served] == pytest.approx([i / 4 for i in range(8)])
+
+
+async def test_token_bucket_cancelled_waiter_gives_its_slot_back() -> None:
+    vt = VirtualTime()
+    bucket = TokenBucket(1.0, clock=vt.clock, sleep=vt.sleep)
+    await bucket.acquire()  # t=0, next slot at t=1
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await bucket.acquire()  # booked t=1, cancelled while sleeping
+    vt.now = 0.5
+    served = []
+
+    async def caller() -> None:
+        await bucket.acquire()
+        served.append(vt.now)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(caller)
+        tg.start_soon(vt.drive)
+    assert served == [1.0]
+
+
+async def test_token_bucket_keeps_the_rate_on_the_real_event_loop() -> None:
+    # Real anyio.sleep: the bucket must never let callers through faster than the rate.
+    bucket = TokenBucket(400.0)
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        for _ in range(41):
+            tg.start_soon(bucket.acquire)
+    assert time.monotonic() - started >= 40 / 400.0 - 1e-3
+
+
+# --- Cooldown ----------------------------------------------------------------------------
+
+
+async def test_cooldown_wait_returns_at_once_when_not_triggered() -> None:
+    t = SteppingTime()
+    cooldown = Cooldown(clock=t.clock, sleep=_no_sleep)
+    assert cooldown.remaining == 0.0 and not cooldown.is_active
+    await cooldown.wait()
+
+
+async def test_cooldown_pauses_until_the_end_and_is_only_ever_extended() -> None:
+    t = SteppingTime()
+    cooldown = Cooldown(clock=t.clock, sleep=t.sleep)
+    cooldown.trigger(5.0)
+    cooldown.trigger(2.0)  # a shorter Retry-After never shortens the pause
+    assert cooldown.remaining == 5.0
+    await cooldown.wait()
+    assert t.now == 5.0
+    assert cooldown.remaining == 0.0
+    assert cooldown.triggers == 2
+
+
+async def test_cooldown_wait_rechecks_when_extended_meanwhile() -> None:
+    t = SteppingTime()
+    cooldown = Cooldown(clock=t.clock, sleep=t.sleep)
+
+    async def sleep_then_extend(seconds: float) -> None:
+        await t.sleep(seconds)
+        if len(t.sleeps) == 1:
+            cooldown.trigger(3.0)  # another worker got a 429 while we slept
+
+    cooldown._sleep = sleep_then_extend  # type: ignore[misc]
+    cooldown.trigger(2.0)
+    await cooldown.wait()
+    assert t.now == 5.0
+    assert t.sleeps == [2.0, 3.0]
+
+
+async def test_cooldown_pauses_every_waiting_worker() -> None:
+    vt = VirtualTime()
+    cooldown = Cooldown(clock=vt.clock, sleep=vt.sleep)
+    cooldown.trigger(4.0)
+    resumed: list[float] = []
+
+    async def worker() -> None:
+        await cooldown.wait()
+        resumed.append(vt.now)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(worker)
+        tg.start_soon(vt.drive)
+    assert resumed == [4.0] * 5
+
+
+# --- AdaptiveLimit -----------------------------------------------------------------------
+
+
+async def test_adaptive_limit_caps_in_flight_and_serves_waiters_in_order() -> None:
+    limit = AdaptiveLimit(2, maximum=4)
+    order: list[int] = []
+    await limit.acquire()
+    await limit.acquire()
+    assert limit.in_use == 2
+
+    async def waiter(i: int) -> None:
+        async with limit:
+            order.append(i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(3):
+            tg.start_soon(waiter, i)
+        await anyio.wait_all_tasks_blocked()
+        assert limit.waiting == 3 and order == []
+        limit.release()
+        limit.release()
+    assert order == [0, 1, 2]
+    assert limit.in_use == 0
+
+
+def test_adaptive_limit_halves_once_per_rate_limit_episode() -> None:
+    now = [0.0]
+    limit = AdaptiveLimit(16, maximum=16, clock=lambda: now[0])
+    limit._in_use = 16  # 16 requests in flight when the first 429 arrives
+    now[0] = 1.0
+    assert limit.on_rate_limited() is True
+    assert limit.limit == 8
+    # The other in-flight requests' 429s belong to the same episode.
+    for _ in range(10):
+        assert limit.on_rate_limited() is False
+    assert limit.limit == 8
+    for _ in range(16):
+        limit.release()
+    now[0] = 2.0
+    assert limit.on_rate_limited() is True
+    assert limit.limit == 4
+    assert limit.history == [(0.0, 16), (1.0, 8), (2.0, 4)]
+
+
+def test_adaptive_limit_never_goes_below_minimum() -> None:
+    limit = AdaptiveLimit(4, maximum=8, minimum=2)
+    assert limit.on_rate_limited() is True  # nothing in flight: episode ends at once
+    assert limit.limit == 2
+    assert limit.on_rate_limited() is False
+    assert limit.limit == 2
+
+
+def test_adaptive_limit_adds_one_after_a_run_of_successes_up_to_maximum() -> None:
+    limit = AdaptiveLimit(2, maximum=3, increase_after=4)
+    results = [limit.on_success() for _ in range(4)]
+    assert results == [False, False, False, True]
+    assert limit.limit == 3
+    for _ in range(20):
+        limit.on_success()
+    assert limit.limit == 3
+
+
+def test_adaptive_limit_rate_limit_resets_the_success_run() -> None:
+    limit = AdaptiveLimit(4, maximum=8, increase_after=3)
+    limit.on_success()
+    limit.on_success()
+    limit.on_rate_limited()
+    assert limit.limit == 2
+    limit.on_success()
+    limit.on_success()
+    assert limit.limit == 2
+    limit.on_success()
+    assert limit.limit == 3
+
+
+async def test_adaptive_limit_lowered_below_in_use_makes_new_acquires_wait() -> None:
+    limit = AdaptiveLimit(4, maximum=4)
+    for _ in range(4):
+        await limit.acquire()
+    limit.on_rate_limited()
+    assert (limit.limit, limit.in_use) == (2, 4)
+    got = anyio.Event()
+
+    async def newcomer() -> None:
+        await limit.acquire()
+        got.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(newcomer)
+        await anyio.wait_all_tasks_blocked()
+        limit.release()
+        limit.release()
+        await anyio.wait_all_tasks_blocked()
+        assert not got.is_set()  # 2 in use, limit 2
+        limit.release()
+        await got.wait()
+    assert limit.in_use == 2
+
+
+async def test_adaptive_limit_increase_wakes_a_waiter() -> None:
+    limit = AdaptiveLimit(1, maximum=2, increase_after=1)
+    await limit.acquire()
+    got = anyio.Event()
+
+    async def newcomer() -> None:
+        await limit.acquire()
+        got.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(newcomer)
+        await anyio.wait_all_tasks_blocked()
+        limit.on_success()
+        await got.wait()
+    assert (limit.limit, limit.in_use) == (2, 2)
+
+
+async def test_adaptive_limit_cancelled_waiter_leaves_no_trace() -> None:
+    limit = AdaptiveLimit(1, maximum=1)
+    await limit.acquire()
+    async with anyio.create_task_group() as tg:
+        scope = anyio.CancelScope()
+
+        async def impatient() -> None:
+            with scope:
+                await limit.acquire()
+
+        tg.start_soon(impatient)
+        await anyio.wait_all_tasks_blocked()
+        assert limit.waiting == 1
+        scope.cancel()
+    assert (limit.waiting, limit.in_use) == (0, 1)
+    limit.release()
+    assert limit.in_use == 0
+
+
+async def test_adaptive_limit_slot_handed_to_a_cancelled_waiter_is_passed_on() -> None:
+    limit = AdaptiveLimit(1, maximum=1)
+    await limit.acquire()
+    second_got = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        scope = anyio.CancelScope()
+
+        async def first() -> None:
+            with scope:
+                async with limit:
+                    await anyio.sleep_forever()
+
+        async def second() -> None:
+            await limit.acquire()
+            second_got.set()
+
+        tg.start_soon(first)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(second)
+        await anyio.wait_all_tasks_blocked()
+        limit.release()  # hands the slot to `first`...
+        scope.cancel()  # ...which is cancelled before (or just after) it wakes up
+        await second_got.wait()
+    assert limit.in_use == 1
+
+
+def test_adaptive_limit_history_is_bounded() -> None:
+    limit = AdaptiveLimit(2, maximum=3, increase_after=1, history_size=10)
+    for _ in range(100):
+        limit.on_success()
+        limit._releases += 1  # end each episode
+        limit.on_rate_limited()
+    assert len(limit.history) == 10
+
+
+def test_adaptive_limit_release_without_acquire_is_a_bug() -> None:
+    with pytest.raises(RuntimeError):
+        AdaptiveLimit(1, maximum=1).release()
