@@ -1,1 +1,18 @@
-"""A faithful, self-contained simulator of Apiframe's v2 API (placeholder: being written)."""
+"""A faithful, self-contained simulator of Apiframe's v2 image API.
+
+>>> from batchflux.sim import SimSettings, create_app, serve_in_thread
+>>> app = create_app(SimSettings(job_seconds=0.5))           # in-process (httpx.ASGITransport)
+>>> with serve_in_thread(SimSettings()) as base_url: ...     # real uvicorn on loopback
+
+See ``docs/simulator.md`` for every setting, the stats fields and the fault model.
+"""
+
+from __future__ import annotations
+
+from .app import create_app
+from .render import size_for
+from .serve import serve_in_thread
+from .settings import SimSettings
+from .webhooks import sign as sign_webhook
+
+__all__ = ["SimSettings", "create_app", "serve_in_thread", "sign_webhook", "size_for"]
