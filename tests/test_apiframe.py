@@ -550,3 +550,74 @@ def test_bad_keys_are_config_errors(key: str) -> None:
     with pytest.raises(ConfigError) as info:
         ApiframeClient(api_key=key)
     assert "afk_x" not in str(info.value)
+
+
+# --- against the simulator ---------------------------------------------------------------
+
+sim = pytest.importorskip("batchflux.sim")
+
+
+async def test_full_job_against_the_in_process_simulator() -> None:
+    import io
+
+    from PIL import Image
+
+    now = [1_800_000_000.0]
+    app = sim.create_app(sim.SimSettings(job_seconds=(4.0, 4.0), queue_seconds=(1.0, 1.0),
+                                         render_mode="fast"),
+                         clock=lambda: now[0])
+    body = {"prompt": "a red mug", "model": "flux-2-dev",
+            "fluxParams": {"aspect_ratio": "16:9", "seed": 7, "output_format": "png"}}
+    async with ApiframeClient(api_key=KEY, base_url="http://sim.local",
+                              transport=httpx.ASGITransport(app=app)) as api:
+        accepted = await api.submit(body, idempotency_key="batchflux-t-0")
+        assert accepted.status == "QUEUED"
+        again = await api.submit(body, idempotency_key="batchflux-t-0")
+        assert again.job_id == accepted.job_id  # replayed, not a second job
+        conflict = await _raises(api.submit({**body, "prompt": "other"},
+                                            idempotency_key="batchflux-t-0"))
+        assert conflict.http_status == 409 and not conflict.retryable
+
+        now[0] += 3.0
+        job = await api.get_job(accepted.job_id)
+        assert job.status == "PROCESSING" and not job.is_terminal
+        now[0] += 10.0
+        job = await api.get_job(accepted.job_id)
+        assert job.status == "COMPLETED" and len(job.images) == 1
+
+        sink = ListSink()
+        info = await api.download(job.images[0], sink)
+        image = Image.open(io.BytesIO(sink.data))
+        assert image.format == "PNG" and info.bytes == len(sink.data)
+        assert image.width > image.height  # 16:9; the exact size is the simulator's to define
+
+        bad = await _raises(api.submit({"prompt": "", "model": "flux-2-dev"},
+                                       idempotency_key=None))
+        assert bad.category is ErrorCategory.INVALID_REQUEST and bad.details
+        missing = await _raises(api.get_job("00000000-0000-4000-8000-000000000000"))
+        assert missing.message.endswith("job not found")
+        assert (await api.me())["team"]["credits"] >= 0
+        assert any(m["id"] == "flux-2-dev" for m in await api.models())
+
+
+async def test_real_simulator_rate_limit_auth_and_truncated_download() -> None:
+    settings = sim.SimSettings(job_seconds=(0.05, 0.05), queue_seconds=(0.0, 0.0),
+                               rps=1.0, burst=1, truncate_rate=1.0, render_mode="fast",
+                               api_keys=(KEY,))
+    body = {"prompt": "a red mug", "model": "flux-2-dev", "fluxParams": {"seed": 1}}
+    with sim.serve_in_thread(settings) as base_url:
+        async with ApiframeClient(api_key="afk_wrong_key", base_url=base_url) as api:
+            err = await _raises(api.submit(body, idempotency_key=None))
+            assert err.category is ErrorCategory.AUTH and err.http_status == 401
+        async with ApiframeClient(api_key=KEY, base_url=base_url) as api:
+            accepted = await api.submit(body, idempotency_key=None)
+            limited = await _raises(api.submit(body, idempotency_key=None))
+            assert limited.category is ErrorCategory.RATE_LIMITED and limited.retryable
+            assert limited.retry_after is not None and limited.retry_after > 0
+            job = await api.get_job(accepted.job_id)
+            while not job.is_terminal:
+                await anyio.sleep(0.05)
+                job = await api.get_job(accepted.job_id)
+            assert job.status == "COMPLETED"
+            cut = await _raises(api.download(job.images[0], ListSink()))
+            assert cut.category is ErrorCategory.DOWNLOAD_FAILED and cut.retryable
