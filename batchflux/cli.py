@@ -33,6 +33,56 @@ def build_parser() -> argparse.ArgumentParser:
                    help="credits per image for the estimate")
     p.set_defaults(handler=_plan)
 
+    p = sub.add_parser("run", help="run every item of a manifest (resumes by default)",
+                       description="Submit, poll, download and record every item of MANIFEST. "
+                       "Re-running the same command resumes: finished items are skipped, "
+                       "journaled jobs re-attached, only the rest submitted.")
+    p.add_argument("manifest", metavar="MANIFEST")
+    where = p.add_argument_group("where to send requests")
+    where.add_argument("--sim", action="store_true",
+                       help="use the built-in simulator in-process (no key, no network)")
+    where.add_argument("--sim-job-seconds", type=_positive_float, default=None, metavar="S",
+                       help="job duration of the in-process simulator (default 2)")
+    where.add_argument("--base-url", default=None, metavar="URL",
+                       help="API base URL (default $APIFRAME_BASE_URL or "
+                       "https://api.apiframe.ai)")
+    where.add_argument("--api-key-file", default=None, metavar="FILE",
+                       help="read the API key from FILE instead of $APIFRAME_API_KEY")
+    where.add_argument("--insecure-http", action="store_true",
+                       help="allow a plain-http base URL on a non-loopback host")
+    where.add_argument("--allow-download-host", action="append", default=[], metavar="HOST",
+                       help="also accept result image URLs on HOST ('*' for any)")
+    opts = p.add_argument_group("run options (override the manifest's run: block)")
+    opts.add_argument("--out", default=None, metavar="DIR", help="output directory")
+    opts.add_argument("-j", "--concurrency", type=_positive_int, default=None, metavar="N",
+                      help="worker count")
+    opts.add_argument("--max-inflight", type=_positive_int, default=None, metavar="N",
+                      help="most jobs submitted but not finished at once")
+    opts.add_argument("--rpm", type=_positive_float, default=None, metavar="N",
+                      help="submit requests per minute")
+    opts.add_argument("--retries", type=_non_negative_int, default=None, metavar="N",
+                      help="retries per request and new jobs per item after a transient failure")
+    opts.add_argument("--budget", type=_positive_float, default=None, metavar="CREDITS",
+                      help="refuse to start, or stop submitting, past this many credits")
+    opts.add_argument("--max-items", type=_positive_int, default=None, metavar="N",
+                      help="refuse manifests that expand to more than N items")
+    opts.add_argument("--job-timeout", type=_positive_float, default=None, metavar="S",
+                      help="seconds a job may take from submit to COMPLETED")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run in --out (the default)")
+    mode.add_argument("--fresh", action="store_true",
+                      help="move an existing --out aside and start a new run directory")
+    p.add_argument("--retry-failed", nargs="?", const="retryable", default=None,
+                   choices=("retryable", "all"),
+                   help="also retry items that failed in an earlier run: those whose error "
+                   "is retryable (the default), or all")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="json: one JSON event a line on stderr, for log shippers")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress output; only the final summary line")
+    p.set_defaults(handler=_run)
+
     p = sub.add_parser("sim", help="the built-in Apiframe v2 simulator")
     sim_sub = p.add_subparsers(dest="sim_command", metavar="SIM_COMMAND")
     sim_sub.required = True
@@ -63,6 +113,33 @@ def _plan(args: argparse.Namespace) -> int:
         out=sys.stdout,
         err=sys.stderr,
     )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .runcmd import run_command
+
+    return run_command(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -135,9 +135,13 @@ class WorkItem:
     def seed(self) -> int:
         return int(self.params["seed"])
 
-    @property
-    def idempotency_key(self) -> str:
-        return f"batchflux-{self.key[:48]}"
+    def idempotency_key(self, submission: int = 0) -> str:
+        """The ``Idempotency-Key`` of this item's ``submission``-th job (0 for the first).
+
+        A retry of the same submit (a lost response) reuses it, so the API replays the original
+        job; a deliberate new job (after a transient FAILED) takes the next number.
+        """
+        return f"batchflux-{self.key[:48]}-{submission}"
 
     @property
     def local_inputs(self) -> tuple[str, ...]:

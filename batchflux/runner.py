@@ -1,0 +1,730 @@
+"""run_batch(): every item submitted, polled, downloaded, verified and recorded.
+
+Shape (DESIGN.md section 5)::
+
+    feeder --(0-buffer stream)--> N workers --(stream)--> one writer
+                                   |  shared: submit TokenBucket, Cooldown (429 pauses all),
+                                   |          AdaptiveLimit (in-flight cap, AIMD on 429)
+                                   `- per item: throttle -> journal intent -> submit ->
+                                      journal jobId -> poll -> download -> verify -> rename
+
+Per-item failures are data (a result line with an error category). Run-fatal conditions
+(401/403, 402, budget, unwritable output) stop submitting; what is in flight is journaled and
+the next run re-attaches to it. The runner sees the API client, the store and the reporter
+through the Protocols below; ``cli`` wires the concrete ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from array import array
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from .errors import EXIT_ITEMS_FAILED, ApiError, RunAborted
+from .imagecheck import ImageCheckError, check_expected, image_size, inspect_image
+from .limits import AdaptiveLimit, Cooldown, TokenBucket
+from .models import ErrorCategory, ErrorInfo, WorkItem, is_remote_ref
+from .retry import DurationEstimator, PollPolicy, RetryPolicy, next_poll_delay
+from .store import ResumeIndex, RunStore, StoredFile
+
+CAPACITY_MARKERS = ("no available capacity", "capacity", "try again", "retry shortly")
+
+
+# --------------------------------------------------------------------------------------------
+# Seams
+
+
+class JobLike(Protocol):
+    id: str
+    status: str
+    progress: int | None
+    images: tuple[str, ...]
+    error: str | None
+    credit_cost: int | None
+    expired: bool
+
+
+class ApiClient(Protocol):
+    async def submit(self, body: Mapping[str, Any], *, idempotency_key: str | None) -> Any: ...
+    async def get_job(self, job_id: str) -> Any: ...
+    async def download(self, url: str, sink: Any, *, max_bytes: int = ...) -> Any: ...
+    async def upload(self, data: bytes, *, filename: str) -> Any: ...
+
+
+class Reporter(Protocol):
+    def start(self, *, total: int | None, skipped: int, attached: int) -> None: ...
+    def result(self, record: Mapping[str, Any]) -> None: ...
+    def status(self, state: RunState) -> None: ...
+    def message(self, text: str) -> None: ...
+    def finish(self, summary: Mapping[str, Any]) -> None: ...
+
+
+class NullReporter:
+    def start(self, *, total: int | None, skipped: int, attached: int) -> None:
+        pass
+
+    def result(self, record: Mapping[str, Any]) -> None:
+        pass
+
+    def status(self, state: RunState) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Settings and state
+
+
+@dataclass(frozen=True, slots=True)
+class RunSettings:
+    """How a run behaves. Every field has a named default; build with keywords."""
+
+    concurrency: int = 16
+    max_inflight: int = 16
+    submits_per_second: float | None = None
+    retries: int = 4  # new jobs per item after the first (transient FAILED), and per request
+    request_retry: RetryPolicy = field(default_factory=RetryPolicy)
+    poll: PollPolicy = field(default_factory=PollPolicy)
+    job_timeout: float = 600.0
+    budget: float | None = None
+    cost_per_image: float = 2.0
+    retry_failed: str | None = None  # None | "retryable" | "all"
+    max_download_bytes: int = 64 << 20
+    expected_job_seconds: float | None = None
+    seed: int | None = None  # for jitter; None: from the OS
+
+
+@dataclass
+class RunState:
+    """Live numbers for the progress display (read-only for reporters)."""
+
+    total: int | None = None
+    done: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    inflight: int = 0
+    inflight_cap: int = 0
+    cooldown_remaining: float = 0.0
+    credits_spent: float = 0.0
+    started: float = 0.0
+    stop_reason: str | None = None
+
+
+@dataclass
+class _Stats:
+    by_status: Counter[str] = field(default_factory=Counter)
+    by_category: Counter[str] = field(default_factory=Counter)
+    latencies: array = field(default_factory=lambda: array("d"))
+    queue_times: array = field(default_factory=lambda: array("d"))
+    requests: Counter[str] = field(default_factory=Counter)
+    retries: int = 0
+    resubmissions: int = 0
+    attached: int = 0
+    new: int = 0
+    retried_items: int = 0
+    not_started: int = 0
+    credits: float = 0.0
+    images: int = 0
+    bytes: int = 0
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    data = sorted(values)
+    if not data:
+        return None
+    pos = (len(data) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def is_capacity_failure(message: str | None) -> bool:
+    text = (message or "").lower()
+    return any(marker in text for marker in CAPACITY_MARKERS) and "policy" not in text
+
+
+class _ItemFailed(Exception):
+    def __init__(self, info: ErrorInfo) -> None:
+        super().__init__(info.message)
+        self.info = info
+
+
+class _NotStarted(Exception):
+    """The run stopped before this item was submitted: it gets no result line."""
+
+
+# --------------------------------------------------------------------------------------------
+# The runner
+
+
+class Runner:
+    def __init__(
+        self,
+        *,
+        client: ApiClient,
+        store: RunStore,
+        index: ResumeIndex,
+        settings: RunSettings,
+        reporter: Reporter | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.index = index
+        self.settings = settings
+        self.reporter = reporter or NullReporter()
+        self.clock = clock
+        self.sleep = sleep
+        self.rng = random.Random(settings.seed)
+        self.bucket = TokenBucket(settings.submits_per_second, clock=clock, sleep=sleep)
+        self.cooldown = Cooldown(clock=clock, sleep=sleep)
+        self.inflight = AdaptiveLimit(
+            settings.max_inflight, maximum=settings.max_inflight, clock=clock
+        )
+        self.durations = DurationEstimator()
+        self.state = RunState(inflight_cap=settings.max_inflight)
+        self.stats = _Stats()
+        self._fatal: RunAborted | None = None
+        self._uploads: dict[str, str] = {}
+        self._upload_locks: dict[str, anyio.Lock] = {}
+        self._input_sizes: dict[str, tuple[int, int] | None] = {}
+        self._committed_credits = 0.0
+        self._work_scope: anyio.CancelScope | None = None
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def stop(self, reason: str, *, fatal: RunAborted | None = None) -> None:
+        """Stop submitting new jobs. In-flight jobs finish (they are paid for)."""
+        if self.state.stop_reason is None:
+            self.state.stop_reason = reason
+            self.reporter.message(f"stopping: {reason}")
+        if fatal is not None and self._fatal is None:
+            self._fatal = fatal
+
+    @property
+    def stopping(self) -> bool:
+        return self.state.stop_reason is not None
+
+    # -- the pool ----------------------------------------------------------------------------
+
+    async def run(self, items: Iterable[WorkItem], *, total: int | None = None) -> dict[str, Any]:
+        self.state.started = self.clock()
+        self.state.total = total
+        started_at = utc_now()
+        send, receive = anyio.create_memory_object_stream[WorkItem](0)
+        results_send, results_receive = anyio.create_memory_object_stream[dict[str, Any]](64)
+        self.reporter.start(total=total, skipped=0, attached=len(self.index.jobs))
+        try:
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self._ticker)
+                async with anyio.create_task_group() as tg:
+                    self._work_scope = tg.cancel_scope
+                    tg.start_soon(self._feeder, items, send)
+                    async with results_send:
+                        for _ in range(max(1, self.settings.concurrency)):
+                            tg.start_soon(self._worker, receive.clone(), results_send.clone())
+                    receive.close()
+                    tg.start_soon(self._writer, results_receive)
+                outer.cancel_scope.cancel()
+        finally:
+            summary = self._summary(started_at)
+            try:
+                self.store.write_summary(summary)
+            except OSError as exc:
+                self.reporter.message(f"could not write summary.json: {exc.strerror or exc}")
+            self.reporter.finish(summary)
+        if self._fatal is not None:
+            self._fatal.summary = summary  # type: ignore[attr-defined]
+            raise self._fatal
+        return summary
+
+    async def _feeder(self, items: Iterable[WorkItem], send: ObjectSendStream[WorkItem]) -> None:
+        retry_failed = self.settings.retry_failed
+        async with send:
+            for item in items:
+                if self.stopping:
+                    break
+                if self.index.is_ok(item.key):
+                    self._skip()
+                    continue
+                prior = self.index.prior_failure(item.key)
+                if prior is not None:
+                    if retry_failed is None or (retry_failed == "retryable" and
+                                                not prior.retryable):
+                        self._skip()
+                        continue
+                    self.stats.retried_items += 1
+                await send.send(item)
+
+    def _skip(self) -> None:
+        self.state.skipped += 1
+
+    async def _worker(self, receive: ObjectReceiveStream[WorkItem],
+                      results: ObjectSendStream[dict[str, Any]]) -> None:
+        async with receive, results:
+            async for item in receive:
+                record = await self._process(item)
+                if record is not None:
+                    await results.send(record)
+
+    async def _writer(self, receive: ObjectReceiveStream[dict[str, Any]]) -> None:
+        async with receive:
+            async for record in receive:
+                try:
+                    self.store.append_result(record)
+                except RunAborted as exc:
+                    # Nothing more can be recorded: stop everything. Jobs in flight stay in
+                    # the journal and the next run re-attaches to them.
+                    self.stop(str(exc), fatal=exc)
+                    self.cancel()
+                    return
+                self._account(record)
+                self.reporter.result(record)
+
+    def cancel(self) -> None:
+        """Stop at once: no new submits, in-flight work abandoned (it stays journaled)."""
+        if self._work_scope is not None:
+            self._work_scope.cancel()
+
+    async def _ticker(self) -> None:
+        last_sync = self.clock()
+        while True:
+            await anyio.sleep(0.5)
+            self.state.inflight = self.inflight.in_use
+            self.state.inflight_cap = self.inflight.limit
+            self.state.cooldown_remaining = self.cooldown.remaining
+            self.reporter.status(self.state)
+            if self.clock() - last_sync >= 2.0:
+                last_sync = self.clock()
+                await anyio.to_thread.run_sync(self.store.sync)
+
+    # -- one item ----------------------------------------------------------------------------
+
+    async def _process(self, item: WorkItem) -> dict[str, Any] | None:
+        started = self.clock()
+        started_at = utc_now()
+        ctx = _ItemContext(item=item, started=started, started_at=started_at)
+        prior = self.index.prior_failure(item.key)
+        journaled = self.index.journaled_job(item.key)
+        intent = self.index.journaled_intent(item.key)
+        if journaled is not None:
+            ctx.submission, ctx.job_id = journaled
+            ctx.attached = True
+            self.stats.attached += 1
+        elif intent is not None:
+            ctx.submission = intent  # resend with the same Idempotency-Key: a replay, no charge
+        elif prior is not None:
+            if prior.category == ErrorCategory.TIMEOUT.value and prior.job_id:
+                # The old job may have finished since: look at it before paying again.
+                ctx.submission, ctx.job_id, ctx.attached = prior.submission, prior.job_id, True
+            else:
+                ctx.submission = prior.submission + 1
+        else:
+            self.stats.new += 1
+        ctx.was_attached = ctx.attached
+        try:
+            files = await self._run_item(ctx)
+        except _NotStarted:
+            self.stats.not_started += 1
+            return None
+        except _ItemFailed as exc:
+            return self._record(ctx, status="failed", error=exc.info, files=())
+        except RunAborted as exc:
+            # No result line: a submitted job stays in the journal for the next run.
+            self.stop(str(exc), fatal=exc)
+            self.stats.not_started += 1
+            return None
+        return self._record(ctx, status="ok", error=None, files=files)
+
+    async def _run_item(self, ctx: _ItemContext) -> tuple[StoredFile, ...]:
+        item = ctx.item
+        max_submissions = self.settings.retries + 1
+        while True:
+            if ctx.job_id is None:
+                if self.stopping:
+                    raise _NotStarted
+                body = await self._request_body(item)
+                async with self.inflight:
+                    await self._submit(ctx, body)
+                    state = await self._wait(ctx)
+            else:
+                async with self.inflight:
+                    state = await self._wait(ctx)
+            self._note_job(ctx, state)
+            if state.status == "COMPLETED":
+                if state.expired:
+                    raise _ItemFailed(ErrorInfo(ErrorCategory.EXPIRED,
+                                                "images expired before download", False))
+                return await self._download_all(ctx, state)
+            if state.status == "CANCELLED":
+                raise _ItemFailed(ErrorInfo(ErrorCategory.CANCELLED, "job was cancelled", False))
+            # FAILED
+            message = state.error or "job failed"
+            transient = is_capacity_failure(message)
+            info = ErrorInfo(ErrorCategory.GENERATION_FAILED, message, transient)
+            if not transient or ctx.jobs_created >= max_submissions or self.stopping:
+                raise _ItemFailed(info)
+            # A transient failure (no capacity): a new job, with a new Idempotency-Key.
+            self.stats.resubmissions += 1
+            await self.sleep(self.settings.request_retry.backoff(ctx.jobs_created, self.rng))
+            ctx.submission += 1
+            ctx.job_id = None
+            ctx.attached = False
+
+    async def _request_body(self, item: WorkItem) -> dict[str, Any]:
+        params = dict(item.params)
+        refs = params.get("input_images")
+        if refs:
+            params["input_images"] = [
+                ref if is_remote_ref(ref) else await self._upload(ref) for ref in refs
+            ]
+        return {"prompt": item.prompt, "model": item.model, "fluxParams": params}
+
+    async def _upload(self, path: str) -> str:
+        data = await anyio.Path(path).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        lock = self._upload_locks.setdefault(digest, anyio.Lock())
+        async with lock:
+            url = self._uploads.get(digest)
+            if url is not None:
+                return url
+            result = await self._call("upload", lambda: self.client.upload(
+                data, filename=Path(path).name))
+            self._uploads[digest] = result.url
+            self.store.journal_upload(digest, result.url, getattr(result, "expires_at", None))
+            return result.url
+
+    async def _call(self, route: str, make: Callable[[], Awaitable[Any]], *,
+                    deadline: float | None = None) -> Any:
+        """One API request with the shared throttles and the retry policy."""
+        policy = self.settings.request_retry
+        first = self.clock()
+        attempt = 0
+        while True:
+            await self.cooldown.wait()
+            attempt += 1
+            self.stats.requests[route] += 1
+            try:
+                return await make()
+            except ApiError as exc:
+                self._on_api_error(exc)
+                elapsed = self.clock() - first
+                if deadline is not None and self.clock() >= deadline:
+                    raise
+                if not policy.should_retry(exc, attempt, elapsed):
+                    raise
+                self.stats.retries += 1
+                await self.sleep(policy.delay_for(exc, attempt, self.rng))
+
+    def _on_api_error(self, exc: ApiError) -> None:
+        if exc.category is ErrorCategory.RATE_LIMITED:
+            self.cooldown.trigger(exc.retry_after if exc.retry_after is not None else 1.0)
+            self.inflight.on_rate_limited()
+        elif exc.category is ErrorCategory.AUTH:
+            fatal = RunAborted(f"the API refused the key: {exc.message}",
+                               category=ErrorCategory.AUTH, exit_code=EXIT_ITEMS_FAILED)
+            self.stop("the API key was refused", fatal=fatal)
+            raise fatal from exc
+        elif exc.category is ErrorCategory.INSUFFICIENT_CREDITS:
+            fatal = RunAborted(f"out of credits: {exc.message}",
+                               category=ErrorCategory.INSUFFICIENT_CREDITS,
+                               exit_code=EXIT_ITEMS_FAILED)
+            self.stop("out of credits (402)", fatal=fatal)
+            raise _NotStarted from exc
+
+    async def _submit(self, ctx: _ItemContext, body: dict[str, Any]) -> None:
+        item = ctx.item
+        budget = self.settings.budget
+        if budget is not None and self._committed_credits + self.settings.cost_per_image > budget:
+            self.stop(f"budget of {budget:g} credits reached")
+            raise _NotStarted
+        if self.stopping:
+            raise _NotStarted
+        await self.bucket.acquire()
+        if self.stopping:
+            raise _NotStarted
+        self._committed_credits += self.settings.cost_per_image
+        self.store.journal_intent(item, ctx.submission)
+        key = item.idempotency_key(ctx.submission)
+        try:
+            accepted = await self._call(
+                "submit", lambda: self.client.submit(body, idempotency_key=key))
+        except ApiError as exc:
+            self._committed_credits -= self.settings.cost_per_image
+            raise _ItemFailed(_error_info(exc)) from exc
+        except BaseException:
+            self._committed_credits -= self.settings.cost_per_image
+            raise
+        ctx.job_id = accepted.job_id
+        ctx.jobs_created += 1
+        ctx.submitted = self.clock()
+        self.store.journal_job(item, ctx.submission, accepted.job_id)
+
+    async def _wait(self, ctx: _ItemContext) -> Any:
+        """Poll until the job is terminal or its deadline passes."""
+        assert ctx.job_id is not None
+        job_id = ctx.job_id
+        submitted = ctx.submitted if ctx.submitted is not None else self.clock()
+        deadline = submitted + self.settings.job_timeout
+        policy = self.settings.poll
+        progress: int | None = None
+        last_progress: int | None = None
+        status = "QUEUED"
+        # A re-attached job may be long done: look at it at once.
+        delay: float | None = 0.0 if ctx.attached else None
+        while True:
+            if delay is None:
+                delay = next_poll_delay(policy, elapsed=self.clock() - submitted,
+                                        progress=progress, status=status, previous_delay=None,
+                                        expected=self._expected())
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                raise _ItemFailed(ErrorInfo(
+                    ErrorCategory.TIMEOUT,
+                    f"job {job_id} not finished after {self.settings.job_timeout:g} s", True))
+            await self.sleep(min(delay, remaining))
+            try:
+                state = await self._call("poll", lambda: self.client.get_job(job_id),
+                                         deadline=deadline)
+            except ApiError as exc:
+                raise _ItemFailed(_error_info(exc)) from exc
+            ctx.polls += 1
+            last_progress, progress, status = progress, state.progress, state.status
+            if status in ("COMPLETED", "FAILED", "CANCELLED"):
+                return state
+            delay = next_poll_delay(policy, elapsed=self.clock() - submitted, progress=progress,
+                                    status=status, previous_delay=delay or None,
+                                    expected=self._expected(), previous_progress=last_progress)
+
+    def _expected(self) -> float | None:
+        expected = self.durations.expected
+        return expected if expected is not None else self.settings.expected_job_seconds
+
+    def _note_job(self, ctx: _ItemContext, state: Any) -> None:
+        now = self.clock()
+        if ctx.submitted is not None:
+            ctx.generating = now - ctx.submitted
+            if state.status == "COMPLETED":
+                self.durations.observe(ctx.generating)
+        if state.status == "COMPLETED":
+            self.inflight.on_success()
+        cost = state.credit_cost or 0
+        ctx.credit_cost = cost
+        if ctx.submitted is not None:
+            self._committed_credits -= self.settings.cost_per_image
+        self._committed_credits += cost
+
+    async def _download_all(self, ctx: _ItemContext, state: Any) -> tuple[StoredFile, ...]:
+        if not state.images:
+            raise _ItemFailed(ErrorInfo(ErrorCategory.DOWNLOAD_FAILED,
+                                        "job completed without images", False))
+        begin = self.clock()
+        files = []
+        for number, url in enumerate(state.images, start=1):
+            files.append(await self._download_one(ctx, url, number))
+        ctx.downloading = self.clock() - begin
+        return tuple(files)
+
+    async def _download_one(self, ctx: _ItemContext, url: str, number: int) -> StoredFile:
+        item = ctx.item
+        policy = self.settings.request_retry
+        attempt = 0
+        first = self.clock()
+        while True:
+            attempt += 1
+            try:
+                return await self._fetch_and_verify(item, url, number)
+            except ApiError as exc:
+                if exc.category is ErrorCategory.RATE_LIMITED:
+                    self._on_api_error(exc)
+                category = exc.category
+                if category not in (ErrorCategory.EXPIRED,):
+                    category = ErrorCategory.DOWNLOAD_FAILED if exc.category not in (
+                        ErrorCategory.AUTH,) else exc.category
+                info = ErrorInfo(category, exc.message, exc.retryable, exc.http_status)
+                if not policy.should_retry(exc, attempt, self.clock() - first):
+                    raise _ItemFailed(info) from exc
+                await self.sleep(policy.delay_for(exc, attempt, self.rng))
+            except ImageCheckError as exc:
+                info = ErrorInfo(ErrorCategory.DOWNLOAD_FAILED, str(exc), True)
+                if attempt >= policy.max_attempts:
+                    raise _ItemFailed(info) from exc
+                await self.sleep(policy.backoff(attempt, self.rng))
+            self.stats.retries += 1
+
+    async def _fetch_and_verify(self, item: WorkItem, url: str, number: int) -> StoredFile:
+        self.stats.requests["download"] += 1
+        await self.cooldown.wait()
+        async with self.store.temp_image(item, number) as temp:
+            await self.client.download(url, temp, max_bytes=self.settings.max_download_bytes)
+        try:
+            facts = await anyio.to_thread.run_sync(inspect_image, temp.path)
+            check_expected(facts, item.params, input_size=await self._input_size(item))
+            return await self.store.commit_image(
+                temp, item, ext=facts.format, number=number, width=facts.width,
+                height=facts.height, fmt=facts.format)
+        except BaseException:
+            try:
+                temp.path.unlink()
+            except OSError:
+                pass
+            raise
+
+    async def _input_size(self, item: WorkItem) -> tuple[int, int] | None:
+        if item.params.get("aspect_ratio") != "match_input_image":
+            return None
+        refs = item.params.get("input_images") or ()
+        if not refs or is_remote_ref(refs[0]):
+            return None
+        path = refs[0]
+        if path not in self._input_sizes:
+            self._input_sizes[path] = await anyio.to_thread.run_sync(image_size, Path(path))
+        return self._input_sizes[path]
+
+    # -- records and the summary -----------------------------------------------------------
+
+    def _record(self, ctx: _ItemContext, *, status: str, error: ErrorInfo | None,
+                files: tuple[StoredFile, ...]) -> dict[str, Any]:
+        item = ctx.item
+        total = self.clock() - ctx.started
+        return {
+            "key": item.key,
+            "index": item.index,
+            "prompt_id": item.prompt_id,
+            "status": status,
+            "model": item.model,
+            "prompt": item.prompt,
+            "template": item.template,
+            "vars": dict(item.vars),
+            "seed": item.seed,
+            "params": _jsonable_params(item.params),
+            "job_id": ctx.job_id,
+            "submission": ctx.submission,
+            "jobs": ctx.jobs_created + (1 if ctx.was_attached else 0),
+            "polls": ctx.polls,
+            "credit_cost": ctx.credit_cost,
+            "error": error.to_json() if error else None,
+            "files": [f.to_json() for f in files],
+            "timings": {
+                "generating": _round(ctx.generating),
+                "downloading": _round(ctx.downloading),
+                "total": _round(total),
+            },
+            "started_at": ctx.started_at,
+            "finished_at": utc_now(),
+            "source": item.source,
+        }
+
+    def _account(self, record: Mapping[str, Any]) -> None:
+        stats = self.stats
+        status = record["status"]
+        stats.by_status[status] += 1
+        self.state.done += 1
+        if status == "ok":
+            self.state.ok += 1
+            stats.latencies.append(record["timings"]["total"] or 0.0)
+            stats.images += len(record["files"])
+            stats.bytes += sum(f["bytes"] for f in record["files"])
+        else:
+            self.state.failed += 1
+            stats.by_category[record["error"]["category"]] += 1
+        stats.credits += record.get("credit_cost") or 0
+        self.state.credits_spent = stats.credits
+
+    def _summary(self, started_at: str) -> dict[str, Any]:
+        stats = self.stats
+        elapsed = max(self.clock() - self.state.started, 1e-9)
+        ok = stats.by_status.get("ok", 0)
+        failed = stats.by_status.get("failed", 0)
+        return {
+            "started_at": started_at,
+            "finished_at": utc_now(),
+            "elapsed_seconds": round(elapsed, 3),
+            "total_items": self.state.total,
+            "counts": {
+                "ok": ok,
+                "failed": failed,
+                "skipped": self.state.skipped,
+                "not_started": stats.not_started,
+                "new": stats.new,
+                "retried": stats.retried_items,
+                "reattached": stats.attached,
+            },
+            "errors_by_category": dict(sorted(stats.by_category.items())),
+            "credits_spent": stats.credits,
+            "images": stats.images,
+            "bytes": stats.bytes,
+            "latency_seconds": {
+                "p50": _round(percentile(stats.latencies, 0.5)),
+                "p95": _round(percentile(stats.latencies, 0.95)),
+            },
+            "throughput": {
+                "items_per_minute": round((ok + failed) * 60.0 / elapsed, 2),
+                "images_per_minute": round(stats.images * 60.0 / elapsed, 2),
+            },
+            "requests": dict(sorted(stats.requests.items())),
+            "retries": stats.retries,
+            "resubmissions": stats.resubmissions,
+            "inflight_cap": {
+                "max": self.settings.max_inflight,
+                "final": self.inflight.limit,
+                "history": [[round(max(0.0, t - self.state.started), 3), n]
+                            for t, n in self.inflight.history],
+            },
+            "stop_reason": self.state.stop_reason,
+        }
+
+
+@dataclass
+class _ItemContext:
+    item: WorkItem
+    started: float
+    started_at: str
+    submission: int = 0
+    job_id: str | None = None
+    attached: bool = False
+    was_attached: bool = False
+    submitted: float | None = None
+    jobs_created: int = 0
+    polls: int = 0
+    credit_cost: int | None = None
+    generating: float | None = None
+    downloading: float | None = None
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _jsonable_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(params)
+    refs = out.get("input_images")
+    if refs:
+        out["input_images"] = [ref if is_remote_ref(ref) else Path(ref).name for ref in refs]
+    return out
+
+
+def _error_info(exc: ApiError) -> ErrorInfo:
+    return ErrorInfo(exc.category, exc.message, exc.retryable, exc.http_status)
+

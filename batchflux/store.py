@@ -1,0 +1,541 @@
+"""The run directory: journal, results, atomic image writes, the resume index and the lock.
+
+::
+
+    OUT/
+      images/<name from the file-name template>.<ext>
+      results.jsonl         one line per finished item (schemas/result.schema.json)
+      summary.json          written at the end of every run
+      .batchflux/
+        journal.jsonl       submit intents and jobIds, appended before waiting on a job
+        lock                the pid of the run that holds the directory
+        manifest.*          frozen copy of the manifest of the latest run
+        tmp/                partial downloads (never a final name until verified)
+
+Invariants: a line in ``results.jsonl`` means its files exist whole and verified; a jobId is in
+the journal before anyone waits on it; a torn last line (a crash mid-write) is ignored and cut
+off on the next open, never fatal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import unicodedata
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import aiofiles.os
+
+from .errors import OutputLockedError, RunAborted
+from .models import WorkItem
+
+STATE_DIR = ".batchflux"
+RESULTS_NAME = "results.jsonl"
+SUMMARY_NAME = "summary.json"
+JOURNAL_NAME = "journal.jsonl"
+LOCK_NAME = "lock"
+
+EXTENSIONS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
+_MAX_COMPONENT = 120  # bytes per path component, well under every filesystem's 255
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+# --------------------------------------------------------------------------------------------
+# File names
+
+
+class FilenameTemplateError(ValueError):
+    pass
+
+
+def safe_component(text: str) -> str:
+    """One path component from arbitrary text: ASCII letters, digits, ``._-``; never empty,
+    never ``.`` or ``..``, at most 120 bytes."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    text = _UNSAFE.sub("_", text).strip("._")
+    text = text[:_MAX_COMPONENT].rstrip("._")
+    return text or "_"
+
+
+def render_filename(template: str, item: WorkItem, *, ext: str, image_number: int = 1,
+                    width: int | None = None, height: int | None = None) -> str:
+    """The relative path (with ``/``) of an item's image from the file-name template.
+
+    Every value is sanitised to a safe component and the template's own ``/`` are the only
+    directory separators, so no prompt, id or template can reach outside ``images/``.
+    """
+    aspect = str(item.params.get("aspect_ratio", "1:1")).replace(":", "x")
+    values = {
+        "prompt_id": item.prompt_id,
+        "index": str(item.index),
+        "key": item.key,
+        "key12": item.key[:12],
+        "seed": str(item.seed),
+        "aspect": aspect,
+        "ext": ext,
+        "format": ext,
+        "model": item.model,
+        "w": "" if width is None else str(width),
+        "h": "" if height is None else str(height),
+    }
+    safe = {name: safe_component(value) for name, value in values.items()}
+    try:
+        rendered = template.format_map(safe)
+    except (KeyError, ValueError, IndexError, AttributeError) as exc:
+        raise FilenameTemplateError(f"bad file-name template {template!r}: {exc}") from exc
+    parts = [safe_component(part) for part in rendered.replace("\\", "/").split("/") if part]
+    if not parts:
+        raise FilenameTemplateError(f"file-name template {template!r} renders to nothing")
+    if image_number > 1:
+        stem, dot, suffix = parts[-1].rpartition(".")
+        parts[-1] = f"{stem}-{image_number}.{suffix}" if dot else f"{parts[-1]}-{image_number}"
+    return "/".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading JSONL that may end in a torn line
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(byte_offset_after_line, record)``; stop quietly at a torn or unparsable tail."""
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - a generator closes it in the with below
+    except FileNotFoundError:
+        return
+    with fh:
+        offset = 0
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                return  # torn last line: the writer died mid-line
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                return
+            offset += len(raw)
+            if isinstance(record, dict):
+                yield offset, record
+
+
+def _valid_prefix_length(path: Path) -> int:
+    end = 0
+    for end, _ in iter_jsonl(path):
+        pass
+    return end
+
+
+def repair_jsonl(path: Path) -> bool:
+    """Cut a torn or corrupt tail off a JSONL file. True when something was cut."""
+    if not path.exists():
+        return False
+    size = path.stat().st_size
+    good = _valid_prefix_length(path)
+    if good == size:
+        return False
+    with open(path, "r+b") as fh:
+        fh.truncate(good)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# The resume index: what earlier runs already finished, in bounded memory
+
+
+def key_id(key: str) -> int:
+    """64 bits of an item key: enough to tell a million items apart, 8 bytes each in memory."""
+    return int(key[:16], 16)
+
+
+@dataclass(frozen=True, slots=True)
+class PriorResult:
+    """What an earlier run recorded for an item that did not end ok."""
+
+    category: str | None
+    retryable: bool
+    submission: int
+    job_id: str | None
+
+
+class ResumeIndex:
+    """What ``results.jsonl`` and the journal say about earlier runs.
+
+    ``ok`` keys live in a sorted ``array('Q')`` (8 bytes an item, so a million finished items
+    cost 8 MB); failed items and journaled-but-unfinished jobs are few and kept in dicts.
+    """
+
+    def __init__(self) -> None:
+        self._ok = array("Q")
+        self.failed: dict[int, PriorResult] = {}
+        self.jobs: dict[int, tuple[int, str]] = {}  # key id -> (submission number, jobId)
+        self.intents: dict[int, int] = {}  # key id -> submission number sent, jobId unknown
+        self.results_lines = 0
+        self.uploads: dict[str, str] = {}
+
+    @classmethod
+    def load(cls, out_dir: Path) -> ResumeIndex:
+        index = cls()
+        ok_ids: list[int] | array = array("Q")
+        finished: dict[int, int] = {}
+        for _, record in iter_jsonl(out_dir / RESULTS_NAME):
+            key = record.get("key")
+            if not isinstance(key, str) or len(key) < 16:
+                continue
+            index.results_lines += 1
+            kid = key_id(key)
+            if record.get("status") == "ok":
+                ok_ids.append(kid)
+                index.failed.pop(kid, None)
+            else:
+                error = record.get("error") or {}
+                index.failed[kid] = PriorResult(
+                    category=error.get("category"),
+                    retryable=bool(error.get("retryable")),
+                    submission=int(record.get("submission") or 0),
+                    job_id=record.get("job_id"),
+                )
+            finished[kid] = int(record.get("submission") or 0)
+        index._ok = array("Q", sorted(set(ok_ids)))
+        for _, record in iter_jsonl(out_dir / STATE_DIR / JOURNAL_NAME):
+            kind = record.get("t")
+            if kind == "upload":
+                index.uploads[str(record.get("sha256"))] = str(record.get("url"))
+                continue
+            key = record.get("key")
+            if not isinstance(key, str) or len(key) < 16:
+                continue
+            kid = key_id(key)
+            n = int(record.get("n", 0))
+            if kind == "intent":
+                index.intents[kid] = n
+            elif kind == "job":
+                index.jobs[kid] = (n, str(record.get("job_id")))
+                index.intents.pop(kid, None)
+            elif kind == "done":
+                index.jobs.pop(kid, None)
+                index.intents.pop(kid, None)
+        # A result line closes the item's journal entries, whatever the journal says.
+        for kid in finished:
+            index.jobs.pop(kid, None)
+            index.intents.pop(kid, None)
+        return index
+
+    def is_ok(self, key: str) -> bool:
+        kid = key_id(key)
+        pos = bisect_left(self._ok, kid)
+        return pos < len(self._ok) and self._ok[pos] == kid
+
+    @property
+    def ok_count(self) -> int:
+        return len(self._ok)
+
+    def prior_failure(self, key: str) -> PriorResult | None:
+        return self.failed.get(key_id(key))
+
+    def journaled_job(self, key: str) -> tuple[int, str] | None:
+        return self.jobs.get(key_id(key))
+
+    def journaled_intent(self, key: str) -> int | None:
+        return self.intents.get(key_id(key))
+
+
+# --------------------------------------------------------------------------------------------
+# The lock
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class DirectoryLock:
+    """An exclusive lock on an output directory: a pid file created with O_EXCL.
+
+    A lock left by a dead process (its pid no longer runs) is taken over.
+    """
+
+    path: Path
+    _held: bool = False
+
+    def acquire(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or "0")
+                except (OSError, ValueError):
+                    pid = 0
+                if _pid_alive(pid) and pid != os.getpid():
+                    raise OutputLockedError(
+                        f"{self.path.parent.parent} is in use by another batchflux run "
+                        f"(pid {pid}); wait for it to finish"
+                    ) from None
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{os.getpid()}\n")
+            self._held = True
+            return
+        raise OutputLockedError(f"could not lock {self.path.parent.parent}")
+
+    def release(self) -> None:
+        if self._held:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self._held = False
+
+
+# --------------------------------------------------------------------------------------------
+# The store
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    path: str  # relative to the output directory, with "/"
+    sha256: str
+    bytes: int
+    width: int
+    height: int
+    format: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "bytes": self.bytes,
+            "width": self.width,
+            "height": self.height,
+            "format": self.format,
+        }
+
+
+class TempImage:
+    """A partial download: streamed to ``.batchflux/tmp``, hashed as it goes."""
+
+    def __init__(self, path: Path, handle: Any) -> None:
+        self.path = path
+        self._handle = handle
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    async def write(self, data: bytes) -> None:
+        self._hash.update(data)
+        self.size += len(data)
+        await self._handle.write(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class RunStore:
+    """All writes to one output directory. Open it with :meth:`open`; close it when done."""
+
+    def __init__(self, out_dir: Path, *, filename_template: str) -> None:
+        self.out_dir = out_dir
+        self.images_dir = out_dir / "images"
+        self.state_dir = out_dir / STATE_DIR
+        self.tmp_dir = self.state_dir / "tmp"
+        self.results_path = out_dir / RESULTS_NAME
+        self.summary_path = out_dir / SUMMARY_NAME
+        self.journal_path = self.state_dir / JOURNAL_NAME
+        self.filename_template = filename_template
+        self._lock = DirectoryLock(self.state_dir / LOCK_NAME)
+        self._journal_fd: int | None = None
+        self._results_fd: int | None = None
+        self.repaired: list[str] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def open(self) -> ResumeIndex:
+        """Create the layout, take the lock, repair torn tails, sweep temp files, and return
+        what earlier runs left (the resume index)."""
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self._refuse_symlink(self.out_dir)
+            self.images_dir.mkdir(exist_ok=True)
+            self._refuse_symlink(self.images_dir)
+            self.tmp_dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise RunAborted(f"cannot create output directory {self.out_dir}: "
+                             f"{exc.strerror or exc}", exit_code=73) from exc
+        self._lock.acquire()
+        try:
+            for path in (self.results_path, self.journal_path):
+                if repair_jsonl(path):
+                    self.repaired.append(path.name)
+            for leftover in self.tmp_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            index = ResumeIndex.load(self.out_dir)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+            self._journal_fd = os.open(self.journal_path, flags, 0o644)
+            self._results_fd = os.open(self.results_path, flags, 0o644)
+        except OSError as exc:
+            self.close()
+            raise RunAborted(f"cannot write to {self.out_dir}: {exc.strerror or exc}",
+                             exit_code=73) from exc
+        except BaseException:
+            self.close()
+            raise
+        return index
+
+    def close(self) -> None:
+        for name in ("_journal_fd", "_results_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.fsync(fd)
+                os.close(fd)
+                setattr(self, name, None)
+        self._lock.release()
+
+    def _refuse_symlink(self, path: Path) -> None:
+        if path.is_symlink():
+            raise RunAborted(f"refusing to write through the symlink {path}", exit_code=73)
+
+    # -- journal -------------------------------------------------------------------------------
+
+    def _append(self, fd: int | None, record: Mapping[str, Any]) -> None:
+        if fd is None:
+            raise RunAborted("the run store is closed")
+        line = (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+        try:
+            written = os.write(fd, line)
+            if written != len(line):  # short write: the disk is full
+                raise OSError(errno.ENOSPC, "short write")
+        except OSError as exc:
+            raise RunAborted(f"cannot write to {self.out_dir}: {exc.strerror or exc}",
+                             exit_code=73) from exc
+
+    def journal_intent(self, item: WorkItem, submission: int) -> None:
+        """Recorded before a submit is sent: a crash before we learn the jobId resubmits with
+        the same Idempotency-Key, which the API answers with the original job."""
+        self._append(self._journal_fd, {"t": "intent", "key": item.key, "n": submission})
+
+    def journal_job(self, item: WorkItem, submission: int, job_id: str) -> None:
+        """Recorded (written through to the OS) before anyone waits on the job."""
+        self._append(self._journal_fd,
+                     {"t": "job", "key": item.key, "n": submission, "job_id": job_id})
+
+    def journal_upload(self, sha256: str, url: str, expires_at: str | None) -> None:
+        self._append(self._journal_fd,
+                     {"t": "upload", "sha256": sha256, "url": url, "expires_at": expires_at})
+
+    def sync(self) -> None:
+        """fsync journal and results (called periodically, off the event loop)."""
+        for fd in (self._journal_fd, self._results_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.fsync(fd)
+
+    # -- results ---------------------------------------------------------------------------------
+
+    def append_result(self, record: Mapping[str, Any]) -> None:
+        self._append(self._results_fd, record)
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        write_json_atomic(self.summary_path, summary)
+
+    def freeze_manifest(self, manifest_path: Path) -> None:
+        """Keep a copy of the manifest this run used (it holds no secrets: keys come from the
+        environment or a key file, never from a manifest)."""
+        target = self.state_dir / f"manifest{manifest_path.suffix or '.txt'}"
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copyfile(manifest_path, tmp)
+        os.replace(tmp, target)
+
+    # -- images ----------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def temp_image(self, item: WorkItem, number: int):  # type: ignore[no-untyped-def]
+        """A temp file for one download; removed on any failure or cancellation."""
+        path = self.tmp_dir / f"{item.key[:24]}-{number}-{os.getpid()}.part"
+        try:
+            async with aiofiles.open(path, "wb") as handle:
+                temp = TempImage(path, handle)
+                yield temp
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            if _is_disk_full(exc):
+                raise RunAborted(f"cannot write images to {self.out_dir}: "
+                                 f"{exc.strerror or exc}", exit_code=73) from exc
+            raise
+        except BaseException:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+
+    def final_path(self, item: WorkItem, *, ext: str, number: int, width: int,
+                   height: int) -> tuple[Path, str]:
+        """Where a verified image goes, as (absolute path, path relative to OUT)."""
+        rel = render_filename(self.filename_template, item, ext=ext, image_number=number,
+                              width=width, height=height)
+        target = self.images_dir / rel
+        root = os.path.realpath(self.images_dir)
+        parent = os.path.realpath(target.parent) if target.parent.exists() else None
+        if parent is not None and not (parent == root or parent.startswith(root + os.sep)):
+            raise RunAborted(f"refusing to write outside {self.images_dir}: "
+                             f"{target.parent} leads elsewhere", exit_code=73)
+        return target, f"images/{rel}"
+
+    async def commit_image(self, temp: TempImage, item: WorkItem, *, ext: str, number: int,
+                           width: int, height: int, fmt: str) -> StoredFile:
+        """Move a verified temp file to its final name atomically."""
+        target, rel = self.final_path(item, ext=ext, number=number, width=width, height=height)
+        try:
+            await aiofiles.os.makedirs(target.parent, exist_ok=True)
+            # Re-check after creating directories: a planted symlink must not redirect us.
+            root = os.path.realpath(self.images_dir)
+            parent = os.path.realpath(target.parent)
+            if not (parent == root or parent.startswith(root + os.sep)):
+                raise RunAborted(f"refusing to write outside {self.images_dir}", exit_code=73)
+            if target.is_symlink():
+                target.unlink()
+            await aiofiles.os.replace(temp.path, target)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temp.path.unlink()
+            raise RunAborted(f"cannot write images to {self.out_dir}: {exc.strerror or exc}",
+                             exit_code=73) from exc
+        return StoredFile(rel, temp.sha256, temp.size, width, height, fmt)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    buf = io.StringIO()
+    json.dump(data, buf, indent=2, sort_keys=False, ensure_ascii=False)
+    buf.write("\n")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(buf.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
