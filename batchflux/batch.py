@@ -24,7 +24,6 @@ import httpx
 
 from .apiframe import ApiframeClient
 from .errors import (
-    EXIT_CONFIG,
     EXIT_ITEMS_FAILED,
     EXIT_OK,
     EXIT_TEMPFAIL,
