@@ -225,9 +225,21 @@ def axis_summaries(spec: JobSpec) -> list[AxisSummary]:
         if count < len(spec.entries):
             sizes[name].add(1)
     out = [AxisSummary("prompts", len(spec.entries))]
-    for name, values in sizes.items():
+    for name, values in sorted(sizes.items(), key=lambda pair: _axis_rank(pair[0])):
         out.append(AxisSummary(name, max(values), varies=len(values) > 1))
     return out
+
+
+def _axis_rank(name: str) -> tuple[int, int]:
+    if name.startswith(VAR_PREFIX):
+        return (0, 0)
+    if name == "seed":
+        return (3, 0)
+    if name == "repeat":
+        return (4, 0)
+    if name in FLUX_PARAM_NAMES:
+        return (1, FLUX_PARAM_NAMES.index(name))
+    return (2, 0)
 
 
 def axis_sizes(spec: JobSpec) -> dict[str, int]:
