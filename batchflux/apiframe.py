@@ -22,7 +22,7 @@ import mimetypes
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, Self
 
 import httpx
 
@@ -207,7 +207,7 @@ class ApiframeClient:
     def __repr__(self) -> str:
         return f"ApiframeClient(base_url={str(self.base_url)!r})"
 
-    async def __aenter__(self) -> ApiframeClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(

@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import Self
 
 import anyio
 
@@ -222,7 +223,7 @@ class AdaptiveLimit:
         self._releases += 1
         self._wake()
 
-    async def __aenter__(self) -> AdaptiveLimit:
+    async def __aenter__(self) -> Self:
         await self.acquire()
         return self
 

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from .errors import ApiError
 
 __all__ = [
+    "TERMINAL_STATUSES",
     "DurationEstimator",
     "PollPolicy",
     "RetryPolicy",
-    "TERMINAL_STATUSES",
     "next_poll_delay",
     "parse_retry_after",
 ]
@@ -78,7 +78,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         return None
     if when.tzinfo is None:
         # RFC 9110 dates are always GMT; "-0000" parses as naive.
-        when = when.replace(tzinfo=datetime.timezone.utc)
+        when = when.replace(tzinfo=datetime.UTC)
     current = time.time() if now is None else now
     return max(0.0, when.timestamp() - current)
 
