@@ -29,7 +29,7 @@ USER_ID = "5a1d5c1e-0000-4000-8000-000000000002"
 
 def iso_ms(timestamp: float) -> str:
     """``2026-03-15T10:00:00.000Z`` for a Unix timestamp."""
-    millis = int(round(timestamp * 1000))
+    millis = round(timestamp * 1000)
     seconds, ms = divmod(millis, 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
 
@@ -173,7 +173,9 @@ class SimState:
         self.inflight = 0
         self._ending: list[tuple[float, str]] = []
         self.idempotency: dict[tuple[str, str], IdempotencyEntry] = {}
-        self.seen_bodies: set[tuple[str, str]] = set()
+        # (key, body hash) -> the latest job with that body: a new job for the same body is a
+        # duplicate (paid twice) unless that job ended FAILED/CANCELLED (refunded).
+        self.seen_bodies: dict[tuple[str, str], Job] = {}
         self.buckets: dict[str, TokenBucket] = {}
         self.uploads: dict[str, Upload] = {}
         self.images = ImageCache(s.render_cache_size)
@@ -286,10 +288,12 @@ class SimState:
         c.jobs_created += 1
         c.credits_spent += job.cost
         c.peak_inflight = max(c.peak_inflight, self.inflight)
-        if (api_key, body_hash) in self.seen_bodies:
-            c.duplicate_jobs += 1
-        else:
-            self.seen_bodies.add((api_key, body_hash))
+        earlier = self.seen_bodies.get((api_key, body_hash))
+        if earlier is not None:
+            earlier_status, _ = earlier.status_at(now, s.progress_steps)
+            if earlier_status not in ("FAILED", "CANCELLED"):
+                c.duplicate_jobs += 1
+        self.seen_bodies[(api_key, body_hash)] = job
         return job
 
     def job_json(self, job: Job, now: float, base_url: str) -> dict[str, Any]:
@@ -307,8 +311,8 @@ class SimState:
             "creditCost": job.cost if status in ("QUEUED", "PROCESSING", "COMPLETED") else 0,
             "webhookStatus": job.webhook_status,
             "createdAt": iso_ms(job.created),
-            "completedAt": (iso_ms(job.cancelled_at if status == "CANCELLED" else job.ends)
-                            if terminal else None),
+            "completedAt": iso_ms(job.ends if job.cancelled_at is None else job.cancelled_at)
+            if terminal else None,
             "expired": job.is_expired(now, self.settings.asset_ttl),
             "input": job.body,
         }

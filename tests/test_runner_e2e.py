@@ -1,0 +1,166 @@
+"""End-to-end: real manifests run against the simulator, in-process and over loopback HTTP."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from runner_helpers import API_KEY, check_run_directory, load_results, write_manifest
+
+from batchflux import batch
+from batchflux.errors import ConfigError, RunAborted, UsageError
+from batchflux.models import RunOptions
+from batchflux.sim import SimSettings, create_app, serve_in_thread
+
+FAST = SimSettings(job_seconds=0.3, queue_seconds=0.05, render_mode="fast", credits=100_000)
+
+
+def stats_of(app: Any) -> dict[str, Any]:
+    return app.state.sim.stats_json()
+
+
+async def run_inprocess(manifest: Path, out: Path, settings: SimSettings, **kw: Any):
+    app = create_app(settings)
+    result = await batch.run_batch_async(
+        manifest, out_dir=out, api_key=API_KEY, base_url="http://sim.local",
+        transport=httpx.ASGITransport(app=app), **kw)
+    return result, stats_of(app)
+
+
+async def test_inprocess_run_stores_every_image_verified(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, prompts=3, seeds=2)
+    out = tmp_path / "out"
+    result, stats = await run_inprocess(manifest, out, FAST)
+    assert result.exit_code == 0
+    records = check_run_directory(out, expected_items=12)
+    assert all(r["status"] == "ok" for r in records)
+    assert stats["jobs_created"] == 12 and stats["duplicate_jobs"] == 0
+    sizes = {r["params"]["aspect_ratio"]: (r["files"][0]["width"], r["files"][0]["height"])
+             for r in records}
+    assert sizes["1:1"][0] == sizes["1:1"][1]
+    assert sizes["16:9"][0] > sizes["16:9"][1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["ok"] == 12 and summary["credits_spent"] == 24
+    assert summary["requests"]["submit"] == 12
+
+
+async def test_second_run_skips_everything_and_pays_nothing(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, prompts=2, seeds=2)
+    out = tmp_path / "out"
+    app = create_app(FAST)
+    transport = httpx.ASGITransport(app=app)
+    common = dict(out_dir=out, api_key=API_KEY, base_url="http://sim.local",
+                  transport=transport)
+    await batch.run_batch_async(manifest, **common)
+    again = await batch.run_batch_async(manifest, **common)
+    assert again.summary["counts"]["skipped"] == 8 and again.summary["counts"]["ok"] == 0
+    assert stats_of(app)["jobs_created"] == 8
+    # A grown manifest pays only for its new items.
+    write_manifest(tmp_path, prompts=3, seeds=2)
+    grown = await batch.run_batch_async(manifest, **common)
+    assert grown.summary["counts"] == {**grown.summary["counts"], "ok": 4, "skipped": 8,
+                                       "new": 4}
+    assert stats_of(app)["jobs_created"] == 12
+    check_run_directory(out, expected_items=12)
+
+
+async def test_faults_over_loopback_end_ok_or_failed_with_the_right_category(
+        tmp_path: Path) -> None:
+    settings = replace(FAST, error_rate=0.15, drop_rate=0.08, truncate_rate=0.1,
+                       corrupt_rate=0.05, fail_rate=0.2, fail_capacity_share=0.5, rps=30,
+                       max_inflight=6, fault_seed=7)
+    manifest = write_manifest(tmp_path, prompts=5, seeds=4)
+    out = tmp_path / "out"
+    with serve_in_thread(settings) as base_url:
+        result = await batch.run_batch_async(
+            manifest, out_dir=out, api_key=API_KEY, base_url=base_url,
+            options=RunOptions(concurrency=12, max_inflight=12, retries=6))
+        stats = httpx.get(f"{base_url}/_sim/stats").json()
+    records = check_run_directory(out, expected_items=40)
+    failed = [r for r in records if r["status"] == "failed"]
+    categories = {r["error"]["category"] for r in failed}
+    # Content-policy failures are final; everything else was retried to success.
+    assert categories <= {"generation_failed"}
+    for record in failed:
+        assert "content policy" in record["error"]["message"]
+        assert record["error"]["retryable"] is False
+    assert stats["errors_injected"], stats  # faults really happened
+    assert stats["rate_limited"] > 0 or stats["peak_inflight"] <= 6
+    # Never paid twice: every paid job is one item's (FAILED jobs are refunded).
+    assert stats["duplicate_jobs"] == 0, stats
+    assert result.summary["counts"]["ok"] + result.summary["counts"]["failed"] == 40
+    assert result.exit_code == (1 if failed else 0)
+
+
+async def test_local_reference_images_are_uploaded_once(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (600, 400), (200, 30, 30)).save(tmp_path / "ref.png")
+    manifest = tmp_path / "refs.yaml"
+    manifest.write_text(
+        "defaults:\n  input_images: [ref.png]\n  aspect_ratio: match_input_image\n"
+        "prompts:\n  - the product on marble\n  - the product on oak\n"
+        "grid:\n  seeds: [1, 2, 3]\n")
+    out = tmp_path / "out"
+    result, stats = await run_inprocess(manifest, out, FAST)
+    assert result.exit_code == 0
+    records = check_run_directory(out, expected_items=6)
+    assert stats["uploads"] == 1
+    for record in records:
+        f = record["files"][0]
+        assert abs(f["width"] / f["height"] - 1.5) < 0.05  # the reference's 3:2
+        assert record["params"]["input_images"] == ["ref.png"]  # no local path leaks
+
+
+async def test_out_of_credits_stops_cleanly_and_resume_finishes(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, prompts=4, seeds=2, aspects=("1:1",))
+    out = tmp_path / "out"
+    app = create_app(replace(FAST, credits=6))  # 3 jobs of 2 credits
+    common = dict(out_dir=out, api_key=API_KEY, base_url="http://sim.local",
+                  transport=httpx.ASGITransport(app=app),
+                  options=RunOptions(concurrency=1))
+    with pytest.raises(RunAborted) as caught:
+        await batch.run_batch_async(manifest, **common)
+    assert "credits" in str(caught.value)
+    records = load_results(out)
+    assert len(records) == 3 and all(r["status"] == "ok" for r in records)
+    app.state.sim.credits = 1000  # the team tops up
+    result = await batch.run_batch_async(manifest, **common)
+    assert result.exit_code == 0
+    check_run_directory(out, expected_items=8)
+    assert stats_of(app)["jobs_created"] == 8
+
+
+async def test_budget_refuses_a_plan_over_it(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, prompts=4, seeds=2, aspects=("1:1",))
+    with pytest.raises(RunAborted, match="budget"):
+        await run_inprocess(manifest, tmp_path / "out", FAST,
+                            options=RunOptions(budget=10))
+
+
+async def test_no_key_without_sim_is_a_configuration_error(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("APIFRAME_API_KEY", raising=False)
+    manifest = write_manifest(tmp_path)
+    with pytest.raises(ConfigError, match="APIFRAME_API_KEY.*--sim"):
+        await batch.run_batch_async(manifest, out_dir=tmp_path / "out")
+
+
+async def test_max_items_guard(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, prompts=3, seeds=2)
+    with pytest.raises(UsageError, match="12 items"):
+        await run_inprocess(manifest, tmp_path / "out", FAST, options=RunOptions(max_items=5))
+
+
+async def test_invalid_key_stops_before_any_work(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path)
+    app = create_app(replace(FAST, api_keys=("afk_the_only_key",)))
+    with pytest.raises(ConfigError, match="refused the key"):
+        await batch.run_batch_async(manifest, out_dir=tmp_path / "out", api_key=API_KEY,
+                                    base_url="http://sim.local",
+                                    transport=httpx.ASGITransport(app=app))
+    assert stats_of(app)["jobs_created"] == 0
