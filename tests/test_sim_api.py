@@ -9,12 +9,12 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from conftest import API_KEY, OasValidator, sim_client
 from PIL import Image
 
 from batchflux.sim import SimSettings
-from conftest import API_KEY, OasValidator, sim_client
 
-FAST = dict(job_seconds=0.2, queue_seconds=0.02, render_mode="fast")
+FAST = {"job_seconds": 0.2, "queue_seconds": 0.02, "render_mode": "fast"}
 BODY = {"prompt": "a ceramic mug, product photography", "model": "flux-2-dev",
         "fluxParams": {"aspect_ratio": "1:1", "seed": 7}}
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

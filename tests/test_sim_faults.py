@@ -7,10 +7,10 @@ import io
 import anyio
 import httpx
 import pytest
+from conftest import OasValidator, sim_client
 from PIL import Image
 
 from batchflux.sim import SimSettings
-from conftest import OasValidator, sim_client
 
 BODY = {"prompt": "chaos", "model": "flux-2-dev", "fluxParams": {"seed": 1}}
 

@@ -36,8 +36,8 @@ def test_table_sizes_are_about_a_megapixel_in_multiples_of_16() -> None:
 
 @pytest.mark.parametrize("mode", ["full", "fast"])
 def test_rendering_is_deterministic_and_honours_format(mode: str) -> None:
-    args = dict(prompt="a fox in the snow", seed=42, size=(320, 240), output_format="jpg",
-                quality=60, aspect_label="4:3", mode=mode)
+    args = {"prompt": "a fox in the snow", "seed": 42, "size": (320, 240), "output_format": "jpg",
+                "quality": 60, "aspect_label": "4:3", "mode": mode}
     first = render_bytes(**args)
     assert first == render_bytes(**args)
     with Image.open(io.BytesIO(first)) as image:
@@ -46,6 +46,6 @@ def test_rendering_is_deterministic_and_honours_format(mode: str) -> None:
 
 
 def test_quality_changes_lossy_output() -> None:
-    args = dict(prompt="quality", seed=1, size=(256, 256), output_format="webp",
-                aspect_label="1:1")
+    args = {"prompt": "quality", "seed": 1, "size": (256, 256), "output_format": "webp",
+                "aspect_label": "1:1"}
     assert render_bytes(**args, quality=10) != render_bytes(**args, quality=95)

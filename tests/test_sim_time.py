@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import httpx
+from conftest import OasValidator, sim_client
 
 from batchflux.sim import SimSettings
-from conftest import OasValidator, sim_client
 
 BODY = {"prompt": "a lighthouse at dusk", "model": "flux-2-dev", "fluxParams": {"seed": 1}}
 

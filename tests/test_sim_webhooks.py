@@ -11,16 +11,16 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from conftest import API_KEY, OasValidator, sim_client
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from batchflux.sim import SimSettings, serve_in_thread
-from conftest import API_KEY, OasValidator, sim_client
 
-FAST = dict(job_seconds=0.3, queue_seconds=0.02, render_mode="fast", progress_steps=5,
-            webhook_tick=0.01, webhook_backoff=0.01)
+FAST = {"job_seconds": 0.3, "queue_seconds": 0.02, "render_mode": "fast", "progress_steps": 5,
+            "webhook_tick": 0.01, "webhook_backoff": 0.01}
 
 
 class Receiver:

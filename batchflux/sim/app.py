@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
 from batchflux.models import FLUX_MODELS
 
@@ -34,10 +35,6 @@ from .settings import SimSettings, settings_to_json, settings_with
 from .state import Clock, IdempotencyEntry, Job, SimState, Upload, canonical_hash, iso_ms
 from .validate import validate_generate
 from .webhooks import WebhookSender
-
-Scope = dict[str, Any]
-Receive = Callable[[], Any]
-Send = Callable[[dict[str, Any]], Any]
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 IMAGE_NAME_RE = re.compile(r"^([0-9a-f-]{36})-(\d+)\.(jpg|png|webp)$")
@@ -554,7 +551,7 @@ class _Observe:
         request_id = uuid.uuid4().hex.encode()
         status = "none"
 
-        async def send_with_id(message: dict[str, Any]) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = str(message["status"])

@@ -13,17 +13,15 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
+from starlette.types import Send
 
 from .settings import SimSettings, spread_bounds
 
 CONTENT_POLICY_ERROR = "Provider returned an error: content policy violation"
 CAPACITY_ERROR = "No available capacity — please retry shortly"
 
-Scope = dict[str, Any]
-Send = Callable[[dict[str, Any]], Any]
 
 
 class SimulatedDrop(httpx.RemoteProtocolError):
@@ -97,7 +95,7 @@ class FaultPlan:
 class TokenBucket:
     """A token bucket on an injected clock: ``rate`` tokens per second, ``capacity`` at most."""
 
-    __slots__ = ("rate", "capacity", "_tokens", "_updated", "_clock")
+    __slots__ = ("_clock", "_tokens", "_updated", "capacity", "rate")
 
     def __init__(self, rate: float, capacity: float, clock: Callable[[], float]) -> None:
         self.rate = rate

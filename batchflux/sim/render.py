@@ -42,7 +42,7 @@ CONTENT_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 
 def round16(value: float) -> int:
     """Nearest multiple of 16, at least 16."""
-    return max(MIN_SIDE, int(round(value / 16.0)) * 16)
+    return max(MIN_SIDE, round(value / 16.0) * 16)
 
 
 def size_for(
@@ -69,9 +69,9 @@ def size_for(
     if aspect_ratio == "match_input_image":
         if input_size is None:
             return ASPECT_SIZES["1:1"]
-        w, h = input_size
-        scale = min(1.0, MAX_SIDE / max(w, h))
-        return round16(w * scale), round16(h * scale)
+        in_w, in_h = input_size
+        scale = min(1.0, MAX_SIDE / max(in_w, in_h))
+        return round16(in_w * scale), round16(in_h * scale)
     if aspect_ratio in ASPECT_SIZES:
         return ASPECT_SIZES[aspect_ratio]
     left, _, right = aspect_ratio.partition(":")
