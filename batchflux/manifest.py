@@ -54,6 +54,7 @@ FILENAME_PLACEHOLDERS = frozenset(
     {"prompt_id", "index", "key", "key12", "seed", "aspect", "ext", "model", "format", "w", "h"}
 )
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_COLLECTION_TAGS = frozenset({"tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"})
 _RUN_FLOATS = ("rpm", "budget", "job_timeout", "cost_per_image")
 
 
@@ -206,6 +207,8 @@ class _YamlBuilder:
         if id(node) in stack:
             raise _YamlBomb(node, "recursive alias; refusing")
         inner = stack | {id(node)}
+        if node.tag not in _COLLECTION_TAGS:
+            self._diag(node, path, f"unsupported YAML tag {node.tag!r}")
         if isinstance(node, SequenceNode):
             return [self.build(child, path + (i,), inner) for i, child in enumerate(node.value)]
         assert isinstance(node, MappingNode)
@@ -725,9 +728,12 @@ def _check_length(raw: _RawEntry, parts: tuple[tuple[str, str | None], ...],
 # --------------------------------------------------------------------------- sources of entries
 
 
-def _yaml_entries(prompts: list[Any], doc: _Doc, ctx: _Context) -> Iterator[_RawEntry]:
+def _yaml_entries(prompts: list[Any], doc: _Doc, ctx: _Context,
+                  skip: set[int]) -> Iterator[_RawEntry]:
     for i, item in enumerate(prompts):
         path: Path_ = ("prompts", i)
+        if i in skip:  # already reported by the schema
+            continue
         if isinstance(item, str):
             yield _RawEntry(doc, path, item, path, False, None, path, i + 1, {}, None, {})
             continue
@@ -891,7 +897,9 @@ def load_job(path: str | os.PathLike[str], *, max_items: int | None = None) -> J
         document, locate, yaml_diags = _parse_yaml(text, display)
         ctx.diagnostics.extend(yaml_diags)
         doc = _Doc(display, locate, manifest.parent)
-        schema_diags = validate_document(document, "job", file=display, locate=locate)
+        reported = {(d.line, d.col) for d in yaml_diags}
+        schema_diags = [d for d in validate_document(document, "job", file=display, locate=locate)
+                        if (d.line, d.col) not in reported]
         ctx.diagnostics.extend(schema_diags)
         if any(not _is_entry_field(d.field) for d in schema_diags) or yaml_diags:
             raise ManifestError(ctx.diagnostics)
@@ -962,9 +970,7 @@ def _yaml_job(document: Mapping[str, Any], doc: _Doc, ctx: _Context,
         ctx.error(doc, (), "missing prompts (or prompts_file)")
         return
     if has_prompts:
-        for raw in _yaml_entries(document["prompts"], doc, ctx):
-            if raw.position - 1 not in bad_entries:
-                yield raw
+        yield from _yaml_entries(document["prompts"], doc, ctx, bad_entries)
     else:
         yield from _file_entries(document["prompts_file"], doc, ctx)
 
