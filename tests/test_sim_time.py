@@ -151,3 +151,15 @@ async def test_cancel_hook_makes_a_terminal_cancelled_job(oas: OasValidator) -> 
         job = await _job(client, job_id)
         oas.check("Job", job)
         assert (job["status"], job["creditCost"]) == ("CANCELLED", 0)
+
+
+async def test_rerunning_a_refunded_failed_job_is_not_a_duplicate() -> None:
+    clock = FakeClock()
+    settings = SimSettings(job_seconds=1.0, fail_rate=1.0)
+    async with sim_client(settings, clock=clock) as client:
+        await client.post("/v2/images/generate", json=BODY)
+        clock.advance(60)
+        await client.post("/_sim/settings", json={"fail_rate": 0.0})
+        await client.post("/v2/images/generate", json=BODY)  # a retry after FAILED: fine
+        await client.post("/v2/images/generate", json=BODY)  # a second paid copy: duplicate
+        assert (await client.get("/_sim/stats")).json()["duplicate_jobs"] == 1
