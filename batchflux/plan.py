@@ -21,7 +21,7 @@ from .expand import axis_summaries, count_items, expand_job
 from .manifest import JobSpec, load_job
 from .models import DEFAULT_RUN_OPTIONS, WorkItem
 
-#: Items whose keys are checked exactly for duplicates (32 bytes each in a set).
+#: Items whose keys are checked for duplicates (a 64-bit key prefix each, so memory is bounded).
 DUPLICATE_CHECK_LIMIT = 50_000
 #: Grids above this many items get a "very large grid" warning.
 LARGE_GRID = 10_000
@@ -84,7 +84,7 @@ def make_plan(
              else DEFAULT_RUN_OPTIONS.cost_per_image or 0.0)
     warnings = [str(w) for w in spec.warnings]
     preview: list[WorkItem] = []
-    seen: dict[bytes, WorkItem] = {}
+    seen: dict[int, int] = {}  # 64-bit key prefix -> index of its first item
     duplicates = 0
     checked = 0
     for item in itertools.islice(expand_job(spec), max(limit, DUPLICATE_CHECK_LIMIT)):
@@ -92,16 +92,14 @@ def make_plan(
             preview.append(item)
         if checked < DUPLICATE_CHECK_LIMIT:
             checked += 1
-            digest = bytes.fromhex(item.key)
-            first = seen.setdefault(digest, item)
-            if first is not item:
+            first = seen.setdefault(int(item.key[:16], 16), item.index)
+            if first != item.index:
                 duplicates += 1
                 if duplicates <= 5:
                     warnings.append(
                         f"duplicate request: item {item.index} ({item.prompt_id}, "
-                        f"{item.source}) has the same key {item.key[:12]} as item "
-                        f"{first.index} ({first.prompt_id}, {first.source}); it is generated "
-                        "once")
+                        f"{item.source}) has the same key {item.key[:12]} as item {first}; "
+                        "it is generated once")
     if duplicates > 5:
         warnings.append(f"... {duplicates - 5} more duplicate requests")
     if checked < total:
