@@ -136,6 +136,10 @@ def _translate(
         line, col = locate(base_path + p, key)
         return Diagnostic(file, line, col, format_path(base_path + p), message)
 
+    if "propertyNames" in error.absolute_schema_path and isinstance(value, str):
+        yield at(path + (value,), f"invalid name {_show(value)}: use letters, digits and _ "
+                 "(not starting with a digit)", key=True)
+        return
     if v == "additionalProperties" and isinstance(value, dict):
         known = list(sch.get("properties", {}))
         for name in value:
@@ -184,7 +188,7 @@ def _translate(
         message = _pattern_message(full, value, sch) or message
     elif v == "propertyNames":
         bad = error.instance
-        yield at(path[:-1] + (bad,) if False else path + (bad,),
+        yield at(path + (bad,),
                  f"invalid name {_show(bad)}: use letters, digits and _ (not starting with a digit)",
                  key=True)
         return
