@@ -1,10 +1,53 @@
 """batchflux: run many flux-2-dev generations through Apiframe's v2 API, safely and fast.
 
-The public library API is re-exported here; see README.md for examples.
+>>> from batchflux import run_batch
+>>> result = run_batch("jobs/nightly.yaml", sim=True)        # doctest: +SKIP
+>>> result.exit_code, result.summary["counts"]["ok"]          # doctest: +SKIP
+(0, 12)
+
+The names below are the public library API; they are imported on first use, so that
+``import batchflux`` (and the command line's start-up) stays cheap.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+_EXPORTS = {
+    "run_batch": "batchflux.batch",
+    "run_batch_async": "batchflux.batch",
+    "RunResult": "batchflux.batch",
+    "load_job": "batchflux.manifest",
+    "JobSpec": "batchflux.manifest",
+    "expand_job": "batchflux.expand",
+    "count_items": "batchflux.expand",
+    "WorkItem": "batchflux.models",
+    "RunOptions": "batchflux.models",
+    "ErrorCategory": "batchflux.models",
+    "BatchfluxError": "batchflux.errors",
+    "ManifestError": "batchflux.errors",
+    "ConfigError": "batchflux.errors",
+    "ApiError": "batchflux.errors",
+    "RunAborted": "batchflux.errors",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .batch import RunResult, run_batch, run_batch_async
+    from .errors import ApiError, BatchfluxError, ConfigError, ManifestError, RunAborted
+    from .expand import count_items, expand_job
+    from .manifest import JobSpec, load_job
+    from .models import ErrorCategory, RunOptions, WorkItem
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batchflux' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
