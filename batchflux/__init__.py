@@ -34,7 +34,24 @@ _EXPORTS = {
     "RunAborted": "batchflux.errors",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "ApiError",
+    "BatchfluxError",
+    "ConfigError",
+    "ErrorCategory",
+    "JobSpec",
+    "ManifestError",
+    "RunAborted",
+    "RunOptions",
+    "RunResult",
+    "WorkItem",
+    "__version__",
+    "count_items",
+    "expand_job",
+    "load_job",
+    "run_batch",
+    "run_batch_async",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .batch import RunResult, run_batch, run_batch_async

@@ -18,13 +18,13 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def block_after(marker: str) -> str:
-    match = re.search(rf"<!-- readme:{marker} -->\s*```\w*\n(.*?)```", README, re.S)
+    match = re.search(rf"<!-- readme:{marker} -->\s*```\w*\n(.*?)```", README, re.DOTALL)
     assert match, f"README has no block marked {marker}"
     return match.group(1).strip()
 
 
 def blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README, re.S)
+    return re.findall(rf"```{lang}\n(.*?)```", README, re.DOTALL)
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
@@ -82,7 +82,7 @@ def test_library_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     # The in-process simulator's default job time is a couple of seconds; keep the same code
     # path but shorten the wait.
     monkeypatch.setattr("batchflux.batch.SIM_DEFAULT_JOB_SECONDS", 0.3)
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - our own README
     printed = capsys.readouterr().out.split()
     assert printed[0] == "0" and int(printed[1]) == 12
     assert (tmp_path / "out" / "from-python" / "results.jsonl").exists()
