@@ -12,6 +12,7 @@ the key comes from ``api_key`` or ``APIFRAME_API_KEY`` and the base URL from ``b
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from .manifest import JobSpec, load_job
 from .models import DEFAULT_RUN_OPTIONS, ErrorCategory, RunOptions
 from .retry import RetryPolicy
 from .runner import Reporter, Runner, RunSettings
+from .shard import Shard, filter_items
 from .store import RunStore
 
 DEFAULT_BASE_URL = "https://api.apiframe.ai"
@@ -138,6 +140,9 @@ async def run_batch_async(
     allowed_download_hosts: tuple[str, ...] = (),
     on_runner: Callable[[Runner], None] | None = None,
     on_message: Callable[[str], None] | None = None,
+    shard: Shard | None = None,
+    dataset: str | None = None,
+    max_failure_rate: float | None = None,
 ) -> RunResult:
     """Run every item of ``manifest`` and return the summary. See :func:`run_batch`."""
     spec = manifest if isinstance(manifest, JobSpec) else load_job(manifest)
@@ -150,6 +155,11 @@ async def run_batch_async(
         raise UsageError("--retry-failed takes 'retryable' or 'all'")
 
     total = count_items(spec)
+    if shard is not None:
+        # One pass over the keys (lazy, flat memory) for an exact progress total.
+        total = sum(1 for _ in filter_items(expand_job(spec), shard))
+    if dataset is not None and dataset not in DATASET_FORMATS:
+        raise UsageError(f"--dataset takes one of {', '.join(DATASET_FORMATS)}")
     if resolved.max_items is not None and total > resolved.max_items:
         raise UsageError(f"{spec.path} expands to {total} items, over the limit of "
                          f"{resolved.max_items} (raise it with --max-items)")
@@ -215,17 +225,58 @@ async def run_batch_async(
             if on_runner is not None:
                 on_runner(runner)
             try:
-                summary = await runner.run(expand_job(spec), total=total)
+                summary = await runner.run(filter_items(expand_job(spec), shard), total=total)
             except RunAborted as exc:
-                summary = getattr(exc, "summary", {})
+                summary = _annotate(store, getattr(exc, "summary", {}), spec.path, shard)
                 exc.result = RunResult(summary, out, exc.exit_code, simulated)  # type: ignore[attr-defined]
                 raise
+            summary = _annotate(store, summary, spec.path, shard)
+            if dataset is not None:
+                from .dataset import export_dataset
+
+                exported = export_dataset(out, dataset)
+                if on_message is not None:
+                    on_message(f"dataset ({dataset}): {exported.rows} rows in {exported.path}")
         finally:
             store.close()
-    counts = summary["counts"]
-    code = EXIT_OK if counts["failed"] == 0 and not summary.get("stop_reason") else (
-        EXIT_ITEMS_FAILED)
-    return RunResult(summary, out, code, simulated)
+    return RunResult(summary, out, exit_code_for(summary, max_failure_rate), simulated)
+
+
+DATASET_FORMATS = ("hf", "webdataset")
+
+
+def exit_code_for(summary: dict[str, Any], max_failure_rate: float | None = None) -> int:
+    """0 when every item of this run ended ok, or when at most ``max_failure_rate`` of them
+    failed (a cron job that expects a few failures); 1 otherwise, and always 1 when the run
+    stopped early (budget, credits, key)."""
+    counts = summary.get("counts", {})
+    failed, ok = counts.get("failed", 0), counts.get("ok", 0)
+    if summary.get("stop_reason"):
+        return EXIT_ITEMS_FAILED
+    if failed == 0:
+        return EXIT_OK
+    if max_failure_rate is not None and failed / (ok + failed) <= max_failure_rate:
+        return EXIT_OK
+    return EXIT_ITEMS_FAILED
+
+
+def _annotate(store: RunStore, summary: dict[str, Any], manifest_path: Path,
+              shard: Shard | None) -> dict[str, Any]:
+    """Record which manifest (by content) and which shard produced this run directory: the
+    facts ``batchflux merge`` checks before combining run directories."""
+    if not summary:
+        return summary
+    try:
+        digest = hashlib.sha256(Path(manifest_path).read_bytes()).hexdigest()
+    except OSError:
+        digest = None
+    summary = {**summary, "manifest_sha256": digest,
+               "shard": shard.label if shard is not None else None}
+    try:
+        store.write_summary(summary)
+    except OSError:
+        pass  # the runner already wrote a summary without these two fields
+    return summary
 
 
 def run_batch(manifest: str | os.PathLike[str] | JobSpec, **kwargs: Any) -> RunResult:

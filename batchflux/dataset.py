@@ -1,0 +1,196 @@
+"""Export a finished run directory as a training dataset: ``--dataset hf|webdataset``.
+
+``hf`` writes the Hugging Face ImageFolder layout, loadable with
+``datasets.load_dataset("imagefolder", data_dir="OUT/dataset/hf")``::
+
+    OUT/dataset/hf/train/metadata.jsonl      one row per image: file_name, text (the prompt),
+                                             seed, prompt_id, key, aspect_ratio, width,
+                                             height, output_format, model, params (JSON text)
+    OUT/dataset/hf/train/<prompt id>/...     the images (hard links into images/ when possible)
+
+``webdataset`` writes tar shards of at most ``shard_size`` samples, readable by the
+``webdataset`` package (``wds.WebDataset("OUT/dataset/webdataset/shard-{000000..000003}.tar")``)::
+
+    OUT/dataset/webdataset/shard-000000.tar  <sample>.jpg|png|webp  the image
+                                             <sample>.txt           the prompt
+                                             <sample>.json          seed, params, key, ...
+
+A sample's name is the item key (plus ``_2``, ``_3``... for extra images of one item). Only
+items whose result is ``ok`` are exported. Each export is built in a temporary directory and
+swapped in at the end, so re-running it (after a resumed run added items) replaces the old
+export whole and a crash mid-export leaves the previous one in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tarfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .merge import final_records
+from .store import RESULTS_NAME, STATE_DIR
+
+__all__ = ["FORMATS", "ExportResult", "dataset_rows", "export_dataset"]
+
+FORMATS = ("hf", "webdataset")
+EXPORT_DIR = "dataset"
+DEFAULT_SHARD_SIZE = 1000
+_EXTENSIONS = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp"}
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResult:
+    """Where an export went and how many images (rows or samples) it holds."""
+
+    format: str
+    path: Path
+    rows: int
+    shards: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetRow:
+    """One exported image with its caption and parameters."""
+
+    name: str  # sample name: the item key, with a suffix for extra images
+    image_path: str  # relative to the run directory (images/...)
+    text: str
+    metadata: Mapping[str, Any]
+
+
+def dataset_rows(out_dir: Path) -> Iterator[DatasetRow]:
+    """Every image of every ok item, in manifest order."""
+    records = sorted(final_records(out_dir).values(),
+                     key=lambda r: (r.get("index", 0), r["key"]))
+    for record in records:
+        if record.get("status") != "ok":
+            continue
+        params = record.get("params") or {}
+        for number, f in enumerate(record.get("files") or (), start=1):
+            name = record["key"] if number == 1 else f"{record['key']}_{number}"
+            yield DatasetRow(
+                name=name,
+                image_path=str(f["path"]),
+                text=str(record.get("prompt", "")),
+                metadata={
+                    "text": str(record.get("prompt", "")),
+                    "seed": record.get("seed"),
+                    "prompt_id": record.get("prompt_id"),
+                    "key": record["key"],
+                    "aspect_ratio": params.get("aspect_ratio"),
+                    "width": f.get("width"),
+                    "height": f.get("height"),
+                    "output_format": f.get("format"),
+                    "model": record.get("model"),
+                    # JSON text: params differ in shape between items, and Arrow columns
+                    # must not (input_images lists, width/height only with custom sizes).
+                    "params": json.dumps(params, sort_keys=True, ensure_ascii=False),
+                    "template": record.get("template"),
+                    "job_id": record.get("job_id"),
+                },
+            )
+
+
+def export_dataset(out_dir: str | os.PathLike[str], fmt: str, *,
+                   shard_size: int = DEFAULT_SHARD_SIZE) -> ExportResult:
+    """Write (or rewrite) the ``fmt`` export of the run in ``out_dir``. See the module doc."""
+    out = Path(out_dir)
+    if fmt not in FORMATS:
+        raise UsageError(f"--dataset takes one of {', '.join(FORMATS)}, got {fmt!r}")
+    if not (out / RESULTS_NAME).is_file():
+        raise UsageError(f"{out} is not a batchflux run directory (no {RESULTS_NAME})")
+    if shard_size < 1:
+        raise UsageError("the webdataset shard size must be at least 1")
+    final = out / EXPORT_DIR / fmt
+    work = out / STATE_DIR / f"export-{fmt}-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        if fmt == "hf":
+            rows, shards = _write_imagefolder(out, work), 0
+        else:
+            rows, shards = _write_webdataset(out, work, shard_size)
+        _swap_in(work, final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return ExportResult(format=fmt, path=final, rows=rows, shards=shards)
+
+
+def _swap_in(work: Path, final: Path) -> None:
+    """Replace ``final`` by ``work``: two renames, the old export gone only once the new one
+    is complete."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(work, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _write_imagefolder(out: Path, work: Path) -> int:
+    train = work / "train"
+    train.mkdir()
+    rows = 0
+    with open(train / "metadata.jsonl", "w", encoding="utf-8") as meta:
+        for row in dataset_rows(out):
+            rel = row.image_path.removeprefix("images/")
+            _link_or_copy(out / row.image_path, train / rel)
+            line = {"file_name": rel, **row.metadata}
+            meta.write(json.dumps(line, ensure_ascii=False) + "\n")
+            rows += 1
+    return rows
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = int(mtime)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_webdataset(out: Path, work: Path, shard_size: int) -> tuple[int, int]:
+    rows = shards = 0
+    tar: tarfile.TarFile | None = None
+    try:
+        for row in dataset_rows(out):
+            if rows % shard_size == 0:
+                if tar is not None:
+                    tar.close()
+                tar = tarfile.open(work / f"shard-{shards:06d}.tar", "w",
+                                   format=tarfile.USTAR_FORMAT)
+                shards += 1
+            assert tar is not None
+            image = out / row.image_path
+            suffix = image.suffix.lstrip(".").lower()
+            ext = _EXTENSIONS.get(suffix, suffix)
+            mtime = image.stat().st_mtime
+            # webdataset groups members by the name before the first dot: keys are hex.
+            _add_bytes(tar, f"{row.name}.{ext}", image.read_bytes(), mtime)
+            _add_bytes(tar, f"{row.name}.txt", row.text.encode("utf-8"), mtime)
+            _add_bytes(tar, f"{row.name}.json",
+                       json.dumps(dict(row.metadata), ensure_ascii=False).encode("utf-8"),
+                       mtime)
+            rows += 1
+    finally:
+        if tar is not None:
+            with contextlib.suppress(OSError):
+                tar.close()
+    return rows, shards

@@ -1,0 +1,260 @@
+"""``batchflux merge OUT1 OUT2 ... --into OUT``: combine run directories (shards) into one.
+
+Each source is a run directory (``results.jsonl``, ``images/``, ``summary.json``, and the
+frozen manifest in ``.batchflux/``). The merge:
+
+- refuses sources made from different manifests (compared by content) unless ``force``;
+- keeps one result per item key: an ``ok`` line beats a failed one, a later line an earlier
+  one (the same rule a resumed run follows);
+- copies every image of the kept results (a hard link when source and target share a
+  filesystem), then checks the sha256 of every file in the target against its result line;
+- writes the merged ``results.jsonl`` and ``summary.json`` atomically (temp file + rename),
+  so a crash mid-merge leaves the previous target intact, and merging again is safe.
+
+The target may already hold a run (an earlier merge, or one of the shards): its results take
+part in the merge like any source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import BatchfluxError, UsageError
+from .runner import utc_now
+from .store import (
+    LOCK_NAME,
+    RESULTS_NAME,
+    STATE_DIR,
+    SUMMARY_NAME,
+    DirectoryLock,
+    iter_jsonl,
+    write_json_atomic,
+)
+
+__all__ = ["MergeError", "MergeReport", "final_records", "manifest_digest", "merge_runs"]
+
+
+class MergeError(BatchfluxError):
+    """The sources cannot be merged (different manifests, conflicting or corrupt files)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MergeReport:
+    """What a merge did."""
+
+    into: Path
+    sources: tuple[Path, ...]
+    items: int
+    ok: int
+    failed: int
+    files_linked: int
+    files_copied: int
+    files_present: int
+    duplicates: int
+
+
+def final_records(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """The result that counts for each key of one run directory: the ok line if any, else
+    the last line. Torn tails are ignored."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for record in _records(out_dir):
+        _choose(chosen, record)
+    return chosen
+
+
+def _records(out_dir: Path) -> Iterator[dict[str, Any]]:
+    for _, record in iter_jsonl(out_dir / RESULTS_NAME):
+        if isinstance(record.get("key"), str):
+            yield record
+
+
+def _choose(chosen: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:
+    """Keep ``record`` if it beats what ``chosen`` holds for its key."""
+    current = chosen.get(record["key"])
+    if current is not None and current.get("status") == "ok" and record.get("status") != "ok":
+        return
+    chosen[record["key"]] = record
+
+
+def manifest_digest(out_dir: Path) -> str | None:
+    """sha256 of the manifest a run directory was made from (its frozen copy, else the
+    digest recorded in summary.json), or None when neither exists."""
+    state = out_dir / STATE_DIR
+    frozen = sorted(state.glob("manifest.*")) if state.is_dir() else []
+    for path in frozen:
+        if path.is_file() and not path.name.endswith(".tmp"):
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+    summary = _read_summary(out_dir)
+    digest = summary.get("manifest_sha256")
+    return digest if isinstance(digest, str) else None
+
+
+def _read_summary(out_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _inside(root: Path, rel: str) -> Path:
+    """``root / rel``, refusing paths that leave ``root`` (a result line is data, not trust)."""
+    target = (root / rel).resolve()
+    base = root.resolve()
+    if not target.is_relative_to(base) or not rel.startswith("images/"):
+        raise MergeError(f"refusing file path {rel!r}: outside the run's images/")
+    return root / rel
+
+
+def merge_runs(sources: Iterable[str | os.PathLike[str]], into: str | os.PathLike[str], *,
+               force: bool = False) -> MergeReport:
+    """Merge run directories ``sources`` into ``into`` (created if missing). See the module
+    docstring. Raises :class:`MergeError` or :class:`~batchflux.errors.UsageError`."""
+    target = Path(into)
+    paths = [Path(s) for s in sources]
+    if not paths:
+        raise UsageError("merge needs at least one source run directory")
+    for path in paths:
+        if not (path / RESULTS_NAME).is_file():
+            raise UsageError(f"{path} is not a batchflux run directory (no {RESULTS_NAME})")
+        if path.resolve() == target.resolve():
+            raise UsageError(f"{path} is also the target; the target's own results are "
+                             "merged automatically")
+    target_has_run = (target / RESULTS_NAME).is_file()
+    all_dirs = ([target] if target_has_run else []) + paths
+    digests = {path: manifest_digest(path) for path in all_dirs}
+    if len({d for d in digests.values()}) > 1 and not force:
+        listing = "; ".join(f"{p}: {(d or 'unknown')[:12]}" for p, d in digests.items())
+        raise MergeError("the run directories were made from different manifests "
+                         f"({listing}); pass --force to merge them anyway")
+
+    (target / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    lock = DirectoryLock(target / STATE_DIR / LOCK_NAME)
+    lock.acquire()
+    try:
+        return _merge_locked(all_dirs, paths, target, digests)
+    finally:
+        lock.release()
+
+
+def _merge_locked(all_dirs: list[Path], sources: list[Path], target: Path,
+                  digests: Mapping[Path, str | None]) -> MergeReport:
+    chosen: dict[str, dict[str, Any]] = {}
+    origin: dict[str, Path] = {}
+    duplicates = 0
+    for directory in all_dirs:
+        for record in _records(directory):
+            if record["key"] in chosen:
+                duplicates += 1
+            _choose(chosen, record)
+            if chosen[record["key"]] is record:
+                origin[record["key"]] = directory
+
+    linked = copied = present = 0
+    claimed: dict[str, str] = {}  # target path -> sha256, to catch two items on one name
+    for key, record in chosen.items():
+        if record.get("status") != "ok":
+            continue
+        source_dir = origin[key]
+        for f in record.get("files") or ():
+            rel, sha = str(f["path"]), str(f["sha256"])
+            if claimed.setdefault(rel, sha) != sha:
+                raise MergeError(f"two different images claim {rel}; merge them into "
+                                 "separate directories or use distinct file-name templates")
+            src = _inside(source_dir, rel)
+            dst = _inside(target, rel)
+            how = _place(src, dst, sha)
+            linked += how == "linked"
+            copied += how == "copied"
+            present += how == "present"
+
+    ordered = sorted(chosen.values(), key=lambda r: (r.get("index", 0), r["key"]))
+    _write_jsonl_atomic(target / RESULTS_NAME, ordered)
+    for directory in sources:  # keep a manifest beside the merged results, for later merges
+        frozen = sorted((directory / STATE_DIR).glob("manifest.*"))
+        if frozen and not any((target / STATE_DIR).glob("manifest.*")):
+            shutil.copyfile(frozen[0], target / STATE_DIR / frozen[0].name)
+    summary = _merged_summary(ordered, all_dirs, digests)
+    write_json_atomic(target / SUMMARY_NAME, summary)
+    counts = summary["counts"]
+    return MergeReport(into=target, sources=tuple(sources), items=len(ordered),
+                       ok=counts["ok"], failed=counts["failed"], files_linked=linked,
+                       files_copied=copied, files_present=present, duplicates=duplicates)
+
+
+def _place(src: Path, dst: Path, sha: str) -> str:
+    """Put ``src`` at ``dst`` and prove it by sha256. Returns linked, copied or present."""
+    if dst.is_file() and not dst.is_symlink() and sha256_file(dst) == sha:
+        return "present"
+    if not src.is_file():
+        raise MergeError(f"{src} is listed in its results.jsonl but missing")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.merge")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+        how = "linked"
+    except OSError:
+        shutil.copyfile(src, tmp)
+        how = "copied"
+    actual = sha256_file(tmp)
+    if actual != sha:
+        tmp.unlink()
+        raise MergeError(f"{src} does not match the sha256 in its results.jsonl "
+                         f"({actual[:12]} != {sha[:12]}): the source is corrupt")
+    os.replace(tmp, dst)
+    return how
+
+
+def _write_jsonl_atomic(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _merged_summary(records: list[dict[str, Any]], dirs: list[Path],
+                    digests: Mapping[Path, str | None]) -> dict[str, Any]:
+    status = Counter(r.get("status") for r in records)
+    categories = Counter((r.get("error") or {}).get("category") for r in records
+                         if r.get("status") != "ok")
+    shards = []
+    for directory in dirs:
+        summary = _read_summary(directory)
+        shards.append({"path": str(directory), "shard": summary.get("shard"),
+                       "manifest_sha256": digests.get(directory)})
+    known = {d for d in digests.values() if d}
+    return {
+        "merged_at": utc_now(),
+        "total_items": len(records),
+        "counts": {"ok": status.get("ok", 0), "failed": len(records) - status.get("ok", 0)},
+        "errors_by_category": dict(sorted((str(k), v) for k, v in categories.items())),
+        "credits_spent": sum((r.get("credit_cost") or 0) for r in records),
+        "images": sum(len(r.get("files") or ()) for r in records if r.get("status") == "ok"),
+        "bytes": sum(f.get("bytes", 0) for r in records if r.get("status") == "ok"
+                     for f in r.get("files") or ()),
+        "manifest_sha256": known.pop() if len(known) == 1 else None,
+        "shard": None,
+        "merged_from": shards,
+    }
