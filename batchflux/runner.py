@@ -40,6 +40,12 @@ from .store import ResumeIndex, RunStore, StoredFile
 
 CAPACITY_MARKERS = ("no available capacity", "capacity", "try again", "retry shortly")
 
+#: Failures that left a job which may still be good: a retry re-attaches to it first.
+REATTACH_CATEGORIES = frozenset(
+    c.value for c in (ErrorCategory.TIMEOUT, ErrorCategory.NETWORK, ErrorCategory.SERVER_ERROR,
+                      ErrorCategory.RATE_LIMITED, ErrorCategory.DOWNLOAD_FAILED)
+)
+
 
 # --------------------------------------------------------------------------------------------
 # Seams
@@ -335,8 +341,9 @@ class Runner:
         elif intent is not None:
             ctx.submission = intent  # resend with the same Idempotency-Key: a replay, no charge
         elif prior is not None:
-            if prior.category == ErrorCategory.TIMEOUT.value and prior.job_id:
-                # The old job may have finished since: look at it before paying again.
+            if prior.job_id and prior.category in REATTACH_CATEGORIES:
+                # The job itself did not fail (we lost track of it, or its download did):
+                # look at it again before paying for a new one.
                 ctx.submission, ctx.job_id, ctx.attached = prior.submission, prior.job_id, True
             else:
                 ctx.submission = prior.submission + 1
@@ -351,9 +358,11 @@ class Runner:
         except _ItemFailed as exc:
             return self._record(ctx, status="failed", error=exc.info, files=())
         except RunAborted as exc:
-            # No result line: a submitted job stays in the journal for the next run.
+            # Run-fatal (refused key, unwritable output): stop everything now. No result
+            # line: a submitted job stays in the journal for the next run.
             self.stop(str(exc), fatal=exc)
             self.stats.not_started += 1
+            self.cancel()
             return None
         return self._record(ctx, status="ok", error=None, files=files)
 
@@ -364,7 +373,7 @@ class Runner:
             if ctx.job_id is None:
                 if self.stopping:
                     raise _NotStarted
-                body = await self._request_body(item)
+                body = await self._request_body_or_fail(item)
                 async with self.inflight:
                     await self._submit(ctx, body)
                     state = await self._wait(ctx)
@@ -392,6 +401,16 @@ class Runner:
             ctx.job_id = None
             ctx.attached = False
 
+    async def _request_body_or_fail(self, item: WorkItem) -> dict[str, Any]:
+        try:
+            return await self._request_body(item)
+        except ApiError as exc:
+            raise _ItemFailed(_error_info(exc)) from exc
+        except OSError as exc:
+            raise _ItemFailed(ErrorInfo(
+                ErrorCategory.INVALID_REQUEST,
+                f"cannot read a reference image: {exc.strerror or exc}", False)) from exc
+
     async def _request_body(self, item: WorkItem) -> dict[str, Any]:
         params = dict(item.params)
         refs = params.get("input_images")
@@ -402,18 +421,23 @@ class Runner:
         return {"prompt": item.prompt, "model": item.model, "fluxParams": params}
 
     async def _upload(self, path: str) -> str:
-        data = await anyio.Path(path).read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        lock = self._upload_locks.setdefault(digest, anyio.Lock())
+        """Upload a local reference image once per content hash; reuse its URL after."""
+        lock = self._upload_locks.setdefault(path, anyio.Lock())
         async with lock:
-            url = self._uploads.get(digest)
+            url = self._uploads.get(path)
             if url is not None:
                 return url
-            result = await self._call("upload", lambda: self.client.upload(
-                data, filename=Path(path).name))
-            self._uploads[digest] = result.url
-            self.store.journal_upload(digest, result.url, getattr(result, "expires_at", None))
-            return result.url
+            data = await anyio.Path(path).read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            url = self._uploads.get(digest)
+            if url is None:
+                result = await self._call("upload", lambda: self.client.upload(
+                    data, filename=Path(path).name))
+                url = result.url
+                self._uploads[digest] = url
+                self.store.journal_upload(digest, url, getattr(result, "expires_at", None))
+            self._uploads[path] = url
+            return url
 
     async def _call(self, route: str, make: Callable[[], Awaitable[Any]], *,
                     deadline: float | None = None) -> Any:
@@ -455,26 +479,28 @@ class Runner:
 
     async def _submit(self, ctx: _ItemContext, body: dict[str, Any]) -> None:
         item = ctx.item
-        budget = self.settings.budget
-        if budget is not None and self._committed_credits + self.settings.cost_per_image > budget:
+        budget, cost = self.settings.budget, self.settings.cost_per_image
+        if self.stopping:
+            raise _NotStarted
+        if budget is not None and self._committed_credits + cost > budget:
             self.stop(f"budget of {budget:g} credits reached")
             raise _NotStarted
-        if self.stopping:
-            raise _NotStarted
-        await self.bucket.acquire()
-        if self.stopping:
-            raise _NotStarted
-        self._committed_credits += self.settings.cost_per_image
-        self.store.journal_intent(item, ctx.submission)
+        # Reserved before waiting for a token, so that workers waiting together cannot
+        # overshoot the budget; given back if no job results.
+        self._committed_credits += cost
         key = item.idempotency_key(ctx.submission)
         try:
+            await self.bucket.acquire()
+            if self.stopping:
+                raise _NotStarted
+            self.store.journal_intent(item, ctx.submission)
             accepted = await self._call(
                 "submit", lambda: self.client.submit(body, idempotency_key=key))
         except ApiError as exc:
-            self._committed_credits -= self.settings.cost_per_image
+            self._committed_credits -= cost
             raise _ItemFailed(_error_info(exc)) from exc
         except BaseException:
-            self._committed_credits -= self.settings.cost_per_image
+            self._committed_credits -= cost
             raise
         ctx.job_id = accepted.job_id
         ctx.jobs_created += 1
