@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -77,11 +78,46 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("retryable", "all"),
                    help="also retry items that failed in an earlier run: those whose error "
                    "is retryable (the default), or all")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only shard I of N (0-based), split by item key: N machines "
+                   "run one manifest with no coordinator (then: batchflux merge)")
+    p.add_argument("--dataset", choices=("hf", "webdataset"), default=None,
+                   help="after the run, export OUT/dataset/hf (Hugging Face ImageFolder) or "
+                   "OUT/dataset/webdataset (tar shards)")
+    p.add_argument("--max-failure-rate", type=_rate, default=None, metavar="R",
+                   help="exit 0 when at most this share (0 to 1) of the run's items failed")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="json: one JSON event a line on stderr, for log shippers")
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress output; only the final summary line")
+    noise = p.add_mutually_exclusive_group()
+    noise.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress output; only the final summary line (the default "
+                       "when stderr is not a terminal)")
+    noise.add_argument("--progress", action="store_true",
+                       help="when stderr is not a terminal, print a progress line every 10 s")
     p.set_defaults(handler=_run)
+
+    p = sub.add_parser("report", help="what a run did: table, JSON, or an HTML review page")
+    p.add_argument("out", metavar="OUT", help="a run directory")
+    p.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    p.add_argument("--html", action="store_true",
+                   help="write OUT/review/index.html (contact sheet and grids, offline)")
+    p.add_argument("--thumb-size", type=_positive_int, default=256, metavar="PX",
+                   help="thumbnail size for --html")
+    p.set_defaults(handler=_report)
+
+    p = sub.add_parser("merge", help="combine run directories (shards) into one")
+    p.add_argument("sources", nargs="+", metavar="OUT_N")
+    p.add_argument("--into", required=True, metavar="OUT", help="the merged run directory")
+    p.add_argument("--force", action="store_true",
+                   help="merge runs of different manifests")
+    p.set_defaults(handler=_merge)
+
+    p = sub.add_parser("export", help="export a finished run as a dataset")
+    p.add_argument("out", metavar="OUT", help="a run directory")
+    p.add_argument("--dataset", choices=("hf", "webdataset"), required=True)
+    p.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N",
+                   help="samples per webdataset tar shard")
+    p.set_defaults(handler=_export)
 
     p = sub.add_parser("sim", help="the built-in Apiframe v2 simulator")
     sim_sub = p.add_subparsers(dest="sim_command", metavar="SIM_COMMAND")
@@ -127,6 +163,47 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
     return value
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .review import build_report, render_table, write_review
+
+    if args.html:
+        page = write_review(args.out, thumb_size=args.thumb_size)
+        print(f"batchflux: review page: {page.path} ({page.thumbnails} images, "
+              f"{page.failures} failures)", file=sys.stderr if args.json else sys.stdout)
+    report = build_report(args.out)
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    elif not args.html:
+        render_table(report)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .merge import merge_runs
+
+    done = merge_runs(args.sources, args.into, force=args.force)
+    print(f"batchflux: merged {len(done.sources)} runs into {done.into}: {done.items} items "
+          f"({done.ok} ok, {done.failed} failed), files {done.files_linked} linked, "
+          f"{done.files_copied} copied, {done.files_present} already there; every file's "
+          "sha256 checked")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .dataset import export_dataset
+
+    done = export_dataset(args.out, args.dataset, shard_size=args.shard_size)
+    print(f"batchflux: dataset ({done.format}): {done.rows} images in {done.path}")
+    return 0
 
 
 def _positive_float(text: str) -> float:

@@ -323,6 +323,7 @@ figure.failed{border-color:#c33;background:#fff4f4}
 table.grid{border-collapse:collapse}table.grid td,table.grid th{border:1px solid #ddd;
 vertical-align:top;padding:4px}th.prompt{max-width:240px;text-align:left;font-weight:normal}
 .prompt-text{color:#444}
+table.grid figure{width:172px}table.grid figure img{max-width:168px;max-height:168px}
 """
 
 # Marks every image with whether it decoded: a visible count for people, and attributes a

@@ -15,6 +15,7 @@ from .errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, RunAborted
 from .models import RunOptions
 from .report import JsonReporter, LogReporter, RichReporter, summary_line
 from .runner import Runner
+from .shard import parse_shard
 
 SIM_BANNER = ("SIMULATED: images come from batchflux's built-in Apiframe simulator, not from "
               "flux-2-dev. Nothing is paid. Set APIFRAME_API_KEY and drop --sim for real images.")
@@ -40,7 +41,10 @@ def _reporter(args: argparse.Namespace, *, simulated: bool) -> Any:
         return LogReporter(interval=None)
     if sys.stderr.isatty():
         return RichReporter(banner=banner)
-    return LogReporter(interval=10.0, banner=banner)
+    if getattr(args, "progress", False):
+        return LogReporter(interval=10.0, banner=banner)
+    # Cron, CI and pipes: quiet unless asked; the summary line still ends the run.
+    return LogReporter(interval=None)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -55,6 +59,7 @@ def run_command(args: argparse.Namespace) -> int:
         max_items=args.max_items,
         job_timeout=args.job_timeout,
     )
+    shard = parse_shard(args.shard) if args.shard else None
     reporter = _reporter(args, simulated=args.sim)
     runner_box: list[Runner] = []
     received: list[int] = []
@@ -100,6 +105,9 @@ def run_command(args: argparse.Namespace) -> int:
                 allowed_download_hosts=tuple(args.allow_download_host),
                 on_runner=runner_box.append,
                 on_message=reporter.message,
+                shard=shard,
+                dataset=args.dataset,
+                max_failure_rate=args.max_failure_rate,
             )
 
     def interrupted_code() -> int:
