@@ -976,10 +976,10 @@ def _yaml_job(document: Mapping[str, Any], doc: _Doc, ctx: _Context,
 
 
 def _run_options(run: Mapping[str, Any], doc: _Doc, ctx: _Context) -> RunOptions:
-    values = {k: (float(v) if k in _RUN_FLOATS else v) for k, v in run.items()}
+    values: dict[str, Any] = {k: (float(v) if k in _RUN_FLOATS else v) for k, v in run.items()}
     template = values.get("filename_template")
     if template is not None:
-        problem = check_filename_template(template)
+        problem = check_filename_template(str(template))
         if problem:
             ctx.error(doc, ("run", "filename_template"), problem)
     return RunOptions(**values)
