@@ -1,0 +1,193 @@
+"""batchflux report: the table, the JSON, and the offline HTML review page (checked in Chromium)."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from runner_helpers import load_results
+
+from batchflux import batch
+from batchflux.cli import main
+from batchflux.models import ErrorCategory
+from batchflux.review import build_report, cap_timeline, write_review
+from batchflux.sim import SimSettings
+
+HOSTILE = 'a mug <script>alert("x")</script> & <img src=x onerror=alert(1)> on oak'
+
+MANIFEST = f"""\
+prompts:
+  - id: mug
+    text: {json.dumps(HOSTILE)}
+  - id: vase
+    text: a blue glass vase on linen, studio photo
+grid:
+  seeds: [1, 2, 3]
+  aspect_ratio: ["1:1", "16:9"]
+"""
+
+
+@pytest.fixture(scope="module")
+def run_with_failures(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 items, a few FAILED by content policy (not retried), the rest ok."""
+    base = tmp_path_factory.mktemp("review")
+    manifest = base / "manifest.yaml"
+    manifest.write_text(MANIFEST)
+    out = base / "out"
+    settings = SimSettings(job_seconds=0.2, queue_seconds=0.02, render_mode="full",
+                           fail_rate=0.3, fail_capacity_share=0.0, fault_seed=5)
+    result = batch.run_batch(manifest, out_dir=out, sim=settings, sim_job_seconds=0.2)
+    counts = result.summary["counts"]
+    assert counts["ok"] + counts["failed"] == 12
+    assert 0 < counts["failed"] < 12, counts  # fault_seed 5 gives both
+    return out
+
+
+def test_report_counts_categories_credits_and_latencies(run_with_failures: Path) -> None:
+    records = load_results(run_with_failures)
+    report = build_report(run_with_failures)
+    failed = sum(r["status"] == "failed" for r in records)
+    assert report["items"] == 12
+    assert report["by_status"] == {"failed": failed, "ok": 12 - failed}
+    (row,) = report["by_category"]
+    assert row == {"category": "generation_failed", "count": failed,
+                   "explanation": ErrorCategory.GENERATION_FAILED.explanation}
+    assert report["credits_spent"] == sum(r["credit_cost"] or 0 for r in records)
+    totals = sorted(r["timings"]["total"] for r in records if r["status"] == "ok")
+    assert totals[0] <= report["latency_seconds"]["p50"] <= report["latency_seconds"]["p95"]
+    assert report["latency_seconds"]["p95"] <= totals[-1]
+    assert report["inflight_cap"]["history"]  # the cap over time, from summary.json
+    assert report["images"] == 12 - failed
+
+
+def test_report_command_prints_a_table_and_json(run_with_failures: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(run_with_failures)]) == 0
+    table = capsys.readouterr().out
+    for text in ("latency p50 / p95", "credits spent", "in-flight cap", "generation_failed",
+                 "throughput", "retries"):
+        assert text in table
+    assert "the job ended FAILED" in table  # the category's one-line explanation
+    assert main(["report", str(run_with_failures), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["items"] == 12 and data["by_category"][0]["category"] == "generation_failed"
+
+
+def test_report_on_something_else_is_a_usage_error(tmp_path: Path) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+
+
+def test_cap_timeline_shortens_long_histories() -> None:
+    assert cap_timeline([]) == "-"
+    assert cap_timeline([[0, 16], [3.5, 8]]) == "16 @0s -> 8 @3.5s"
+    assert "more" in cap_timeline([[i, i] for i in range(40)])
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.imgs: list[dict[str, str | None]] = []
+        self.links: list[str] = []
+        self.scripts_with_src = 0
+        self.stylesheets = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a)
+        elif tag == "a" and a.get("href"):
+            self.links.append(str(a["href"]))
+        elif tag == "script" and a.get("src"):
+            self.scripts_with_src += 1
+        elif tag == "link":
+            self.stylesheets += 1
+
+
+def test_html_page_is_offline_escaped_and_thumbnailed(run_with_failures: Path) -> None:
+    page = write_review(run_with_failures)
+    assert page.path == run_with_failures / "review" / "index.html"
+    text = page.path.read_text(encoding="utf-8")
+    records = load_results(run_with_failures)
+    ok = [r for r in records if r["status"] == "ok"]
+    failed = [r for r in records if r["status"] != "ok"]
+    assert page.thumbnails == len(ok) and page.failures == len(failed)
+
+    # User text never becomes markup.
+    assert "<script>alert" not in text
+    assert "<img src=x" not in text
+    assert html.escape(HOSTILE) in text
+    assert text.count("<script>") == 1  # only the page's own load check
+
+    parsed = _Page()
+    parsed.feed(text)
+    assert parsed.scripts_with_src == 0 and parsed.stylesheets == 0
+    assert not re.search(r"(src|href)=\"?(https?:)?//", text)  # nothing external
+    # Every thumbnail: a relative file in review/thumbs, a real JPEG at most 256 px.
+    srcs = {str(img["src"]) for img in parsed.imgs}
+    assert len(srcs) == len(ok)
+    for src in srcs:
+        assert src.startswith("thumbs/")
+        with Image.open(page.path.parent / src) as im:
+            assert im.format == "JPEG" and max(im.size) <= 256
+    # Full images are linked relative to the page.
+    for link in (link for link in parsed.links if not link.startswith("#")):
+        assert (page.path.parent / link).resolve().is_file(), link
+    # Failures show their reason; captions carry seed and aspect ratio.
+    for record in failed:
+        assert html.escape(record["error"]["message"]) in text
+    assert "seed 1 · 16:9" in text
+    # Grids: prompt rows x seed columns and x aspect columns.
+    assert "<th>seed 1</th><th>seed 2</th><th>seed 3</th>" in text
+    assert "<th>aspect 1:1</th><th>aspect 16:9</th>" in text
+
+
+def test_html_page_is_rewritten_in_place(run_with_failures: Path) -> None:
+    first = write_review(run_with_failures)
+    thumbs = sorted((first.path.parent / "thumbs").iterdir())
+    mtimes = [p.stat().st_mtime_ns for p in thumbs]
+    again = write_review(run_with_failures)
+    assert sorted((again.path.parent / "thumbs").iterdir()) == thumbs
+    assert [p.stat().st_mtime_ns for p in thumbs] == mtimes  # up-to-date thumbs are kept
+    assert not list(again.path.parent.glob(".*tmp"))
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+@pytest.mark.skipif(_chromium() is None,
+                    reason="headless Chromium is not installed (Debian package 'chromium'; "
+                    ".ci/run installs it when apt-get is available)")
+def test_every_image_loads_in_headless_chromium(run_with_failures: Path,
+                                                tmp_path: Path) -> None:
+    page = write_review(run_with_failures)
+    # The page must work from anywhere: review it from a copy of the output directory.
+    copy = tmp_path / "copied-run"
+    shutil.copytree(run_with_failures, copy)
+    target = (copy / "review" / "index.html").as_uri()
+    proc = subprocess.run(
+        [str(_chromium()), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=10000", "--dump-dom", target],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dom = proc.stdout
+    total = re.search(r'data-images-total="(\d+)"', dom)
+    loaded = re.search(r'data-images-loaded="(\d+)"', dom)
+    assert total and loaded, "the page's load check did not run"
+    expected = page.path.read_text().count("<img ")
+    assert int(total.group(1)) == expected > 0
+    assert int(loaded.group(1)) == expected, re.findall(r'<img[^>]*data-loaded="no"[^>]*>', dom)
+    widths = [int(w) for w in re.findall(r'data-natural-width="(\d+)"', dom)]
+    assert len(widths) == expected and all(0 < w <= 256 for w in widths)
