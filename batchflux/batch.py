@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import httpx
 
-from .apiframe import ApiframeClient
+from .apiframe import ApiframeClient, Timeouts
 from .errors import (
     EXIT_ITEMS_FAILED,
     EXIT_OK,
@@ -138,6 +138,7 @@ async def run_batch_async(
     transport: httpx.AsyncBaseTransport | None = None,
     allow_insecure: bool = False,
     allowed_download_hosts: tuple[str, ...] = (),
+    timeouts: Timeouts | None = None,
     on_runner: Callable[[Runner], None] | None = None,
     on_message: Callable[[str], None] | None = None,
     shard: Shard | None = None,
@@ -188,6 +189,7 @@ async def run_batch_async(
         api_key=api_key, base_url=base_url, transport=transport,
         max_connections=max(concurrency, max_inflight) + 4,
         allow_insecure=allow_insecure, allowed_download_hosts=allowed_download_hosts,
+        timeouts=timeouts or Timeouts(),
     )
     async with client:
         cost, credits = await _preflight(client, resolved, price_given=price_given)

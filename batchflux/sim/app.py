@@ -110,6 +110,22 @@ def _drop(state: SimState, kind: str) -> bool:
     return state.plan.chance(kind + ":drop", state.settings.drop_rate)
 
 
+def _in_storm(state: SimState, now: float) -> bool:
+    """True while a 429 storm lasts: ``storm_seconds`` from the first submit on."""
+    if state.settings.storm_seconds <= 0:
+        return False
+    if state.storm_started is None:
+        state.storm_started = now
+    return now < state.storm_started + state.settings.storm_seconds
+
+
+async def _maybe_stall(state: SimState, kind: str) -> None:
+    """Hold an answer back (the work is already done) so that the client's read times out."""
+    if state.plan.chance(kind + ":stall", state.settings.stall_rate):
+        state.counters.errors_injected["stall_" + kind] += 1
+        await anyio.sleep(state.settings.stall_seconds)
+
+
 # -- /v2/images/generate -------------------------------------------------------------------------
 
 
@@ -136,6 +152,11 @@ async def generate(request: Request) -> Response:
     settings = state.settings
     if (injected := _injected_error(state, "submit")) is not None:
         return injected
+    if _in_storm(state, now):
+        state.counters.rate_limited += 1
+        state.counters.errors_injected["storm_429"] += 1
+        return _error(429, "Rate limit exceeded",
+                      headers={"Retry-After": str(settings.storm_retry_after)})
     drop = _drop(state, "submit")
     drop_after_create = state.plan.pick("submit:drop-when", settings.drop_after_create_share)
 
@@ -195,6 +216,7 @@ async def generate(request: Request) -> Response:
         state.idempotency[(api_key, idempotency_key)] = IdempotencyEntry(
             body_hash, job.id, now + settings.idempotency_ttl)
     accepted = {"jobId": job.id, "status": "QUEUED"}
+    await _maybe_stall(state, "submit")
     if drop:
         state.counters.errors_injected["drop_after_create"] += 1
         return _dropped_json(accepted, 202)
@@ -220,6 +242,7 @@ async def get_job(request: Request) -> Response:
     if job is None or job.api_key != api_key:
         return _error(404, "Job not found")
     data = state.job_json(job, now, _base_url(request))
+    await _maybe_stall(state, "poll")
     if _drop(state, "poll"):
         state.counters.errors_injected["drop_poll"] += 1
         return _dropped_json(data, 200)

@@ -44,6 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="probability that an image download does not decode")
     a("--download-bps", type=float, default=None, metavar="BYTES",
       help="throttle image downloads to this many bytes per second")
+    a("--stall-rate", type=float, default=0.0, metavar="P",
+      help="probability that a submit/poll answer is held back --stall-seconds")
+    a("--stall-seconds", type=float, default=d.stall_seconds, metavar="S",
+      help="how long a stalled answer waits (default: %(default)s)")
+    a("--storm-seconds", type=float, default=d.storm_seconds, metavar="S",
+      help="a 429 storm: every submit this long after the first is refused")
+    a("--storm-retry-after", type=int, default=d.storm_retry_after, metavar="S",
+      help="Retry-After sent during a storm (default: %(default)s)")
     a("--credits", type=int, default=d.credits, help="starting team credits (default: %(default)s)")
     a("--cost-per-image", type=int, default=d.cost_per_image,
       help="credits per image (default: %(default)s)")
@@ -76,6 +84,10 @@ def settings_from_args(args: argparse.Namespace) -> SimSettings:
         truncate_rate=args.truncate_rate,
         corrupt_rate=args.corrupt_rate,
         download_bytes_per_second=args.download_bps,
+        stall_rate=args.stall_rate,
+        stall_seconds=args.stall_seconds,
+        storm_seconds=args.storm_seconds,
+        storm_retry_after=args.storm_retry_after,
         credits=args.credits,
         cost_per_image=args.cost_per_image,
         asset_ttl=args.asset_ttl,

@@ -43,6 +43,10 @@ class SimSettings:
     truncate_rate: float = 0.0  # image downloads cut short (connection dropped)
     corrupt_rate: float = 0.0  # image downloads complete on the wire but do not decode
     download_bytes_per_second: float | None = None  # slow downloads; None = full speed
+    stall_rate: float = 0.0  # submit/poll answers held back (after any side effect)...
+    stall_seconds: float = 0.0  # ...this long: provokes client read timeouts
+    storm_seconds: float = 0.0  # a 429 storm: every submit this long after the first is 429
+    storm_retry_after: int = 5  # the Retry-After (seconds) sent during a storm
     fault_seed: int | None = 0
 
     # Money
@@ -75,7 +79,7 @@ class SimSettings:
     def __post_init__(self) -> None:
         problems = []
         for name in ("error_rate", "drop_rate", "drop_after_create_share", "fail_rate",
-                     "fail_capacity_share", "truncate_rate", "corrupt_rate"):
+                     "fail_capacity_share", "truncate_rate", "corrupt_rate", "stall_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 problems.append(f"{name} must be between 0 and 1, got {value!r}")
@@ -89,6 +93,8 @@ class SimSettings:
             problems.append("rps must be > 0")
         if self.max_inflight is not None and self.max_inflight < 1:
             problems.append("max_inflight must be >= 1")
+        if self.stall_seconds < 0 or self.storm_seconds < 0 or self.storm_retry_after < 0:
+            problems.append("stall_seconds, storm_seconds and storm_retry_after must be >= 0")
         if self.progress_steps < 1:
             problems.append("progress_steps must be >= 1")
         if self.credits < 0 or self.cost_per_image < 0:

@@ -177,6 +177,7 @@ class SimState:
         # duplicate (paid twice) unless that job ended FAILED/CANCELLED (refunded).
         self.seen_bodies: dict[tuple[str, str], Job] = {}
         self.buckets: dict[str, TokenBucket] = {}
+        self.storm_started: float | None = None  # the first submit's time (storm_seconds)
         self.uploads: dict[str, Upload] = {}
         self.images = ImageCache(s.render_cache_size)
         self.webhook_jobs: dict[str, Job] = {}
