@@ -137,7 +137,7 @@ class LogReporter:
 
     def start(self, *, total: int | None, skipped: int, attached: int) -> None:
         self._last = time.monotonic()
-        if self.banner and self.interval is not None:
+        if self.banner:
             self._emit(self.banner)
         if self.interval is not None:
             self._emit(f"starting: {total if total is not None else '?'} items")

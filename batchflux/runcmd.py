@@ -43,8 +43,9 @@ def _reporter(args: argparse.Namespace, *, simulated: bool) -> Any:
         return RichReporter(banner=banner)
     if getattr(args, "progress", False):
         return LogReporter(interval=10.0, banner=banner)
-    # Cron, CI and pipes: quiet unless asked; the summary line still ends the run.
-    return LogReporter(interval=None)
+    # Cron, CI and pipes: quiet unless asked (the summary line still ends the run), but a
+    # simulated run says so up front.
+    return LogReporter(interval=None, banner=banner)
 
 
 def run_command(args: argparse.Namespace) -> int:
