@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import EXIT_USAGE, BatchfluxError
+from .errors import EXIT_SOFTWARE, EXIT_USAGE, BatchfluxError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,3 +234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("batchflux: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `batchflux plan ... | head`
+        return 0
+    except Exception as exc:  # a bug, not bad input: say so without a wall of traceback
+        if os.environ.get("BATCHFLUX_DEBUG"):
+            raise
+        print(f"batchflux: internal error ({type(exc).__name__}: {exc}). This is a bug in "
+              "batchflux; run again with BATCHFLUX_DEBUG=1 for the traceback and report it. "
+              "Finished items are recorded; the same command resumes.", file=sys.stderr)
+        return EXIT_SOFTWARE

@@ -38,7 +38,7 @@ from typing import Any
 import aiofiles
 import aiofiles.os
 
-from .errors import OutputLockedError, RunAborted
+from .errors import EXIT_CANTCREAT, OutputLockedError, RunAborted
 from .models import WorkItem
 
 STATE_DIR = ".batchflux"
@@ -384,7 +384,7 @@ class RunStore:
             self.tmp_dir.mkdir(exist_ok=True)
         except OSError as exc:
             raise RunAborted(f"cannot create output directory {self.out_dir}: "
-                             f"{exc.strerror or exc}", exit_code=73) from exc
+                             f"{exc.strerror or exc}", exit_code=EXIT_CANTCREAT) from exc
         self._lock.acquire()
         try:
             for path in (self.results_path, self.journal_path):
@@ -400,7 +400,7 @@ class RunStore:
         except OSError as exc:
             self.close()
             raise RunAborted(f"cannot write to {self.out_dir}: {exc.strerror or exc}",
-                             exit_code=73) from exc
+                             exit_code=EXIT_CANTCREAT) from exc
         except BaseException:
             self.close()
             raise
@@ -418,7 +418,7 @@ class RunStore:
 
     def _refuse_symlink(self, path: Path) -> None:
         if path.is_symlink():
-            raise RunAborted(f"refusing to write through the symlink {path}", exit_code=73)
+            raise RunAborted(f"refusing to write through the symlink {path}", exit_code=EXIT_CANTCREAT)
 
     # -- journal -------------------------------------------------------------------------------
 
@@ -432,7 +432,7 @@ class RunStore:
                 raise OSError(errno.ENOSPC, "short write")
         except OSError as exc:
             raise RunAborted(f"cannot write to {self.out_dir}: {exc.strerror or exc}",
-                             exit_code=73) from exc
+                             exit_code=EXIT_CANTCREAT) from exc
 
     def journal_intent(self, item: WorkItem, submission: int) -> None:
         """Recorded before a submit is sent: a crash before we learn the jobId resubmits with
@@ -486,7 +486,7 @@ class RunStore:
                 path.unlink()
             if _is_disk_full(exc):
                 raise RunAborted(f"cannot write images to {self.out_dir}: "
-                                 f"{exc.strerror or exc}", exit_code=73) from exc
+                                 f"{exc.strerror or exc}", exit_code=EXIT_CANTCREAT) from exc
             raise
         except BaseException:
             with contextlib.suppress(OSError):
@@ -503,7 +503,7 @@ class RunStore:
         parent = os.path.realpath(target.parent) if target.parent.exists() else None
         if parent is not None and not (parent == root or parent.startswith(root + os.sep)):
             raise RunAborted(f"refusing to write outside {self.images_dir}: "
-                             f"{target.parent} leads elsewhere", exit_code=73)
+                             f"{target.parent} leads elsewhere", exit_code=EXIT_CANTCREAT)
         return target, f"images/{rel}"
 
     async def commit_image(self, temp: TempImage, item: WorkItem, *, ext: str, number: int,
@@ -516,7 +516,7 @@ class RunStore:
             root = os.path.realpath(self.images_dir)
             parent = os.path.realpath(target.parent)
             if not (parent == root or parent.startswith(root + os.sep)):
-                raise RunAborted(f"refusing to write outside {self.images_dir}", exit_code=73)
+                raise RunAborted(f"refusing to write outside {self.images_dir}", exit_code=EXIT_CANTCREAT)
             if target.is_symlink():
                 target.unlink()
             await aiofiles.os.replace(temp.path, target)
@@ -524,7 +524,7 @@ class RunStore:
             with contextlib.suppress(OSError):
                 temp.path.unlink()
             raise RunAborted(f"cannot write images to {self.out_dir}: {exc.strerror or exc}",
-                             exit_code=73) from exc
+                             exit_code=EXIT_CANTCREAT) from exc
         return StoredFile(rel, temp.sha256, temp.size, width, height, fmt)
 
 
