@@ -1,0 +1,116 @@
+"""The README sections for scheduled runs, review, datasets and sharding cannot drift: their
+commands are run (on the simulator, with short jobs) from a copy of jobs/, and their crontab,
+systemd and Kubernetes snippets match the files in jobs/deploy."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from batchflux.cli import build_parser, main
+from batchflux.merge import final_records
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+DEPLOY = ROOT / "jobs" / "deploy"
+
+
+def section(title: str) -> str:
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", README, re.S | re.M)
+    assert match, f"README has no section {title!r}"
+    return match.group(1)
+
+
+def code_blocks(text: str, lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
+
+
+def commands(text: str) -> list[list[str]]:
+    """Every ``batchflux ...`` command of the sh blocks, comments and continuations removed."""
+    found = []
+    for block in code_blocks(text, "sh"):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            if argv and argv[0] == "batchflux":
+                found.append(argv[1:])
+    return found
+
+
+@pytest.fixture
+def in_jobs_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    shutil.copytree(ROOT / "jobs", tmp_path / "jobs")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_readme_commands(title: str) -> list[list[str]]:
+    argvs = commands(section(title))
+    assert argvs, title
+    for argv in argvs:
+        # Short simulated jobs and no submit-rate cap: the same code path, less waiting.
+        fast = (argv + ["--sim-job-seconds", "0.2", "-j", "16", "--rpm", "60000"]
+                if argv[0] == "run" else argv)
+        assert main(fast) == 0, argv
+    return argvs
+
+
+def test_scheduled_runs_example_runs_and_resumes(in_jobs_copy: Path) -> None:
+    run_readme_commands("Scheduled runs")
+    again = run_readme_commands("Scheduled runs")  # the next night: nothing new to pay for
+    summary = (in_jobs_copy / "out" / "nightly" / "summary.json").read_text()
+    assert '"new": 0' in summary and again
+
+
+def test_reviewing_a_run_example_runs(in_jobs_copy: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    run_readme_commands("Reviewing a run")
+    assert (in_jobs_copy / "out" / "product-photos" / "review" / "index.html").is_file()
+    assert "latency p50 / p95" in capsys.readouterr().out
+
+
+def test_datasets_example_runs(in_jobs_copy: Path) -> None:
+    run_readme_commands("Datasets")
+    base = in_jobs_copy / "out" / "dataset" / "dataset"
+    assert (base / "hf" / "train" / "metadata.jsonl").is_file()
+    assert list((base / "webdataset").glob("shard-*.tar"))
+
+
+def test_sharding_example_runs_and_merges_everything(in_jobs_copy: Path) -> None:
+    run_readme_commands("More than one machine")
+    merged = final_records(in_jobs_copy / "out" / "dataset-all")
+    assert len(merged) == 80 and all(r["status"] == "ok" for r in merged.values())
+
+
+def test_the_readme_crontab_line_is_the_file() -> None:
+    (block,) = code_blocks(section("Scheduled runs"), "text")
+    assert block.strip() in (DEPLOY / "crontab").read_text().splitlines()
+
+
+def test_the_readme_systemd_snippet_matches_the_units() -> None:
+    (block,) = code_blocks(section("Scheduled runs"), "ini")
+    service = configparser.ConfigParser(interpolation=None, strict=False)
+    service.read_string((DEPLOY / "batchflux-nightly.service").read_text())
+    timer = configparser.ConfigParser(interpolation=None, strict=False)
+    timer.read_string((DEPLOY / "batchflux-nightly.timer").read_text())
+    for key, value in [*service["Service"].items(), *timer["Timer"].items()]:
+        if key.lower() in ("execstart", "oncalendar", "loadcredential", "successexitstatus"):
+            assert value in block, key
+
+
+def test_the_readme_kubernetes_snippet_matches_the_file() -> None:
+    (block,) = code_blocks(section("More than one machine"), "text")
+    shown = yaml.safe_load(block)
+    real = yaml.safe_load((DEPLOY / "k8s-indexed-job.yaml").read_text())
+    for key in ("completionMode", "completions", "parallelism"):
+        assert shown["spec"][key] == real["spec"][key]
+    (shown_c,) = shown["spec"]["template"]["spec"]["containers"]
+    (real_c,) = real["spec"]["template"]["spec"]["containers"]
+    assert shown_c["args"][:5] == real_c["args"][:5]
+    assert build_parser().parse_args(
+        [a.replace("$(SHARD_INDEX)", "0") for a in shown_c["args"]]).shard == "0/4"
