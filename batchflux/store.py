@@ -95,13 +95,33 @@ def render_filename(template: str, item: WorkItem, *, ext: str, image_number: in
         rendered = template.format_map(safe)
     except (KeyError, ValueError, IndexError, AttributeError) as exc:
         raise FilenameTemplateError(f"bad file-name template {template!r}: {exc}") from exc
-    parts = [safe_component(part) for part in rendered.replace("\\", "/").split("/") if part]
+    parts = [_sanitise(part) for part in rendered.replace("\\", "/").split("/") if part]
+    parts = [part for part in parts if part]
     if not parts:
         raise FilenameTemplateError(f"file-name template {template!r} renders to nothing")
     if image_number > 1:
         stem, dot, suffix = parts[-1].rpartition(".")
         parts[-1] = f"{stem}-{image_number}.{suffix}" if dot else f"{parts[-1]}-{image_number}"
-    return "/".join(parts)
+    return "/".join(_fit(part) for part in parts)
+
+
+def _sanitise(text: str) -> str:
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return _UNSAFE.sub("_", text).strip("._")
+
+
+def _fit(part: str) -> str:
+    """A component cut to the length cap. Cutting must not make two names equal (the unique
+    placeholder may sit at the end) nor drop the extension, so a cut name keeps its extension
+    and gains a digest of the whole text."""
+    if len(part) <= _MAX_COMPONENT:
+        return part
+    stem, dot, ext = part.rpartition(".")
+    if not dot or len(ext) > 8:
+        stem, ext = part, ""
+    digest = hashlib.sha256(part.encode()).hexdigest()[:12]
+    tail = f"-{digest}" + (f".{ext}" if ext else "")
+    return stem[:_MAX_COMPONENT - len(tail)].rstrip("._") + tail
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,6 +287,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_HELD_LOCKS: set[str] = set()  # lock files this process holds
+
+
 @dataclass
 class DirectoryLock:
     """An exclusive lock on an output directory: a pid file created with O_EXCL.
@@ -286,7 +309,10 @@ class DirectoryLock:
                     pid = int(self.path.read_text().strip() or "0")
                 except (OSError, ValueError):
                     pid = 0
-                if _pid_alive(pid) and pid != os.getpid():
+                # Our own pid: a lock this process holds (a second run in one process) is
+                # live; otherwise the file is stale from an earlier life of a reused pid.
+                mine = pid == os.getpid() and str(self.path) in _HELD_LOCKS
+                if mine or (_pid_alive(pid) and pid != os.getpid()):
                     raise OutputLockedError(
                         f"{self.path.parent.parent} is in use by another batchflux run "
                         f"(pid {pid}); wait for it to finish"
@@ -297,6 +323,7 @@ class DirectoryLock:
             with os.fdopen(fd, "w") as fh:
                 fh.write(f"{os.getpid()}\n")
             self._held = True
+            _HELD_LOCKS.add(str(self.path))
             return
         raise OutputLockedError(f"could not lock {self.path.parent.parent}")
 
@@ -305,6 +332,7 @@ class DirectoryLock:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
             self._held = False
+            _HELD_LOCKS.discard(str(self.path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,11 +405,13 @@ class RunStore:
         """Create the layout, take the lock, repair torn tails, sweep temp files, and return
         what earlier runs left (the resume index)."""
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
             self._refuse_symlink(self.out_dir)
-            self.images_dir.mkdir(exist_ok=True)
-            self._refuse_symlink(self.images_dir)
-            self.tmp_dir.mkdir(exist_ok=True)
+            for directory in (self.state_dir, self.images_dir, self.tmp_dir):
+                self._refuse_symlink(directory)
+                directory.mkdir(exist_ok=True)
+            for path in (self.results_path, self.journal_path, self.summary_path):
+                self._refuse_symlink(path)
         except OSError as exc:
             raise RunAborted(f"cannot create output directory {self.out_dir}: "
                              f"{exc.strerror or exc}", exit_code=EXIT_CANTCREAT) from exc
@@ -394,7 +424,7 @@ class RunStore:
                 with contextlib.suppress(OSError):
                     leftover.unlink()
             index = ResumeIndex.load(self.out_dir)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
             self._journal_fd = os.open(self.journal_path, flags, 0o644)
             self._results_fd = os.open(self.results_path, flags, 0o644)
         except OSError as exc:
@@ -426,11 +456,16 @@ class RunStore:
         if fd is None:
             raise RunAborted("the run store is closed")
         line = (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+        before: int | None = None
         try:
+            before = os.fstat(fd).st_size
             written = os.write(fd, line)
             if written != len(line):  # short write: the disk is full
                 raise OSError(errno.ENOSPC, "short write")
         except OSError as exc:
+            if before is not None:  # cut the partial line off rather than leave it torn
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, before)
             raise RunAborted(f"cannot write to {self.out_dir}: {exc.strerror or exc}",
                              exit_code=EXIT_CANTCREAT) from exc
 
