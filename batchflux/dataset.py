@@ -174,7 +174,8 @@ def _write_webdataset(out: Path, work: Path, shard_size: int) -> tuple[int, int]
             if rows % shard_size == 0:
                 if tar is not None:
                     tar.close()
-                tar = tarfile.open(work / f"shard-{shards:06d}.tar", "w",
+                # Rolled over every shard_size samples; the finally below closes the last.
+                tar = tarfile.open(work / f"shard-{shards:06d}.tar", "w",  # noqa: SIM115
                                    format=tarfile.USTAR_FORMAT)
                 shards += 1
             assert tar is not None

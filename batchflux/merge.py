@@ -227,8 +227,8 @@ def _place(src: Path, dst: Path, sha: str) -> str:
 def _write_jsonl_atomic(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
+                      for record in records)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

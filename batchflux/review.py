@@ -352,8 +352,8 @@ def render_html(report: Mapping[str, Any], tiles: Sequence[_Tile]) -> str:
         ("items", ", ".join(f"{v} {k}" for k, v in report["by_status"].items())),
         ("images", str(report["images"])),
         ("credits spent", _fmt(report["credits_spent"])),
-        ("latency p50 / p95", f"{_fmt(report['latency_seconds']['p50'], ' s')} / "
-                              f"{_fmt(report['latency_seconds']['p95'], ' s')}"),
+        ("latency p50 / p95", (f"{_fmt(report['latency_seconds']['p50'], ' s')} / "
+                               f"{_fmt(report['latency_seconds']['p95'], ' s')}")),
         ("in-flight cap", cap_timeline(report["inflight_cap"]["history"])),
     ]
     stats += [(f"failed: {row['category']}", f"{row['count']} — {row['explanation']}")

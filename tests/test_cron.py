@@ -36,7 +36,7 @@ def cli(*args: str, cwd: Path | None = None,
     if api_key:
         env["APIFRAME_API_KEY"] = api_key
     return subprocess.run([sys.executable, "-m", "batchflux", *args], capture_output=True,
-                          text=True, timeout=120, env=env, cwd=cwd)
+                          text=True, timeout=120, env=env, cwd=cwd, check=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,11 +304,11 @@ def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
     if not (venv / "bin" / "batchflux").exists():
         pytest.skip(f"no batchflux entry point in {venv}")
     done = subprocess.run(["systemd-analyze", "verify", "batchflux-nightly.service",
-                           "batchflux-nightly.timer"], cwd=tmp_path, capture_output=True,
+                           "batchflux-nightly.timer"], cwd=tmp_path, capture_output=True, check=False,
                           text=True, timeout=60)
     problems = [line for line in done.stderr.splitlines() if "batchflux-nightly" in line]
     assert done.returncode == 0 and not problems, done.stderr
     calendar = _unit("batchflux-nightly.timer")["Timer"]["OnCalendar"]
-    done = subprocess.run(["systemd-analyze", "calendar", calendar], capture_output=True,
+    done = subprocess.run(["systemd-analyze", "calendar", calendar], capture_output=True, check=False,
                           text=True, timeout=60)
     assert done.returncode == 0 and "03:00:00" in done.stdout, done.stderr

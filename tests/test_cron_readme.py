@@ -22,13 +22,13 @@ DEPLOY = ROOT / "jobs" / "deploy"
 
 
 def section(title: str) -> str:
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", README, re.S | re.M)
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", README, re.DOTALL | re.MULTILINE)
     assert match, f"README has no section {title!r}"
     return match.group(1)
 
 
 def code_blocks(text: str, lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
+    return re.findall(rf"```{lang}\n(.*?)```", text, re.DOTALL)
 
 
 def commands(text: str) -> list[list[str]]:

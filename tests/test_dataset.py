@@ -45,22 +45,22 @@ def offline_env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-async def finished_run(tmp_path: Path) -> Path:
+def finished_run(tmp_path: Path) -> Path:
     manifest = write_manifest(tmp_path, prompts=3, seeds=2)  # 12 items, 1:1 and 16:9
     out = tmp_path / "out"
-    result = await batch.run_batch_async(manifest, out_dir=out, sim=FAST, sim_job_seconds=0.2)
+    result = batch.run_batch(manifest, out_dir=out, sim=FAST, sim_job_seconds=0.2)
     assert result.exit_code == 0
     return out
 
 
-async def test_hf_imagefolder_loads_with_the_datasets_library(finished_run: Path,
+def test_hf_imagefolder_loads_with_the_datasets_library(finished_run: Path,
                                                               tmp_path: Path) -> None:
     pytest.importorskip("datasets", reason="the test extra 'datasets' is not installed")
     exported = export_dataset(finished_run, "hf")
     assert exported.rows == 12 and exported.path == finished_run / "dataset" / "hf"
     assert (exported.path / "train" / "metadata.jsonl").is_file()
     proc = subprocess.run([sys.executable, "-c", LOAD_HF, str(exported.path),
-                           str(tmp_path / "cache")], env=offline_env(tmp_path),
+                           str(tmp_path / "cache")], env=offline_env(tmp_path), check=False,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -77,7 +77,7 @@ async def test_hf_imagefolder_loads_with_the_datasets_library(finished_run: Path
         assert row["size"] == [row["width"], row["height"]]
 
 
-async def test_webdataset_shards_read_back_with_the_webdataset_package(
+def test_webdataset_shards_read_back_with_the_webdataset_package(
         finished_run: Path) -> None:
     wds = pytest.importorskip("webdataset",
                               reason="the test extra 'webdataset' is not installed")
@@ -101,7 +101,7 @@ async def test_webdataset_shards_read_back_with_the_webdataset_package(
         assert json.loads(sample["json"]["params"]) == record["params"]
 
 
-async def test_export_is_rerunnable_and_replaces_the_old_export(finished_run: Path) -> None:
+def test_export_is_rerunnable_and_replaces_the_old_export(finished_run: Path) -> None:
     first = export_dataset(finished_run, "hf")
     stale = first.path / "train" / "stale.txt"
     stale.write_text("left by an older export")
