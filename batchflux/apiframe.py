@@ -443,12 +443,13 @@ class ApiframeClient:
         if status == 400:
             category, retryable = ErrorCategory.INVALID_REQUEST, False
             if isinstance(body.get("details"), dict):
-                details = dict(body["details"])
+                details = self._redact_json(dict(body["details"]))
         elif status in (401, 403):
             category, retryable = ErrorCategory.AUTH, False
         elif status == 402:
             category, retryable = ErrorCategory.INSUFFICIENT_CREDITS, False
-            details = {k: body[k] for k in ("creditsRequired", "creditsAvailable") if k in body}
+            details = self._redact_json(
+                {k: body[k] for k in ("creditsRequired", "creditsAvailable") if k in body})
         elif status == 404:
             category, retryable = ErrorCategory.INVALID_REQUEST, False
             text = not_found or text or "not found"
@@ -503,7 +504,19 @@ class ApiframeClient:
         ) from exc
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "[REDACTED]") if self._api_key in text else text
+        text = text.replace(self._api_key, "[REDACTED]")
+        body = self._api_key.removeprefix("afk_")
+        # The key without its prefix is as secret as the key (a server may echo either).
+        return text.replace(body, "[REDACTED]") if len(body) >= 8 else text
+
+    def _redact_json(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._redact(value)
+        if isinstance(value, dict):
+            return {self._redact(str(k)): self._redact_json(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._redact_json(v) for v in value]
+        return value
 
 
 async def _read_capped(response: httpx.Response, cap: int) -> bytes:
