@@ -216,13 +216,18 @@ def next_poll_delay(
     4. Otherwise (QUEUED, no progress, progress 100 but not yet COMPLETED): back off
        geometrically from the previous wait, but poll at ``expected`` if that comes sooner.
 
-    Every wait is clamped to ``[min_interval, max_interval]``. For uniformly 5-15 s jobs this
+    Every wait is clamped to ``[min_interval, max_interval]``, except a first poll when jobs
+    are expected to take less than ``min_interval``: it comes at the expected time (0 for
+    instant jobs). For uniformly 5-15 s jobs this
     takes about 2 polls per job against the SDK's ~4.6, and notices completion sooner
     (tests/test_retry.py simulates both).
     """
     if status in TERMINAL_STATUSES:
         return 0.0
     if previous_delay is None:
+        if expected is not None and expected < policy.min_interval:
+            # Jobs that finish faster than the shortest wait: look when this one should be done.
+            return max(0.0, expected - elapsed)
         if expected is not None and expected > 0:
             return policy.clamp(policy.first_fraction * expected - elapsed)
         return policy.clamp(policy.initial - elapsed)
