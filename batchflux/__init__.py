@@ -32,6 +32,11 @@ _EXPORTS = {
     "ConfigError": "batchflux.errors",
     "ApiError": "batchflux.errors",
     "RunAborted": "batchflux.errors",
+    "Shard": "batchflux.shard",
+    "merge_runs": "batchflux.merge",
+    "export_dataset": "batchflux.dataset",
+    "write_review": "batchflux.review",
+    "build_report": "batchflux.review",
 }
 
 __all__ = [
@@ -44,21 +49,30 @@ __all__ = [
     "RunAborted",
     "RunOptions",
     "RunResult",
+    "Shard",
     "WorkItem",
     "__version__",
+    "build_report",
     "count_items",
     "expand_job",
+    "export_dataset",
     "load_job",
+    "merge_runs",
     "run_batch",
     "run_batch_async",
+    "write_review",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .batch import RunResult, run_batch, run_batch_async
+    from .dataset import export_dataset
     from .errors import ApiError, BatchfluxError, ConfigError, ManifestError, RunAborted
     from .expand import count_items, expand_job
     from .manifest import JobSpec, load_job
+    from .merge import merge_runs
     from .models import ErrorCategory, RunOptions, WorkItem
+    from .review import build_report, write_review
+    from .shard import Shard
 
 
 def __getattr__(name: str) -> Any:
