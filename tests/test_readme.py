@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -86,3 +92,39 @@ def test_library_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     printed = capsys.readouterr().out.split()
     assert printed[0] == "0" and int(printed[1]) == 12
     assert (tmp_path / "out" / "from-python" / "results.jsonl").exists()
+
+
+def test_simulator_serve_example_runs_as_shown(tmp_path: Path) -> None:
+    """The README's `sim serve` command (on a free port) answers, and a run against it works."""
+    (sim_block,) = [b for b in blocks("sh") if "batchflux sim serve" in b]
+    serve_line = sim_block.replace("\\\n", " ").splitlines()[0]
+    args = serve_line.split()[1:]  # drop "batchflux"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args[args.index("--port") + 1] = str(port)
+    args[args.index("--job-seconds") + 1] = "0.2-0.5"  # same flag, shorter wait for the test
+    server = subprocess.Popen([sys.executable, "-m", "batchflux", *args, "--log-level",
+                               "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                httpx.get(f"{base}/_sim/stats", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        manifest = tmp_path / "two.yaml"
+        manifest.write_text("prompts: [a lighthouse at dawn, a harbour at dusk]\n")
+        env = {**os.environ, "APIFRAME_API_KEY": "afk_local"}
+        run = subprocess.run(
+            [sys.executable, "-m", "batchflux", "run", str(manifest), "--base-url", base,
+             "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True,
+            timeout=120)
+        stats = httpx.get(f"{base}/_sim/stats").json()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert run.returncode in (0, 1), run.stderr  # --fail-rate may fail one on purpose
+    assert "batchflux: run:" in run.stdout
+    assert stats["jobs_created"] >= 2 and stats["duplicate_jobs"] == 0
