@@ -47,9 +47,13 @@ def inspect_image(path: Path) -> ImageFacts:
 def image_size(path: Path) -> tuple[int, int] | None:
     """The size of a local reference image, or None when it cannot be read."""
     try:
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, ValueError, SyntaxError):
+        with warnings.catch_warnings():
+            # Over the pixel cap is refused even unread: whoever decodes it later is bombed.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning):
         return None
 
 

@@ -113,8 +113,8 @@ async def test_torn_last_lines_are_repaired_never_fatal(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, prompts=3, seeds=2)  # 12 items
     out = tmp_path / "out"
     app = create_app(replace(SETTINGS, job_seconds=0.2))
-    common = dict(out_dir=out, api_key=API_KEY, base_url="http://sim.local",
-                  transport=httpx.ASGITransport(app=app))
+    common = {"out_dir": out, "api_key": API_KEY, "base_url": "http://sim.local",
+                  "transport": httpx.ASGITransport(app=app)}
     await batch.run_batch_async(manifest, **common)
     results = out / "results.jsonl"
     journal = out / ".batchflux" / "journal.jsonl"
@@ -124,8 +124,8 @@ async def test_torn_last_lines_are_repaired_never_fatal(tmp_path: Path) -> None:
     lines = raw.splitlines(keepends=True)
     lost = json.loads(lines[-1])
     results.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
-    with open(journal, "ab") as fh:
-        fh.write(b'{"t":"job","key":"' + lost["key"][:20].encode())
+    journal.write_bytes(journal.read_bytes() + b'{"t":"job","key":"' +
+                        lost["key"][:20].encode())
     resumed = await batch.run_batch_async(manifest, **common)
     assert resumed.exit_code == 0
     assert resumed.summary["counts"]["skipped"] == 11

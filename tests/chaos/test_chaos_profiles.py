@@ -154,7 +154,7 @@ async def test_credits_running_out_halfway_stops_cleanly_and_resume_pays_once(
     app = create_app(replace(BASE, credits=affordable * BASE.cost_per_image,
                              error_rate=0.1, fault_seed=5))
     with serve_in_thread(app=app) as base_url:
-        common = dict(out_dir=out, api_key=API_KEY, base_url=base_url, options=OPTIONS)
+        common = {"out_dir": out, "api_key": API_KEY, "base_url": base_url, "options": OPTIONS}
         with pytest.raises(RunAborted) as caught:
             await batch.run_batch_async(manifest, **common)
         assert caught.value.exit_code == 1
