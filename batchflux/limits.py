@@ -22,7 +22,7 @@ from typing import Self
 
 import anyio
 
-__all__ = ["AdaptiveLimit", "Clock", "Cooldown", "Sleep", "TokenBucket"]
+__all__ = ["AdaptiveLimit", "Clock", "Cooldown", "Sleep", "SubmitRateLearner", "TokenBucket"]
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -69,6 +69,18 @@ class TokenBucket:
     @property
     def is_unlimited(self) -> bool:
         return self._interval == 0.0
+
+    def set_rate(self, rate_per_second: float | None) -> None:
+        """Change the rate from now on (None: unlimited). Slots already booked stay booked."""
+        if rate_per_second is not None and not rate_per_second > 0:
+            raise ValueError("rate_per_second must be positive (or None for unlimited)")
+        burst = 1.0 + (self._burst_span / self._interval if self._interval else 0.0)
+        self.rate = rate_per_second
+        unlimited = rate_per_second is None or math.isinf(rate_per_second)
+        self._interval = 0.0 if unlimited else 1.0 / rate_per_second  # type: ignore[operator]
+        self._burst_span = (burst - 1.0) * self._interval
+        if unlimited:
+            self._next_due = None
 
     def reserve(self) -> float:
         """Book the next slot and return how many seconds to wait for it (0 if available)."""
@@ -243,6 +255,14 @@ class AdaptiveLimit:
         self._episode_ends_at_release = self._releases + max(1, self._in_use)
         return self._set(max(self.minimum, self._limit // 2))
 
+    def pin(self, limit: int) -> bool:
+        """Set the limit to ``limit`` and make it the maximum (e.g. a cap the server revealed).
+        True if the limit changed."""
+        limit = max(self.minimum, min(self.maximum, limit))
+        self.maximum = limit
+        self._successes = 0
+        return self._set(limit)
+
     def on_success(self) -> bool:
         """Count a clean completion; add one slot after a run of them. True if it changed."""
         self._successes += 1
@@ -267,3 +287,79 @@ class AdaptiveLimit:
     def __repr__(self) -> str:
         return (f"AdaptiveLimit(limit={self._limit}, in_use={self._in_use}, "
                 f"waiting={len(self._waiters)}, maximum={self.maximum})")
+
+
+class SubmitRateLearner:
+    """Learns a provider's submit rate from its 429s and paces a :class:`TokenBucket` to it.
+
+    Until the first 429 the bucket stays as configured (unlimited by default). At a 429 the
+    rate becomes the rate of submits accepted since the previous 429 (over at least
+    ``min_window``; the first window starts at the first submit, so it holds the provider's
+    burst and errs high). Between two 429s the provider's bucket went from empty to empty,
+    so what it accepted over that span, pause included, is its rate. The
+    rate never rises at a 429; between 429s it grows by ``growth`` per second, so a limit
+    that was raised is found again. It never exceeds a configured rate.
+
+    429s answering requests sent before the latest adjustment belong to the same episode
+    and change nothing (:meth:`on_rate_limited` returns False for them).
+    """
+
+    def __init__(self, bucket: TokenBucket, *, clock: Clock = time.monotonic,
+                 growth: float = 0.01, min_window: float = 1.0) -> None:
+        self.bucket = bucket
+        self.ceiling = bucket.rate  # a configured rate is never exceeded
+        self.growth = growth
+        self.min_window = min_window
+        self._clock = clock
+        self._window_start: float | None = None  # first submit, or end of the last pause
+        self._accepted = 0
+        self._episode_at = -math.inf
+        self._base_rate: float | None = None
+        self._base_time = 0.0
+        #: ``(clock time, learned rate)`` at each 429 episode, for the run report.
+        self.history: list[tuple[float, float]] = []
+
+    def on_sent(self) -> None:
+        """A submit is about to go out: start the first window; let the rate probe upward."""
+        now = self._clock()
+        if self._window_start is None:
+            self._window_start = now
+        if self._base_rate is not None:
+            rate = self._base_rate * (1.0 + self.growth) ** max(0.0, now - self._base_time)
+            if self.ceiling is not None:
+                rate = min(rate, self.ceiling)
+            current = self.bucket.rate
+            if current is None or abs(rate - current) > 0.002 * current:
+                self.bucket.set_rate(rate)
+
+    def on_accepted(self) -> None:
+        self._accepted += 1
+
+    def on_rate_limited(self, *, sent_at: float, pause: float) -> bool:
+        """A submit sent at ``sent_at`` was answered 429 and everyone pauses ``pause`` s.
+        True when this started a new episode (and the rate was re-estimated)."""
+        if sent_at < self._episode_at:
+            return False
+        now = self._clock()
+        start = self._window_start if self._window_start is not None else now
+        observed = self._accepted / max(self.min_window, now - start)
+        current = self.bucket.rate
+        rate = observed if current is None else min(current, observed)
+        rate = max(rate, 1.0 / 60.0)
+        self.bucket.set_rate(rate)
+        self._base_rate, self._base_time = rate, now + pause
+        # The next window starts now, when the provider's bucket is empty, and spans the
+        # pause: what it refills meanwhile is what it lets through after, so the window's
+        # rate is the provider's, not ours plus its burst.
+        self._window_start = now
+        self._accepted = 0
+        self._episode_at = now
+        self.history.append((now, rate))
+        return True
+
+    def restore(self, rate: float | None) -> None:
+        """Undo the last estimate (the 429 turned out to come from another limit)."""
+        self.bucket.set_rate(rate)
+        self._base_rate = rate
+        if self.history:
+            self.history.pop()

@@ -154,6 +154,8 @@ class PollPolicy:
     - ``min_interval`` / ``max_interval``: clamp of every wait.
     - ``growth``: geometric factor when there is nothing better to go on.
     - ``margin``: seconds added after a predicted completion, so the poll lands just after it.
+    - ``exact_margin``: the same, when job durations are predictable (all recent jobs took
+      about the same time): the first poll then comes at ``expected + exact_margin``.
     """
 
     initial: float = 2.0
@@ -162,6 +164,7 @@ class PollPolicy:
     growth: float = 1.5
     margin: float = 0.25
     first_fraction: float = 0.5
+    exact_margin: float = 0.02
 
     def __post_init__(self) -> None:
         if not 0 < self.min_interval <= self.max_interval:
@@ -192,6 +195,7 @@ def next_poll_delay(
     previous_delay: float | None,
     expected: float | None,
     previous_progress: int | None = None,
+    predictable: bool = False,
 ) -> float:
     """Seconds to wait before polling a job again, given what the last answer said.
 
@@ -200,6 +204,8 @@ def next_poll_delay(
     estimated job duration (:attr:`DurationEstimator.expected`), or None early in a run.
     ``previous_progress`` (optional) is the progress of the answer before the last one; pass
     it so that a job stuck at one percentage is polled on a geometric schedule.
+    ``predictable`` (see :attr:`DurationEstimator.is_predictable`) makes the first poll come
+    right after ``expected`` rather than part-way through it.
 
     Reasoning, in order:
 
@@ -225,6 +231,9 @@ def next_poll_delay(
     if status in TERMINAL_STATUSES:
         return 0.0
     if previous_delay is None:
+        if expected is not None and predictable:
+            # Every recent job took about this long: one poll, just after it should be done.
+            return max(0.0, expected - elapsed) + policy.exact_margin
         if expected is not None and expected < policy.min_interval:
             # Jobs that finish faster than the shortest wait: look when this one should be done.
             return max(0.0, expected - elapsed)
@@ -272,6 +281,17 @@ class DurationEstimator:
     @property
     def count(self) -> int:
         return len(self._samples)
+
+    @property
+    def is_predictable(self) -> bool:
+        """True when at least 8 recent jobs all took about the same time (the middle 80 %
+        within 5 % of the median, or within 50 ms for very short jobs)."""
+        n = len(self._samples)
+        if n < 8:
+            return False
+        ordered = sorted(self._samples)
+        low, high = ordered[n // 10], ordered[n - 1 - n // 10]
+        return high - low <= max(0.05, 0.05 * ordered[n // 2])
 
     @property
     def expected(self) -> float | None:

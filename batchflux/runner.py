@@ -40,7 +40,7 @@ from .imagecheck import (
     image_size,
     inspect_image,
 )
-from .limits import AdaptiveLimit, Cooldown, TokenBucket
+from .limits import AdaptiveLimit, Cooldown, SubmitRateLearner, TokenBucket
 from .models import ErrorCategory, ErrorInfo, WorkItem, is_remote_ref
 from .retry import DurationEstimator, PollPolicy, RetryPolicy, next_poll_delay
 from .store import ResumeIndex, RunStore, StoredFile
@@ -215,9 +215,16 @@ class Runner:
         self.rng = random.Random(settings.seed)
         self.bucket = TokenBucket(settings.submits_per_second, clock=clock, sleep=sleep)
         self.cooldown = Cooldown(clock=clock, sleep=sleep)
+        # A 429 on a submit pauses submits only: polls and downloads are what free the
+        # provider's capacity, and holding them back would waste it.
+        self.submit_cooldown = Cooldown(clock=clock, sleep=sleep)
+        self.submit_rate = SubmitRateLearner(self.bucket, clock=clock)
         self.inflight = AdaptiveLimit(
             settings.max_inflight, maximum=settings.max_inflight, clock=clock
         )
+        self._jobs_open = 0  # jobs accepted (or re-attached) and not yet seen finished
+        self._peak_open_accepted = 0
+        self._last_429_open: int | None = None
         self.durations = DurationEstimator()
         self.state = RunState(inflight_cap=settings.max_inflight)
         self.stats = _Stats()
@@ -329,7 +336,8 @@ class Runner:
             await anyio.sleep(0.5)
             self.state.inflight = self.inflight.in_use
             self.state.inflight_cap = self.inflight.limit
-            self.state.cooldown_remaining = self.cooldown.remaining
+            self.state.cooldown_remaining = max(self.cooldown.remaining,
+                                                self.submit_cooldown.remaining)
             self.reporter.status(self.state)
             if self.clock() - last_sync >= 2.0:
                 last_sync = self.clock()
@@ -450,19 +458,24 @@ class Runner:
             return url
 
     async def _call(self, route: str, make: Callable[[], Awaitable[Any]], *,
-                    deadline: float | None = None) -> Any:
-        """One API request with the shared throttles and the retry policy."""
+                    deadline: float | None = None,
+                    throttle: Callable[[], Awaitable[None]] | None = None) -> Any:
+        """One API request with the shared throttles and the retry policy. ``throttle`` is
+        awaited before every attempt after the first (the caller awaited it for the first)."""
         policy = self.settings.request_retry
         first = self.clock()
         attempt = 0
         while True:
+            if throttle is not None and attempt > 0:
+                await throttle()
             await self.cooldown.wait()
             attempt += 1
             self.stats.requests[route] += 1
+            sent_at = self.clock()
             try:
                 return await make()
             except ApiError as exc:
-                self._on_api_error(exc)
+                self._on_api_error(exc, route=route, sent_at=sent_at)
                 elapsed = self.clock() - first
                 if deadline is not None and self.clock() >= deadline:
                     raise
@@ -471,10 +484,15 @@ class Runner:
                 self.stats.retries += 1
                 await self.sleep(policy.delay_for(exc, attempt, self.rng))
 
-    def _on_api_error(self, exc: ApiError) -> None:
+    def _on_api_error(self, exc: ApiError, *, route: str = "", sent_at: float = 0.0) -> None:
         if exc.category is ErrorCategory.RATE_LIMITED:
-            self.cooldown.trigger(exc.retry_after if exc.retry_after is not None else 1.0)
-            self.inflight.on_rate_limited()
+            pause = exc.retry_after if exc.retry_after is not None else 1.0
+            if route == "submit":
+                self.submit_cooldown.trigger(pause)
+                self._on_submit_rate_limited(sent_at, pause)
+            else:
+                self.cooldown.trigger(pause)
+                self.inflight.on_rate_limited()
         elif exc.category is ErrorCategory.AUTH:
             fatal = RunAborted(f"the API refused the key: {exc.message}",
                                category=ErrorCategory.AUTH, exit_code=EXIT_ITEMS_FAILED)
@@ -486,6 +504,32 @@ class Runner:
                                exit_code=EXIT_ITEMS_FAILED)
             self.stop("out of credits (402)", fatal=fatal)
             raise _NotStarted from exc
+
+    def _on_submit_rate_limited(self, sent_at: float, pause: float) -> None:
+        """Tell a submit-rate limit from an in-flight cap; both answer 429 + Retry-After.
+
+        A cap shows as 429s at the same number of open jobs, twice running, and never below
+        a number the server already accepted (a cap cannot be lower than that). Then the cap
+        is pinned there, and the rate estimate this 429 made is undone. Anything else is a
+        rate limit: the submit bucket learns the accepted rate (SubmitRateLearner).
+        """
+        before = self.bucket.rate
+        if not self.submit_rate.on_rate_limited(sent_at=sent_at, pause=pause):
+            return  # same episode as an earlier 429
+        open_now, previous = self._jobs_open, self._last_429_open
+        self._last_429_open = open_now
+        if (previous is not None and open_now > 0 and abs(open_now - previous) <= 1
+                and open_now >= self._peak_open_accepted - 1):
+            self.submit_rate.restore(before)
+            self.inflight.pin(max(open_now, self._peak_open_accepted))
+
+    async def _throttle_submit(self) -> None:
+        while True:
+            await self.submit_cooldown.wait()
+            self.submit_rate.on_sent()
+            await self.bucket.acquire()
+            if not self.submit_cooldown.is_active:
+                return
 
     async def _submit(self, ctx: _ItemContext, body: dict[str, Any]) -> None:
         item = ctx.item
@@ -500,18 +544,21 @@ class Runner:
         self._committed_credits += cost
         key = item.idempotency_key(ctx.submission)
         try:
-            await self.bucket.acquire()
+            await self._throttle_submit()
             if self.stopping:
                 raise _NotStarted
             self.store.journal_intent(item, ctx.submission)
             accepted = await self._call(
-                "submit", lambda: self.client.submit(body, idempotency_key=key))
+                "submit", lambda: self.client.submit(body, idempotency_key=key),
+                throttle=self._throttle_submit)
         except ApiError as exc:
             self._committed_credits -= cost
             raise _ItemFailed(_error_info(exc)) from exc
         except BaseException:
             self._committed_credits -= cost
             raise
+        self.submit_rate.on_accepted()
+        self._peak_open_accepted = max(self._peak_open_accepted, self._jobs_open + 1)
         ctx.job_id = accepted.job_id
         ctx.jobs_created += 1
         ctx.submitted = self.clock()
@@ -519,6 +566,13 @@ class Runner:
 
     async def _wait(self, ctx: _ItemContext) -> Any:
         """Poll until the job is terminal or its deadline passes."""
+        self._jobs_open += 1
+        try:
+            return await self._poll_until_done(ctx)
+        finally:
+            self._jobs_open -= 1
+
+    async def _poll_until_done(self, ctx: _ItemContext) -> Any:
         assert ctx.job_id is not None
         job_id = ctx.job_id
         submitted = ctx.submitted if ctx.submitted is not None else self.clock()
@@ -533,7 +587,8 @@ class Runner:
             if delay is None:
                 delay = next_poll_delay(policy, elapsed=self.clock() - submitted,
                                         progress=progress, status=status, previous_delay=None,
-                                        expected=self._expected())
+                                        expected=self._expected(),
+                                        predictable=self.durations.is_predictable)
             remaining = deadline - self.clock()
             if remaining <= 0:
                 raise _ItemFailed(ErrorInfo(
@@ -733,6 +788,13 @@ class Runner:
                 "final": self.inflight.limit,
                 "history": [[round(max(0.0, t - self.state.started), 3), n]
                             for t, n in self.inflight.history],
+            },
+            "submit_rate": {
+                "configured": self.settings.submits_per_second,
+                "final": None if self.bucket.rate is None else round(self.bucket.rate, 3),
+                "history": [[round(max(0.0, t - self.state.started), 3), round(r, 3)]
+                            for t, r in self.submit_rate.history[-256:]],
+                "rate_limited": self.submit_cooldown.triggers,
             },
             "stop_reason": self.state.stop_reason,
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -128,8 +129,14 @@ class ClientRun:
 
 def run_batchflux(ctx: Context, sim: SimProcess, manifest: Path, out: Path, *,
                   concurrency: int, max_inflight: int | None = None,
-                  extra: tuple[str, ...] = ()) -> ClientRun:
-    """``batchflux run`` in its own process against ``sim``, after a simulator reset."""
+                  extra: tuple[str, ...] = (), expect_ok: int | None = None,
+                  fresh: bool = True) -> ClientRun:
+    """``batchflux run`` in its own process against ``sim``, after a simulator reset.
+
+    ``fresh`` removes an earlier run directory first; ``expect_ok`` refuses a run that did not
+    finish that many items (a ratio over a run that did nothing would be meaningless)."""
+    if fresh and out.exists():
+        shutil.rmtree(out)
     sim.reset()
     cpu_before = sim.cpu_seconds()
     argv = [sys.executable, "-m", "batchflux", "run", str(manifest), "--base-url", sim.base_url,
@@ -138,12 +145,16 @@ def run_batchflux(ctx: Context, sim: SimProcess, manifest: Path, out: Path, *,
     process = run_measured(argv, cwd=ROOT).check()
     stats = sim.stats()
     summary = json.loads((out / "summary.json").read_text())
+    if expect_ok is not None and summary["counts"]["ok"] != expect_ok:
+        raise RuntimeError(f"batchflux finished {summary['counts']} of {expect_ok} items")
     return ClientRun(process, stats, sim.cpu_seconds() - cpu_before, summary, out)
 
 
 def run_peer(ctx: Context, sim: SimProcess, bodies: Path, out: Path, *,
              concurrency: int) -> ClientRun:
     """``bench/peer_plain.py`` in its own process against ``sim``, after a simulator reset."""
+    if out.exists():
+        shutil.rmtree(out)
     sim.reset()
     cpu_before = sim.cpu_seconds()
     argv = [sys.executable, str(ROOT / "bench" / "peer_plain.py"), "--base-url", sim.base_url,
@@ -152,6 +163,8 @@ def run_peer(ctx: Context, sim: SimProcess, bodies: Path, out: Path, *,
     process = run_measured(argv, cwd=ROOT).check()
     stats = sim.stats()
     summary = json.loads(process.stdout.strip().splitlines()[-1])
+    if summary["counts"].get("completed") != summary["items"]:
+        raise RuntimeError(f"the plain script finished {summary['counts']}")
     return ClientRun(process, stats, sim.cpu_seconds() - cpu_before, summary, out)
 
 
@@ -187,7 +200,8 @@ def rate_bound(ctx: Context) -> list[Row]:
     settings = sim_settings(rps=rate, job_seconds=[job, job], queue_seconds=[0, 0])
     with SimProcess(settings) as sim:
         ctx.log(f"{name}: batchflux, {items} items, limit {rate:g}/s (not told)")
-        run = run_batchflux(ctx, sim, manifest, ctx.workdir / f"{name}-out", concurrency=workers)
+        run = run_batchflux(ctx, sim, manifest, ctx.workdir / f"{name}-out", concurrency=workers,
+                            expect_ok=items)
     answers = submit_requests(run.sim_stats)
     submits = sum(answers.values())
     limited = answers.get("429", 0)
@@ -220,7 +234,8 @@ def inflight_bound(ctx: Context) -> list[Row]:
     settings = sim_settings(max_inflight=cap, job_seconds=[job, job], queue_seconds=[0, 0])
     with SimProcess(settings) as sim:
         ctx.log(f"{name}: batchflux, {items} items, cap {cap} (not told)")
-        run = run_batchflux(ctx, sim, manifest, ctx.workdir / f"{name}-out", concurrency=workers)
+        run = run_batchflux(ctx, sim, manifest, ctx.workdir / f"{name}-out", concurrency=workers,
+                            expect_ok=items)
     ideal = items / cap * job
     answers = submit_requests(run.sim_stats)
     cap_info = run.summary.get("inflight_cap", {})
@@ -245,7 +260,8 @@ def polling(ctx: Context) -> list[Row]:
     settings = sim_settings(job_seconds=[low, high], queue_seconds=[0, 0])
     with SimProcess(settings) as sim:
         ctx.log(f"{name}: batchflux, {items} items, jobs {low:g}-{high:g} s")
-        ours = run_batchflux(ctx, sim, manifest, ctx.workdir / f"{name}-out", concurrency=workers)
+        ours = run_batchflux(ctx, sim, manifest, ctx.workdir / f"{name}-out", concurrency=workers,
+                            expect_ok=items)
         ctx.log(f"{name}: plain script")
         peer = run_peer(ctx, sim, bodies, ctx.workdir / f"{name}-peer", concurrency=workers)
     ours_rpi = http_requests(ours) / max(1, ours.images)
@@ -275,7 +291,8 @@ def overhead(ctx: Context) -> list[Row]:
     settings = sim_settings(job_seconds=[0, 0], queue_seconds=[0, 0])
     with SimProcess(settings) as sim:
         ctx.log(f"{name}: batchflux, {items} items, no latency")
-        ours = run_batchflux(ctx, sim, manifest, ctx.workdir / f"{name}-out", concurrency=workers)
+        ours = run_batchflux(ctx, sim, manifest, ctx.workdir / f"{name}-out", concurrency=workers,
+                            expect_ok=items)
         ctx.log(f"{name}: plain script")
         peer = run_peer(ctx, sim, bodies, ctx.workdir / f"{name}-peer", concurrency=workers)
 
@@ -317,7 +334,7 @@ def memory(ctx: Context, *, large: int | None = None) -> list[Row]:
             ctx.log(f"{name}: batchflux, {n} quick items")
             manifest = write_manifest(ctx.workdir, n, name="memory")
             peaks[n] = run_batchflux(ctx, sim, manifest, ctx.workdir / f"{name}-{n}",
-                                     concurrency=64 if not ctx.smoke else 8)
+                                     concurrency=64 if not ctx.smoke else 8, expect_ok=n)
     small, big = peaks[small_n], peaks[large_n]
     ctx.log(f"{name}: plan of {plan_n} items")
     plan = plan_peak(ctx, plan_n)
@@ -355,7 +372,7 @@ def resume(ctx: Context) -> list[Row]:
     settings = sim_settings(job_seconds=[0, 0], queue_seconds=[0, 0])
     with SimProcess(settings) as sim:
         ctx.log(f"{name}: batchflux over {written:,} finished lines")
-        run = run_batchflux(ctx, sim, manifest, out, concurrency=64)
+        run = run_batchflux(ctx, sim, manifest, out, concurrency=64, fresh=False)
     counts = run.summary["counts"]
     submitted = run.sim_stats["jobs_created"]
     return [
