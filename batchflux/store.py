@@ -155,11 +155,37 @@ def _valid_prefix_length(path: Path) -> int:
     return end
 
 
+def _last_line_is_whole(path: Path, size: int) -> bool:
+    """True when the file ends in a newline and its last line is a JSON object."""
+    if size == 0:
+        return True
+    with open(path, "rb") as fh:
+        start = max(0, size - (1 << 16))
+        fh.seek(start)
+        tail = fh.read()
+    if not tail.endswith(b"\n"):
+        return False
+    cut = tail.rfind(b"\n", 0, len(tail) - 1)
+    if cut < 0 and start > 0:
+        return False  # a last line over 64 KiB: let the full scan decide
+    try:
+        return isinstance(json.loads(tail[cut + 1:]), dict)
+    except ValueError:
+        return False
+
+
 def repair_jsonl(path: Path) -> bool:
-    """Cut a torn or corrupt tail off a JSONL file. True when something was cut."""
+    """Cut a torn or corrupt tail off a JSONL file. True when something was cut.
+
+    Every line is written whole by one ``write`` in append mode, so only the last line can be
+    torn: when it is whole, the file is taken as is without parsing every line (a
+    million-line results file would take seconds).
+    """
     if not path.exists():
         return False
     size = path.stat().st_size
+    if _last_line_is_whole(path, size):
+        return False
     good = _valid_prefix_length(path)
     if good == size:
         return False
@@ -177,6 +203,55 @@ def repair_jsonl(path: Path) -> bool:
 def key_id(key: str) -> int:
     """64 bits of an item key: enough to tell a million items apart, 8 bytes each in memory."""
     return int(key[:16], 16)
+
+
+_OK_LINE = re.compile(rb'\{"key":"([0-9a-f]{16})[0-9a-f]*","[^{]*?"status":"ok"')
+
+
+def _iter_results(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """``(key id, record)`` for each line of results.jsonl, stopping at a torn or unparsable
+    line as :func:`iter_jsonl` does. Lines the runner wrote for an ok item (``key`` first,
+    top-level ``status`` before any nested object) are recognised by a pattern and give
+    ``record=None``, without a JSON parse; every other line is parsed in full.
+    """
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed by the with below
+    except FileNotFoundError:
+        return
+    match = _OK_LINE.match
+    with fh:
+        for raw in fh:
+            if not raw.endswith(b"}\n"):
+                if not raw.endswith(b"\n"):
+                    return  # torn last line
+            else:
+                found = match(raw)
+                if found is not None:
+                    yield int(found.group(1), 16), None
+                    continue
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                return
+            if not isinstance(record, dict):
+                continue
+            key = record.get("key")
+            if isinstance(key, str) and len(key) >= 16:
+                try:
+                    yield key_id(key), record
+                except ValueError:
+                    continue
+
+
+def _sorted_unique(values: array) -> array:
+    ordered = sorted(values)
+    out = array("Q")
+    previous = None
+    for value in ordered:
+        if value != previous:
+            out.append(value)
+            previous = value
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,14 +282,14 @@ class ResumeIndex:
     @classmethod
     def load(cls, out_dir: Path) -> ResumeIndex:
         index = cls()
-        ok_ids: list[int] | array = array("Q")
-        finished: dict[int, int] = {}
-        for _, record in iter_jsonl(out_dir / RESULTS_NAME):
-            key = record.get("key")
-            if not isinstance(key, str) or len(key) < 16:
-                continue
+        ok_ids = array("Q")
+        for kid, record in _iter_results(out_dir / RESULTS_NAME):
             index.results_lines += 1
-            kid = key_id(key)
+            if record is None:  # an ok line read by the fast path
+                ok_ids.append(kid)
+                if index.failed:
+                    index.failed.pop(kid, None)
+                continue
             if record.get("status") == "ok":
                 ok_ids.append(kid)
                 index.failed.pop(kid, None)
@@ -226,8 +301,7 @@ class ResumeIndex:
                     submission=int(record.get("submission") or 0),
                     job_id=record.get("job_id"),
                 )
-            finished[kid] = int(record.get("submission") or 0)
-        index._ok = array("Q", sorted(set(ok_ids)))
+        index._ok = _sorted_unique(ok_ids)
         for _, record in iter_jsonl(out_dir / STATE_DIR / JOURNAL_NAME):
             kind = record.get("t")
             if kind == "upload":
@@ -247,10 +321,14 @@ class ResumeIndex:
                 index.jobs.pop(kid, None)
                 index.intents.pop(kid, None)
         # A result line closes the item's journal entries, whatever the journal says.
-        for kid in finished:
-            index.jobs.pop(kid, None)
-            index.intents.pop(kid, None)
+        for table in (index.jobs, index.intents):
+            for kid in [k for k in table if k in index.failed or index._has_ok(k)]:
+                del table[kid]
         return index
+
+    def _has_ok(self, kid: int) -> bool:
+        pos = bisect_left(self._ok, kid)
+        return pos < len(self._ok) and self._ok[pos] == kid
 
     def is_ok(self, key: str) -> bool:
         kid = key_id(key)
