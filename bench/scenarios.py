@@ -313,8 +313,8 @@ def overhead(ctx: Context) -> list[Row]:
             note=saturation(peer)),
         ratio_row(name, "images/s / plain's", ours_ips / peer_ips, ">= 0.9",
                   reference=f"{ours_ips:.1f} vs {peer_ips:.1f}",
-                  note="batchflux journals, verifies (Pillow decode), renames atomically and "
-                  "records every item; the plain script writes the bytes"),
+                  note="batchflux journals, verifies each image's container and header, "
+                  "renames atomically and records every item; the plain script writes bytes"),
         Row(name, "batchflux CPU ms / image", round(1000 * ours.process.cpu_seconds /
                                                      max(1, ours.images), 2), "ms",
             reference=f"plain script "
