@@ -144,6 +144,7 @@ async def run_batch_async(
     shard: Shard | None = None,
     dataset: str | None = None,
     max_failure_rate: float | None = None,
+    verify: str = "decode",
 ) -> RunResult:
     """Run every item of ``manifest`` and return the summary. See :func:`run_batch`."""
     spec = manifest if isinstance(manifest, JobSpec) else load_job(manifest)
@@ -154,6 +155,8 @@ async def run_batch_async(
     price_given = override.cost_per_image is not None or spec.options.cost_per_image is not None
     if retry_failed not in (None, "retryable", "all"):
         raise UsageError("--retry-failed takes 'retryable' or 'all'")
+    if verify not in ("decode", "structure"):
+        raise UsageError("--verify takes 'decode' or 'structure'")
 
     total = count_items(spec)
     if shard is not None:
@@ -221,6 +224,7 @@ async def run_batch_async(
                 retry_failed=retry_failed,
                 expected_job_seconds=(sim_job_seconds or SIM_DEFAULT_JOB_SECONDS)
                 if simulated else None,
+                verify=verify,
             )
             runner = Runner(client=client, store=store, index=index, settings=settings,
                             reporter=reporter)

@@ -4,6 +4,7 @@ fits what the job implies. The only place on the runner side that imports Pillow
 from __future__ import annotations
 
 import warnings
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,3 +98,92 @@ def check_expected(facts: ImageFacts, params: Mapping[str, Any], *,
         raise ImageCheckError(
             f"asked for {ratio}, got {facts.width}x{facts.height}"
         )
+
+
+def inspect_container(path: Path) -> ImageFacts:
+    """Check that a downloaded image is whole, without decoding its pixels.
+
+    The container is walked end to end: PNG chunk lengths and every chunk's CRC up to an
+    IEND that ends the file; WebP's RIFF size against the file size and each chunk's length;
+    JPEG from SOI through the segment lengths to the EOI that ends the file. A truncated,
+    padded or spliced body fails here, as it would fail a full decode; a bit flipped inside
+    the compressed pixel data does not (TCP and the sha256 we record cover transport).
+    Width, height and format come from the header (Pillow, without decoding).
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageCheckError(f"cannot read the image: {exc.strerror or exc}") from exc
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        fmt = "png"
+        _check_png(data)
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        fmt = "webp"
+        _check_webp(data)
+    elif data.startswith(b"\xff\xd8"):
+        fmt = "jpg"
+        _check_jpeg(data)
+    else:
+        raise ImageCheckError("image is not JPEG, PNG or WebP")
+    size = image_size(path)
+    if size is None:
+        raise ImageCheckError("image header does not parse")
+    return ImageFacts(size[0], size[1], fmt)
+
+
+def _check_png(data: bytes) -> None:
+    pos, end = 8, len(data)
+    while pos + 12 <= end:
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        chunk_end = pos + 12 + length
+        if chunk_end > end:
+            break
+        kind = data[pos + 4:pos + 8]
+        crc = int.from_bytes(data[chunk_end - 4:chunk_end], "big")
+        if zlib.crc32(data[pos + 4:chunk_end - 4]) != crc:
+            raise ImageCheckError(f"PNG chunk {kind!r} fails its CRC")
+        pos = chunk_end
+        if kind == b"IEND":
+            if pos != end:
+                raise ImageCheckError("PNG has data after IEND")
+            return
+    raise ImageCheckError("PNG is truncated (no IEND)")
+
+
+def _check_webp(data: bytes) -> None:
+    end = len(data)
+    if int.from_bytes(data[4:8], "little") + 8 != end:
+        raise ImageCheckError("WebP RIFF size does not match the file (truncated?)")
+    pos, image = 12, False
+    while pos < end:
+        if pos + 8 > end:
+            raise ImageCheckError("WebP chunk header is truncated")
+        kind = data[pos:pos + 4]
+        size = int.from_bytes(data[pos + 4:pos + 8], "little")
+        pos += 8 + size + (size & 1)
+        if pos > end:
+            raise ImageCheckError(f"WebP chunk {kind!r} is truncated")
+        image = image or kind in (b"VP8 ", b"VP8L", b"ANMF")
+    if not image:
+        raise ImageCheckError("WebP holds no image data")
+
+
+def _check_jpeg(data: bytes) -> None:
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            raise ImageCheckError("JPEG segment marker missing")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        pos += 2 + length
+        if marker == 0xDA:  # start of scan: entropy-coded data runs to EOI
+            if not data.rstrip(b"\x00").endswith(b"\xff\xd9") or pos > end:
+                raise ImageCheckError("JPEG is truncated (no EOI)")
+            return
+    raise ImageCheckError("JPEG is truncated")

@@ -109,6 +109,7 @@ def run_command(args: argparse.Namespace) -> int:
                 shard=shard,
                 dataset=args.dataset,
                 max_failure_rate=args.max_failure_rate,
+                verify=args.verify,
             )
 
     def interrupted_code() -> int:

@@ -8,7 +8,7 @@ import time
 import anyio
 import pytest
 
-from batchflux.limits import AdaptiveLimit, Cooldown, TokenBucket
+from batchflux.limits import AdaptiveLimit, Cooldown, SubmitRateLearner, TokenBucket
 
 
 class VirtualTime:
@@ -395,3 +395,64 @@ def test_adaptive_limit_history_is_bounded() -> None:
 def test_adaptive_limit_release_without_acquire_is_a_bug() -> None:
     with pytest.raises(RuntimeError):
         AdaptiveLimit(1, maximum=1).release()
+
+
+# --------------------------------------------------------------------------------------------
+# Learning a provider's limits from its 429s
+
+
+def test_submit_rate_learner_sets_the_rate_the_provider_accepted() -> None:
+    t = SteppingTime()
+    bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
+    learner = SubmitRateLearner(bucket, clock=t.clock)
+    for _ in range(50):  # 50 submits accepted in 2 s, then a 429
+        learner.on_sent()
+        learner.on_accepted()
+        t.now += 0.04
+    assert learner.on_rate_limited(sent_at=t.now, pause=1.0)
+    assert bucket.rate == pytest.approx(25.0)
+    # A 429 answering a request sent before the adjustment is the same episode.
+    assert not learner.on_rate_limited(sent_at=t.now - 0.5, pause=1.0)
+    assert bucket.rate == pytest.approx(25.0)
+    assert [rate for _, rate in learner.history] == [pytest.approx(25.0)]
+
+
+def test_submit_rate_learner_probes_upward_but_never_past_a_configured_rate() -> None:
+    t = SteppingTime()
+    bucket = TokenBucket(30.0, clock=t.clock, sleep=t.sleep)
+    learner = SubmitRateLearner(bucket, clock=t.clock, growth=0.01)
+    for _ in range(20):
+        learner.on_sent()
+        learner.on_accepted()
+        t.now += 0.1
+    learner.on_rate_limited(sent_at=t.now, pause=0.0)
+    assert bucket.rate == pytest.approx(10.0)
+    t.now += 30.0
+    learner.on_sent()
+    assert bucket.rate == pytest.approx(10.0 * 1.01**30, rel=1e-3)  # grew 1 %/s
+    t.now += 10_000.0
+    learner.on_sent()
+    assert bucket.rate == pytest.approx(30.0)  # the configured ceiling
+
+
+def test_submit_rate_learner_restore_undoes_a_wrong_guess() -> None:
+    t = SteppingTime()
+    bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
+    learner = SubmitRateLearner(bucket, clock=t.clock)
+    learner.on_sent()
+    learner.on_accepted()
+    t.now += 2.0
+    learner.on_rate_limited(sent_at=t.now, pause=1.0)
+    assert bucket.rate is not None
+    learner.restore(None)  # the 429 came from the in-flight cap, not the rate limit
+    assert bucket.is_unlimited and learner.history == []
+
+
+def test_pin_makes_a_revealed_cap_the_limit_and_the_maximum() -> None:
+    limit = AdaptiveLimit(64, maximum=64, increase_after=1)
+    assert limit.pin(24)
+    assert (limit.limit, limit.maximum) == (24, 24)
+    for _ in range(10):
+        limit.on_success()
+    assert limit.limit == 24  # clean completions never grow past what the server allows
+    assert not limit.pin(24)

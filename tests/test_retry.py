@@ -268,3 +268,25 @@ def test_duration_estimator_ignores_garbage() -> None:
     est.observe(float("nan"))
     est.observe(float("inf"))
     assert est.expected is None
+
+
+def test_durations_are_predictable_only_when_recent_jobs_agree() -> None:
+    steady, spread = DurationEstimator(), DurationEstimator()
+    for i in range(7):
+        steady.observe(2.0 + 0.01 * (i % 3))
+    assert not steady.is_predictable  # too few to tell
+    steady.observe(2.0)
+    assert steady.is_predictable
+    for s in (5, 7, 9, 11, 13, 15, 6, 8, 10, 12):
+        spread.observe(float(s))
+    assert not spread.is_predictable
+
+
+def test_predictable_jobs_are_polled_once_just_after_they_should_end() -> None:
+    policy = PollPolicy()
+    first = next_poll_delay(policy, elapsed=0.1, progress=None, status="QUEUED",
+                            previous_delay=None, expected=2.0, predictable=True)
+    assert first == pytest.approx(2.0 - 0.1 + policy.exact_margin)
+    unsure = next_poll_delay(policy, elapsed=0.1, progress=None, status="QUEUED",
+                             previous_delay=None, expected=2.0, predictable=False)
+    assert unsure < first  # without that confidence, look earlier and follow progress

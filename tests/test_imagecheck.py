@@ -1,0 +1,94 @@
+"""Image verification: the container walk, the full decode, and what the job implies."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from batchflux.cli import build_parser
+from batchflux.imagecheck import (
+    ImageCheckError,
+    ImageFacts,
+    check_expected,
+    inspect_container,
+    inspect_image,
+)
+from batchflux.runner import RunSettings
+
+
+def encoded(fmt: str, size: tuple[int, int] = (256, 192)) -> bytes:
+    image = Image.effect_noise(size, 60).convert("RGB")
+    buf = io.BytesIO()
+    image.save(buf, fmt, quality=80)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("fmt", "ext"), [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")])
+def test_whole_images_pass_both_checks(tmp_path: Path, fmt: str, ext: str) -> None:
+    path = tmp_path / f"ok.{ext}"
+    path.write_bytes(encoded(fmt))
+    assert inspect_container(path) == inspect_image(path) == ImageFacts(256, 192, ext)
+
+
+@pytest.mark.parametrize(("fmt", "ext"), [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")])
+def test_truncated_or_padded_bodies_fail_both_checks(tmp_path: Path, fmt: str, ext: str) -> None:
+    data = encoded(fmt)
+    for name, body in (("cut", data[: len(data) * 2 // 3]), ("padded", data + b"\0junk" * 9)):
+        path = tmp_path / f"{name}.{ext}"
+        path.write_bytes(body)
+        with pytest.raises(ImageCheckError):
+            inspect_container(path)
+        if name == "cut":
+            with pytest.raises(ImageCheckError):
+                inspect_image(path)
+
+
+def test_decode_catches_pixel_data_corruption_the_structure_walk_cannot(tmp_path: Path) -> None:
+    """Why decoding is the default: bytes garbled inside a JPEG's entropy-coded data keep the
+    segment structure intact, and only a decoder notices."""
+    data = encoded("JPEG")
+    rng = random.Random(7)
+    caught_only_by_decode = 0
+    for trial in range(40):
+        garbled = bytearray(data)
+        start = len(garbled) // 3
+        for i in range(start, start + 64):
+            garbled[i] = rng.randrange(256)
+        path = tmp_path / f"garbled-{trial}.jpg"
+        path.write_bytes(bytes(garbled))
+        try:
+            inspect_container(path)
+        except ImageCheckError:
+            continue
+        try:
+            inspect_image(path)
+        except ImageCheckError:
+            caught_only_by_decode += 1
+    assert caught_only_by_decode > 0
+
+
+def test_decoding_is_the_default_verification() -> None:
+    assert RunSettings().verify == "decode"
+    args = build_parser().parse_args(["run", "m.yaml"])
+    assert args.verify == "decode"
+
+
+def test_size_and_format_must_fit_the_request() -> None:
+    params = {"aspect_ratio": "16:9", "output_format": "webp"}
+    check_expected(ImageFacts(1360, 768, "webp"), params)
+    with pytest.raises(ImageCheckError, match="asked for webp"):
+        check_expected(ImageFacts(1360, 768, "png"), params)
+    with pytest.raises(ImageCheckError, match="16:9"):
+        check_expected(ImageFacts(1024, 1024, "webp"), params)
+    custom = {"aspect_ratio": "custom", "width": 800, "height": 304, "output_format": "jpg"}
+    check_expected(ImageFacts(800, 304, "jpg"), custom)
+    with pytest.raises(ImageCheckError, match="width"):
+        check_expected(ImageFacts(1024, 304, "jpg"), custom)
+    matched = {"aspect_ratio": "match_input_image", "output_format": "png"}
+    check_expected(ImageFacts(1248, 832, "png"), matched, input_size=(600, 400))
+    with pytest.raises(ImageCheckError):
+        check_expected(ImageFacts(832, 1248, "png"), matched, input_size=(600, 400))
