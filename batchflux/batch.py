@@ -144,7 +144,7 @@ async def run_batch_async(
     shard: Shard | None = None,
     dataset: str | None = None,
     max_failure_rate: float | None = None,
-    verify: str = "decode",
+    verify: str = "auto",
 ) -> RunResult:
     """Run every item of ``manifest`` and return the summary. See :func:`run_batch`."""
     spec = manifest if isinstance(manifest, JobSpec) else load_job(manifest)
@@ -155,8 +155,8 @@ async def run_batch_async(
     price_given = override.cost_per_image is not None or spec.options.cost_per_image is not None
     if retry_failed not in (None, "retryable", "all"):
         raise UsageError("--retry-failed takes 'retryable' or 'all'")
-    if verify not in ("decode", "structure"):
-        raise UsageError("--verify takes 'decode' or 'structure'")
+    if verify not in ("auto", "decode", "structure"):
+        raise UsageError("--verify takes 'auto', 'decode' or 'structure'")
 
     total = count_items(spec)
     if shard is not None:

@@ -425,6 +425,7 @@ class StoredFile:
     width: int
     height: int
     format: str
+    check: str = "decode"  # how it was verified: "decode" (every pixel) or "structure"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -434,6 +435,7 @@ class StoredFile:
             "width": self.width,
             "height": self.height,
             "format": self.format,
+            "check": self.check,
         }
 
 
@@ -620,7 +622,8 @@ class RunStore:
         return target, f"images/{rel}"
 
     async def commit_image(self, temp: TempImage, item: WorkItem, *, ext: str, number: int,
-                           width: int, height: int, fmt: str) -> StoredFile:
+                           width: int, height: int, fmt: str,
+                           check: str = "decode") -> StoredFile:
         """Move a verified temp file to its final name atomically."""
         target, rel = self.final_path(item, ext=ext, number=number, width=width, height=height)
         try:
@@ -638,7 +641,7 @@ class RunStore:
                 temp.path.unlink()
             raise RunAborted(f"cannot write images to {self.out_dir}: {exc.strerror or exc}",
                              exit_code=EXIT_CANTCREAT) from exc
-        return StoredFile(rel, temp.sha256, temp.size, width, height, fmt)
+        return StoredFile(rel, temp.sha256, temp.size, width, height, fmt, check)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -17,7 +17,8 @@ from batchflux.imagecheck import (
     inspect_container,
     inspect_image,
 )
-from batchflux.runner import RunSettings
+from batchflux.runner import Runner, RunSettings
+from batchflux.store import ResumeIndex
 
 
 def encoded(fmt: str, size: tuple[int, int] = (256, 192)) -> bytes:
@@ -71,10 +72,10 @@ def test_decode_catches_pixel_data_corruption_the_structure_walk_cannot(tmp_path
     assert caught_only_by_decode > 0
 
 
-def test_decoding_is_the_default_verification() -> None:
-    assert RunSettings().verify == "decode"
+def test_auto_verification_is_the_default() -> None:
+    assert RunSettings().verify == "auto"
     args = build_parser().parse_args(["run", "m.yaml"])
-    assert args.verify == "decode"
+    assert args.verify == "auto"
 
 
 def test_size_and_format_must_fit_the_request() -> None:
@@ -92,3 +93,21 @@ def test_size_and_format_must_fit_the_request() -> None:
     check_expected(ImageFacts(1248, 832, "png"), matched, input_size=(600, 400))
     with pytest.raises(ImageCheckError):
         check_expected(ImageFacts(832, 1248, "png"), matched, input_size=(600, 400))
+
+
+def test_auto_decodes_while_decoding_stays_under_its_share_of_the_run() -> None:
+    now = [0.0]
+    runner = Runner(client=None, store=None, index=ResumeIndex(),  # type: ignore[arg-type]
+                    settings=RunSettings(verify="auto", decode_share=0.1),
+                    clock=lambda: now[0])
+    runner.state.started = 0.0
+    now[0] = 30.0
+    runner._decode_seconds = 2.9
+    assert runner._should_decode()  # 2.9 s of 30 s: under a tenth
+    runner._decode_seconds = 3.1
+    assert not runner._should_decode()  # decoding would become the bottleneck
+    for mode, expected in (("decode", True), ("structure", False)):
+        forced = Runner(client=None, store=None, index=ResumeIndex(),  # type: ignore[arg-type]
+                        settings=RunSettings(verify=mode), clock=lambda: now[0])
+        forced._decode_seconds = 1e9
+        assert forced._should_decode() is expected

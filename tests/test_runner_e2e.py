@@ -164,3 +164,12 @@ async def test_invalid_key_stops_before_any_work(tmp_path: Path) -> None:
                                     base_url="http://sim.local",
                                     transport=httpx.ASGITransport(app=app))
     assert stats_of(app)["jobs_created"] == 0
+
+
+@pytest.mark.parametrize("mode", ["decode", "structure"])
+async def test_each_file_records_the_check_it_passed(tmp_path: Path, mode: str) -> None:
+    manifest = write_manifest(tmp_path, prompts=2, seeds=1)
+    result, _ = await run_inprocess(manifest, tmp_path / "out", FAST, verify=mode)
+    records = check_run_directory(tmp_path / "out", expected_items=4)
+    assert {f["check"] for r in records for f in r["files"]} == {mode}
+    assert result.summary["verification"][mode] == 4
