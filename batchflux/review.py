@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,6 +33,7 @@ from rich.table import Table
 from .errors import UsageError
 from .merge import final_records
 from .models import ErrorCategory
+from .runner import percentile
 from .store import RESULTS_NAME, SUMMARY_NAME
 
 __all__ = ["ReviewPage", "build_report", "render_table", "write_review"]
@@ -48,12 +48,8 @@ DEFAULT_THUMB_SIZE = 256
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
-    data = sorted(values)
-    if not data:
-        return None
-    pos = (len(data) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return round(data[lo] + (data[hi] - data[lo]) * (pos - lo), 3)
+    value = percentile(values, q)
+    return None if value is None else round(value, 3)
 
 
 def _explain(category: str) -> str:
