@@ -58,18 +58,31 @@ REATTACH_CATEGORIES = frozenset(
 
 
 class JobLike(Protocol):
-    id: str
-    status: str
-    progress: int | None
-    images: tuple[str, ...]
-    error: str | None
-    credit_cost: int | None
-    expired: bool
+    """What the runner reads of a job (``apiframe.JobState`` is one)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def progress(self) -> int | None: ...
+    @property
+    def images(self) -> tuple[str, ...]: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def credit_cost(self) -> int | None: ...
+    @property
+    def created_at(self) -> str | None: ...
+    @property
+    def completed_at(self) -> str | None: ...
+    @property
+    def expired(self) -> bool: ...
 
 
 class ApiClient(Protocol):
     async def submit(self, body: Mapping[str, Any], *, idempotency_key: str | None) -> Any: ...
-    async def get_job(self, job_id: str) -> Any: ...
+    async def get_job(self, job_id: str) -> JobLike: ...
     async def download(self, url: str, sink: Any, *, max_bytes: int = ...) -> Any: ...
     async def upload(self, data: bytes, *, filename: str) -> Any: ...
 
@@ -154,7 +167,6 @@ class _Stats:
     by_status: Counter[str] = field(default_factory=Counter)
     by_category: Counter[str] = field(default_factory=Counter)
     latencies: array = field(default_factory=lambda: array("d"))
-    queue_times: array = field(default_factory=lambda: array("d"))
     requests: Counter[str] = field(default_factory=Counter)
     checks: Counter[str] = field(default_factory=Counter)  # images by verification
     retries: int = 0
