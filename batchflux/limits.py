@@ -305,8 +305,9 @@ class SubmitRateLearner:
     """
 
     def __init__(self, bucket: TokenBucket, *, clock: Clock = time.monotonic,
-                 growth: float = 0.01, min_window: float = 1.0) -> None:
+                 growth: float = 0.01, min_window: float = 1.0, min_samples: int = 4) -> None:
         self.bucket = bucket
+        self.min_samples = min_samples
         self.ceiling = bucket.rate  # a configured rate is never exceeded
         self.growth = growth
         self.min_window = min_window
@@ -341,6 +342,12 @@ class SubmitRateLearner:
         if sent_at < self._episode_at:
             return False
         now = self._clock()
+        if self._accepted < self.min_samples:
+            # Too few submits got through since the last 429 to measure a rate (a storm, an
+            # outage, or the first burst): pacing to that number would crawl. Honour the
+            # pause only, and measure again from here.
+            self._window_start, self._accepted, self._episode_at = now, 0, now
+            return False
         start = self._window_start if self._window_start is not None else now
         observed = self._accepted / max(self.min_window, now - start)
         current = self.bucket.rate

@@ -439,11 +439,12 @@ def test_submit_rate_learner_restore_undoes_a_wrong_guess() -> None:
     t = SteppingTime()
     bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
     learner = SubmitRateLearner(bucket, clock=t.clock)
-    learner.on_sent()
-    learner.on_accepted()
+    for _ in range(10):
+        learner.on_sent()
+        learner.on_accepted()
     t.now += 2.0
-    learner.on_rate_limited(sent_at=t.now, pause=1.0)
-    assert bucket.rate is not None
+    assert learner.on_rate_limited(sent_at=t.now, pause=1.0)
+    assert bucket.rate == pytest.approx(5.0)
     learner.restore(None)  # the 429 came from the in-flight cap, not the rate limit
     assert bucket.is_unlimited and learner.history == []
 
@@ -456,3 +457,14 @@ def test_pin_makes_a_revealed_cap_the_limit_and_the_maximum() -> None:
         limit.on_success()
     assert limit.limit == 24  # clean completions never grow past what the server allows
     assert not limit.pin(24)
+
+
+def test_submit_rate_learner_ignores_a_429_that_says_nothing_about_a_rate() -> None:
+    """A 429 storm right at the start (nothing accepted yet) must not pace the run to a crawl."""
+    t = SteppingTime()
+    bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
+    learner = SubmitRateLearner(bucket, clock=t.clock)
+    learner.on_sent()
+    t.now += 0.5
+    assert not learner.on_rate_limited(sent_at=t.now, pause=2.0)
+    assert bucket.is_unlimited and learner.history == []
