@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -147,8 +148,11 @@ async def run_batch_async(
     verify: str = "auto",
 ) -> RunResult:
     """Run every item of ``manifest`` and return the summary. See :func:`run_batch`."""
-    spec = manifest if isinstance(manifest, JobSpec) else load_job(manifest)
     override = options or RunOptions()
+    # The manifest's own size guard is checked while loading; a --max-items given here
+    # replaces it, and is checked below against the exact count.
+    spec = manifest if isinstance(manifest, JobSpec) else load_job(
+        manifest, max_items=None if override.max_items is None else sys.maxsize)
     if out_dir is not None:
         override = replace(override, out_dir=str(out_dir))
     resolved = resolve_options(spec, override)

@@ -12,7 +12,7 @@ import pytest
 from runner_helpers import API_KEY, check_run_directory, load_results, write_manifest
 
 from batchflux import batch
-from batchflux.errors import ConfigError, RunAborted, UsageError
+from batchflux.errors import ConfigError, ManifestError, RunAborted, UsageError
 from batchflux.models import RunOptions
 from batchflux.sim import SimSettings, create_app, serve_in_thread
 
@@ -152,8 +152,9 @@ async def test_no_key_without_sim_is_a_configuration_error(tmp_path: Path,
 
 async def test_max_items_guard(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, prompts=3, seeds=2)
-    with pytest.raises(UsageError, match="12 items"):
+    with pytest.raises(UsageError, match="expands to 12 items, over the limit of 5"):
         await run_inprocess(manifest, tmp_path / "out", FAST, options=RunOptions(max_items=5))
+    assert not (tmp_path / "out").exists()  # refused before anything was written or paid
 
 
 async def test_invalid_key_stops_before_any_work(tmp_path: Path) -> None:
@@ -173,3 +174,12 @@ async def test_each_file_records_the_check_it_passed(tmp_path: Path, mode: str) 
     records = check_run_directory(tmp_path / "out", expected_items=4)
     assert {f["check"] for r in records for f in r["files"]} == {mode}
     assert result.summary["verification"][mode] == 4
+
+
+async def test_max_items_override_can_raise_the_manifest_guard(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, prompts=3, seeds=2, extra="run: {max_items: 5}\n")
+    with pytest.raises(ManifestError, match="max_items"):
+        await run_inprocess(manifest, tmp_path / "out", FAST)
+    result, _ = await run_inprocess(manifest, tmp_path / "out", FAST,
+                                    options=RunOptions(max_items=12))
+    assert result.summary["counts"]["ok"] == 12
