@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -79,3 +82,22 @@ def check_run_directory(out: Path, *, expected_items: int) -> list[dict[str, Any
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["counts"]) >= {"ok", "failed", "skipped"}
     return list(final.values())
+
+
+def start_run(manifest: Path, out: Path, base_url: str, *extra: str,
+              workers: int = 8) -> subprocess.Popen[str]:
+    """``batchflux run`` in a child process against a loopback simulator (it can be killed)."""
+    env = {**os.environ, "APIFRAME_API_KEY": API_KEY}
+    env.pop("APIFRAME_BASE_URL", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "batchflux", "run", str(manifest), "--base-url", base_url,
+         "--out", str(out), "-j", str(workers), *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def line_count(path: Path) -> int:
+    """Newlines in a file that may not exist yet."""
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0

@@ -3,17 +3,15 @@ nothing submitted twice, nothing lost, nothing half-written."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
-from runner_helpers import API_KEY, check_run_directory, write_manifest
+from runner_helpers import check_run_directory, line_count, start_run, write_manifest
 
 from batchflux.sim import SimSettings, serve_in_thread
 
@@ -21,25 +19,9 @@ SETTINGS = SimSettings(job_seconds=(0.3, 0.9), queue_seconds=0.05, render_mode="
                        credits=100_000)
 
 
-def batchflux_run(manifest: Path, out: Path, base_url: str, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "APIFRAME_API_KEY": API_KEY}
-    env.pop("APIFRAME_BASE_URL", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "batchflux", "run", str(manifest), "--base-url", base_url,
-         "--out", str(out), "-j", "8", *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def count_lines(path: Path) -> int:
-    try:
-        return path.read_bytes().count(b"\n")
-    except FileNotFoundError:
-        return 0
-
-
 def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 60) -> None:
     end = time.monotonic() + timeout
-    while count_lines(path) < n:
+    while line_count(path) < n:
         assert proc.poll() is None, f"run ended early: {proc.communicate()}"
         assert time.monotonic() < end, f"{path} never reached {n} lines"
         time.sleep(0.02)
@@ -57,11 +39,11 @@ def test_sigkill_at_several_points_then_resume_pays_once_and_loses_nothing(
     with serve_in_thread(SETTINGS) as base_url:
         # Kill points: while submitting, between journal lines, while results are written.
         for lines in (7, 40, 85):
-            proc = batchflux_run(manifest, out, base_url)
+            proc = start_run(manifest, out, base_url)
             wait_for_lines(journal, lines, proc)
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
-        proc = batchflux_run(manifest, out, base_url)
+        proc = start_run(manifest, out, base_url)
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr
         assert "60 ok" in stdout or "already done" in stdout, stdout
@@ -79,7 +61,7 @@ def test_interrupt_stops_promptly_journals_and_resumes(tmp_path: Path, signum: i
     out = tmp_path / "out"
     slow = replace(SETTINGS, job_seconds=(1.0, 2.0))
     with serve_in_thread(slow) as base_url:
-        proc = batchflux_run(manifest, out, base_url)
+        proc = start_run(manifest, out, base_url)
         wait_for_lines(out / "results.jsonl", 3, proc)
         proc.send_signal(signum)
         started = time.monotonic()
@@ -91,7 +73,7 @@ def test_interrupt_stops_promptly_journals_and_resumes(tmp_path: Path, signum: i
         assert (out / "summary.json").exists()
         before = stats(base_url)
         assert before["jobs_created"] < 40  # it really stopped submitting
-        proc = batchflux_run(manifest, out, base_url)
+        proc = start_run(manifest, out, base_url)
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr
         after = stats(base_url)
@@ -104,9 +86,9 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "out"
     slow = replace(SETTINGS, job_seconds=(1.0, 2.0))
     with serve_in_thread(slow) as base_url:
-        first = batchflux_run(manifest, out, base_url)
+        first = start_run(manifest, out, base_url)
         wait_for_lines(out / ".batchflux" / "journal.jsonl", 2, first)
-        second = batchflux_run(manifest, out, base_url)
+        second = start_run(manifest, out, base_url)
         _, stderr = second.communicate(timeout=60)
         assert second.returncode == 75, stderr
         assert "in use by another batchflux run" in stderr

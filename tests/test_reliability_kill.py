@@ -8,13 +8,19 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import httpx
-from runner_helpers import API_KEY, check_run_directory, load_results, write_manifest
+from runner_helpers import (
+    API_KEY,
+    check_run_directory,
+    line_count,
+    load_results,
+    start_run,
+    write_manifest,
+)
 
 from batchflux import batch
 from batchflux.sim import SimSettings, create_app, serve_in_thread
@@ -24,22 +30,6 @@ SETTINGS = SimSettings(job_seconds=(0.4, 1.2), queue_seconds=0.05, render_mode="
                        credits=1_000_000)
 KILLS = 10
 SEED = 1234
-
-
-def start_run(manifest: Path, out: Path, base_url: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "APIFRAME_API_KEY": API_KEY}
-    env.pop("APIFRAME_BASE_URL", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "batchflux", "run", str(manifest), "--base-url", base_url,
-         "--out", str(out), "-j", "6"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def line_count(path: Path) -> int:
-    try:
-        return path.read_bytes().count(b"\n")
-    except FileNotFoundError:
-        return 0
 
 
 def parsed_lines(path: Path) -> int:
@@ -68,7 +58,7 @@ def test_ten_seeded_sigkills_each_resumed_pay_once_and_lose_nothing(tmp_path: Pa
     with serve_in_thread(app=app) as base_url:
         for _ in range(KILLS):
             mode = rng.choice(("journal", "results", "delay"))
-            proc = start_run(manifest, out, base_url)
+            proc = start_run(manifest, out, base_url, workers=6)
             if mode == "journal":
                 target = line_count(journal) + rng.randint(1, 12)
                 wait_until(lambda t=target: line_count(journal) >= t, proc, f"journal {target}")
@@ -89,7 +79,7 @@ def test_ten_seeded_sigkills_each_resumed_pay_once_and_lose_nothing(tmp_path: Pa
             stats = app.state.sim.stats_json()
             assert stats["duplicate_jobs"] == 0, (kill_points, stats)
             assert parsed_lines(results) < total, f"the run finished before kill {kill_points}"
-        proc = start_run(manifest, out, base_url)
+        proc = start_run(manifest, out, base_url, workers=6)
         stdout, stderr = proc.communicate(timeout=180)
         assert proc.returncode == 0, (stdout, stderr)
         final = app.state.sim.stats_json()
