@@ -234,13 +234,17 @@ async def run_batch_async(
                             reporter=reporter)
             if on_runner is not None:
                 on_runner(runner)
+            # Which manifest (by content) and which shard produced this run directory: the
+            # facts `batchflux merge` checks before combining run directories.
+            extra = {"manifest_sha256": _file_sha256(spec.path),
+                     "shard": shard.label if shard is not None else None}
             try:
-                summary = await runner.run(filter_items(expand_job(spec), shard), total=total)
+                summary = await runner.run(filter_items(expand_job(spec), shard), total=total,
+                                           summary_extra=extra)
             except RunAborted as exc:
-                summary = _annotate(store, getattr(exc, "summary", {}), spec.path, shard)
+                summary = getattr(exc, "summary", {})
                 exc.result = RunResult(summary, out, exc.exit_code, simulated)  # type: ignore[attr-defined]
                 raise
-            summary = _annotate(store, summary, spec.path, shard)
             if dataset is not None:
                 from .dataset import export_dataset
 
@@ -270,23 +274,11 @@ def exit_code_for(summary: dict[str, Any], max_failure_rate: float | None = None
     return EXIT_ITEMS_FAILED
 
 
-def _annotate(store: RunStore, summary: dict[str, Any], manifest_path: Path,
-              shard: Shard | None) -> dict[str, Any]:
-    """Record which manifest (by content) and which shard produced this run directory: the
-    facts ``batchflux merge`` checks before combining run directories."""
-    if not summary:
-        return summary
+def _file_sha256(path: Path) -> str | None:
     try:
-        digest = hashlib.sha256(Path(manifest_path).read_bytes()).hexdigest()
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError:
-        digest = None
-    summary = {**summary, "manifest_sha256": digest,
-               "shard": shard.label if shard is not None else None}
-    try:
-        store.write_summary(summary)
-    except OSError:
-        pass  # the runner already wrote a summary without these two fields
-    return summary
+        return None
 
 
 def run_batch(manifest: str | os.PathLike[str] | JobSpec, **kwargs: Any) -> RunResult:

@@ -271,7 +271,10 @@ class Runner:
 
     # -- the pool ----------------------------------------------------------------------------
 
-    async def run(self, items: Iterable[WorkItem], *, total: int | None = None) -> dict[str, Any]:
+    async def run(self, items: Iterable[WorkItem], *, total: int | None = None,
+                  summary_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Run every item; return the summary (also written to summary.json, once, with
+        ``summary_extra`` merged in)."""
         self.state.started = self.clock()
         self.state.total = total
         started_at = utc_now()
@@ -291,7 +294,7 @@ class Runner:
                     tg.start_soon(self._writer, results_receive)
                 outer.cancel_scope.cancel()
         finally:
-            summary = self._summary(started_at)
+            summary = {**self._summary(started_at), **(summary_extra or {})}
             try:
                 self.store.write_summary(summary)
             except OSError as exc:
