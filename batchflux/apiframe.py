@@ -262,12 +262,18 @@ class ApiframeClient:
         return SubmitResult(job_id=job_id, status=status, replayed=replayed)
 
     async def get_job(self, job_id: str) -> JobState:
-        """``GET /v2/jobs/{id}``: the job's current state. A 404 is a non-retryable
-        INVALID_REQUEST ("job not found")."""
+        """``GET /v2/jobs/{id}``: the job's current state. A 404 is LOST ("job not found":
+        the API forgets jobs after about 24 h), which no retry of the same request fixes."""
         path = f"/v2/jobs/{job_id}"
         route = f"GET {path}"
-        response, data = await self._call("GET", path, route, headers=self._auth,
-                                          not_found="job not found")
+        try:
+            response, data = await self._call("GET", path, route, headers=self._auth,
+                                              not_found="job not found")
+        except ApiError as exc:
+            if exc.http_status == 404:
+                raise ApiError(exc.message, category=ErrorCategory.LOST, retryable=False,
+                               http_status=404) from exc
+            raise
         return self._job_state(route, response, data)
 
     async def me(self) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from .expand import count_items, expand_job
 from .manifest import JobSpec, load_job
 from .models import DEFAULT_RUN_OPTIONS, ErrorCategory, RunOptions
 from .retry import RetryPolicy
-from .runner import Reporter, Runner, RunSettings
+from .runner import Reporter, Runner, RunSettings, scan_items
 from .shard import Shard, filter_items
 from .store import RunStore
 
@@ -163,9 +163,6 @@ async def run_batch_async(
         raise UsageError("--verify takes 'auto', 'decode' or 'structure'")
 
     total = count_items(spec)
-    if shard is not None:
-        # One pass over the keys (lazy, flat memory) for an exact progress total.
-        total = sum(1 for _ in filter_items(expand_job(spec), shard))
     if dataset is not None and dataset not in DATASET_FORMATS:
         raise UsageError(f"--dataset takes one of {', '.join(DATASET_FORMATS)}")
     if resolved.max_items is not None and total > resolved.max_items:
@@ -204,7 +201,12 @@ async def run_batch_async(
                          or DEFAULT_RUN_OPTIONS.filename_template or "{key}.{ext}")
         index = store.open()
         try:
-            remaining = max(0, total - index.ok_count)
+            # One pass over the items (lazy, 8 bytes an item to run): the exact total (of
+            # this shard), what is still to run, and which items repeat another's request.
+            scan = scan_items(filter_items(expand_job(spec), shard), index,
+                              retry_failed=retry_failed)
+            total = scan.total
+            remaining = scan.to_run
             if resolved.budget is not None and remaining * cost > resolved.budget:
                 raise RunAborted(
                     f"the plan needs about {remaining * cost:g} credits for {remaining} items "
@@ -240,7 +242,7 @@ async def run_batch_async(
                      "shard": shard.label if shard is not None else None}
             try:
                 summary = await runner.run(filter_items(expand_job(spec), shard), total=total,
-                                           summary_extra=extra)
+                                           duplicates=scan.duplicates, summary_extra=extra)
             except RunAborted as exc:
                 summary = getattr(exc, "summary", {})
                 exc.result = RunResult(summary, out, exc.exit_code, simulated)  # type: ignore[attr-defined]
@@ -260,12 +262,15 @@ DATASET_FORMATS = ("hf", "webdataset")
 
 
 def exit_code_for(summary: dict[str, Any], max_failure_rate: float | None = None) -> int:
-    """0 when every item of this run ended ok, or when at most ``max_failure_rate`` of them
-    failed (a cron job that expects a few failures); 1 otherwise, and always 1 when the run
-    stopped early (budget, credits, key)."""
+    """0 when every item of the run directory (as far as the manifest's items go: this run's
+    and earlier runs') is ok, or when at most ``max_failure_rate`` of them failed (a cron job
+    that expects a few failures); 1 otherwise, and always 1 when the run stopped early
+    (budget, credits, key) or left items to do."""
     counts = summary.get("counts", {})
-    failed, ok = counts.get("failed", 0), counts.get("ok", 0)
-    if summary.get("stop_reason"):
+    totals = summary.get("totals") or {}
+    failed = totals.get("failed", counts.get("failed", 0))
+    ok = totals.get("ok", counts.get("ok", 0))
+    if summary.get("stop_reason") or (totals.get("to_do") or 0) > 0:
         return EXIT_ITEMS_FAILED
     if failed == 0:
         return EXIT_OK

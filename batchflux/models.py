@@ -55,6 +55,7 @@ class ErrorCategory(str, enum.Enum):
     DOWNLOAD_FAILED = "download_failed"
     EXPIRED = "expired"
     CANCELLED = "cancelled"
+    LOST = "lost"
 
     @property
     def retryable(self) -> bool:
@@ -72,6 +73,7 @@ _RETRYABLE = frozenset(
         ErrorCategory.NETWORK,
         ErrorCategory.TIMEOUT,
         ErrorCategory.DOWNLOAD_FAILED,
+        ErrorCategory.LOST,
     }
 )
 
@@ -87,6 +89,8 @@ _EXPLANATIONS = {
     ErrorCategory.DOWNLOAD_FAILED: "the image could not be downloaded whole or did not verify",
     ErrorCategory.EXPIRED: "the job's images were purged before they could be downloaded",
     ErrorCategory.CANCELLED: "the job was cancelled, or the run stopped before it finished",
+    ErrorCategory.LOST: "the API no longer knew a journaled job (it forgets jobs after about "
+    "24 h); a new job was submitted for the item",
 }
 
 

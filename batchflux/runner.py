@@ -42,9 +42,11 @@ from .imagecheck import (
 from .limits import AdaptiveLimit, Cooldown, SubmitRateLearner, TokenBucket
 from .models import ErrorCategory, ErrorInfo, WorkItem, is_remote_ref
 from .retry import DurationEstimator, PollPolicy, RetryPolicy, next_poll_delay
-from .store import ResumeIndex, RunStore, StoredFile
+from .store import JournalIntent, ResumeIndex, RunStore, StoredFile, key_id
 
 CAPACITY_MARKERS = ("no available capacity", "capacity", "try again", "retry shortly")
+
+_RETRYABLE_NAMES = frozenset(c.value for c in ErrorCategory if c.retryable)
 
 #: Failures that left a job which may still be good: a retry re-attaches to it first.
 REATTACH_CATEGORIES = frozenset(
@@ -174,6 +176,13 @@ class _Stats:
     attached: int = 0
     new: int = 0
     retried_items: int = 0
+    refetched: int = 0  # ok items whose images were gone: fetched again
+    duplicates: int = 0  # items with an earlier item's key: generated once, recorded twice
+    replayed: int = 0  # jobs the API replayed (created before this run asked): not paid now
+    lost: int = 0  # journaled jobs the provider no longer knew: submitted anew
+    skipped_ok: int = 0
+    skipped_failed: int = 0
+    skipped_failed_retryable: int = 0
     not_started: int = 0
     credits: float = 0.0
     images: int = 0
@@ -196,6 +205,84 @@ def percentile(values: Iterable[float], q: float) -> float | None:
 def is_capacity_failure(message: str | None) -> bool:
     text = (message or "").lower()
     return any(marker in text for marker in CAPACITY_MARKERS) and "policy" not in text
+
+
+#: A journaled submit older than this is not resent with its old key: the API keeps
+#: idempotency keys for 24 h, and the old body's upload URLs are long gone.
+IDEMPOTENCY_WINDOW = 23 * 3600.0
+#: Upload URLs this close to expiry are not used for a new job (the API must still fetch them).
+UPLOAD_MARGIN = 15 * 60.0
+#: A job created this long before we first asked for it was created by someone else (an
+#: earlier run, another directory): the API replayed it and this run did not pay for it.
+REPLAY_SLACK = 2.0
+
+
+def skip_reason(index: ResumeIndex, key: str, retry_failed: str | None) -> str | None:
+    """Why an item is not run again: ``"ok"`` (done), ``"failed"`` (an earlier failure that
+    ``retry_failed`` does not retry), or None (run it: new, retried, or images to fetch)."""
+    if index.is_ok(key):
+        return "ok"
+    prior = index.prior_failure(key)
+    if prior is not None and (retry_failed is None or (
+            retry_failed == "retryable" and not prior.retryable)):
+        return "failed"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """One pass over a run's items before anything is spent: how many there are, how many
+    are still to run (each distinct request once), and which keys repeat."""
+
+    total: int
+    to_run: int
+    duplicates: frozenset[int]  # key ids that more than one item has
+
+
+def scan_items(items: Iterable[WorkItem], index: ResumeIndex, *,
+               retry_failed: str | None = None) -> Scan:
+    """Count the items and find repeated keys in bounded memory (8 bytes an item to run)."""
+    total = 0
+    pending = array("Q")
+    for item in items:
+        total += 1
+        if skip_reason(index, item.key, retry_failed) is None:
+            pending.append(key_id(item.key))
+    ordered = sorted(pending)
+    repeated = {a for a, b in zip(ordered, ordered[1:]) if a == b}
+    return Scan(total=total, to_run=len(ordered) - sum(
+        1 for a, b in zip(ordered, ordered[1:]) if a == b), duplicates=frozenset(repeated))
+
+
+@dataclass
+class _KeyGroup:
+    """The items of one run that share a key: the first runs, the others wait for its record."""
+
+    first_index: int
+    record: dict[str, Any] | None = None
+    pending: list[WorkItem] = field(default_factory=list)
+
+
+def duplicate_record(item: WorkItem, original: Mapping[str, Any]) -> dict[str, Any]:
+    """The result line of ``item``, whose request is the same as ``original``'s item: it was
+    generated once, for the first; this line points at the same files."""
+    now = utc_now()
+    record = dict(original)
+    record.update({
+        "index": item.index,
+        "prompt_id": item.prompt_id,
+        "template": item.template,
+        "vars": dict(item.vars),
+        "duplicate_of": original["index"],
+        "jobs": 0,
+        "polls": 0,
+        "replayed": False,
+        "timings": {"generating": None, "downloading": None, "total": 0.0},
+        "started_at": now,
+        "finished_at": now,
+        "source": item.source,
+    })
+    return record
 
 
 class _ItemFailed(Exception):
@@ -248,11 +335,18 @@ class Runner:
         self.state = RunState(inflight_cap=settings.max_inflight)
         self.stats = _Stats()
         self._fatal: RunAborted | None = None
-        self._uploads: dict[str, str] = {}
+        # Reference images by content sha256 -> URL: an earlier run's uploads are reused while
+        # the API still keeps them; a resend of a journaled submit uses the journal's URLs.
+        self._uploads: dict[str, str] = {
+            digest: upload.url for digest, upload in index.uploads.items()
+            if _seconds_until(upload.expires_at) > UPLOAD_MARGIN}
+        self._path_digests: dict[str, str] = {}
         self._upload_locks: dict[str, anyio.Lock] = {}
         self._input_sizes: dict[str, tuple[int, int] | None] = {}
         self._committed_credits = 0.0
         self._decode_seconds = 0.0
+        self._duplicate_ids: frozenset[int] = frozenset()
+        self._groups: dict[int, _KeyGroup] = {}
         self._work_scope: anyio.CancelScope | None = None
 
     # -- stopping --------------------------------------------------------------------------
@@ -272,11 +366,18 @@ class Runner:
     # -- the pool ----------------------------------------------------------------------------
 
     async def run(self, items: Iterable[WorkItem], *, total: int | None = None,
+                  duplicates: frozenset[int] = frozenset(),
                   summary_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Run every item; return the summary (also written to summary.json, once, with
-        ``summary_extra`` merged in)."""
+        ``summary_extra`` merged in).
+
+        ``duplicates`` are the key ids (:func:`batchflux.store.key_id`) that more than one
+        item has (:func:`scan_items` finds them): the first item of each runs, the others are
+        recorded as its duplicates once it ends, without a job of their own.
+        """
         self.state.started = self.clock()
         self.state.total = total
+        self._duplicate_ids = duplicates
         started_at = utc_now()
         send, receive = anyio.create_memory_object_stream[WorkItem](0)
         results_send, results_receive = anyio.create_memory_object_stream[dict[str, Any]](64)
@@ -286,7 +387,7 @@ class Runner:
                 outer.start_soon(self._ticker)
                 async with anyio.create_task_group() as tg:
                     self._work_scope = tg.cancel_scope
-                    tg.start_soon(self._feeder, items, send)
+                    tg.start_soon(self._feeder, items, send, results_send.clone())
                     async with results_send:
                         for _ in range(max(1, self.settings.concurrency)):
                             tg.start_soon(self._worker, receive.clone(), results_send.clone())
@@ -305,22 +406,40 @@ class Runner:
             raise self._fatal
         return summary
 
-    async def _feeder(self, items: Iterable[WorkItem], send: ObjectSendStream[WorkItem]) -> None:
+    async def _feeder(self, items: Iterable[WorkItem], send: ObjectSendStream[WorkItem],
+                      results: ObjectSendStream[dict[str, Any]]) -> None:
         retry_failed = self.settings.retry_failed
-        async with send:
+        stats = self.stats
+        async with send, results:
             for item in items:
                 if self.stopping:
                     break
-                if self.index.is_ok(item.key):
-                    self._skip()
+                kid = key_id(item.key)
+                group = self._groups.get(kid) if self._duplicate_ids else None
+                if group is not None:
+                    # The same request as an earlier item of this run: generated once.
+                    stats.duplicates += 1
+                    if group.record is None:
+                        group.pending.append(item)
+                    else:
+                        await results.send(duplicate_record(item, group.record))
                     continue
-                prior = self.index.prior_failure(item.key)
-                if prior is not None:
-                    if retry_failed is None or (retry_failed == "retryable" and
-                                                not prior.retryable):
-                        self._skip()
-                        continue
-                    self.stats.retried_items += 1
+                reason = skip_reason(self.index, item.key, retry_failed)
+                if reason is not None:
+                    self._skip()
+                    if reason == "ok":
+                        stats.skipped_ok += 1
+                    else:
+                        stats.skipped_failed += 1
+                        prior = self.index.prior_failure(item.key)
+                        stats.skipped_failed_retryable += bool(prior and prior.retryable)
+                    continue
+                if self.index.prior_failure(item.key) is not None:
+                    stats.retried_items += 1
+                elif self.index.missing_files(item.key) is not None:
+                    stats.refetched += 1
+                if kid in self._duplicate_ids:
+                    self._groups[kid] = _KeyGroup(first_index=item.index)
                 await send.send(item)
 
     def _skip(self) -> None:
@@ -337,16 +456,28 @@ class Runner:
     async def _writer(self, receive: ObjectReceiveStream[dict[str, Any]]) -> None:
         async with receive:
             async for record in receive:
-                try:
-                    self.store.append_result(record)
-                except RunAborted as exc:
-                    # Nothing more can be recorded: stop everything. Jobs in flight stay in
-                    # the journal and the next run re-attaches to them.
-                    self.stop(str(exc), fatal=exc)
-                    self.cancel()
-                    return
-                self._account(record)
-                self.reporter.result(record)
+                for line in self._with_duplicates(record):
+                    try:
+                        self.store.append_result(line)
+                    except RunAborted as exc:
+                        # Nothing more can be recorded: stop everything. Jobs in flight stay
+                        # in the journal and the next run re-attaches to them.
+                        self.stop(str(exc), fatal=exc)
+                        self.cancel()
+                        return
+                    self._account(line)
+                    self.reporter.result(line)
+
+    def _with_duplicates(self, record: dict[str, Any]) -> list[dict[str, Any]]:
+        """``record`` and the lines of the items that wait for it (same key, later index)."""
+        if record.get("duplicate_of") is not None or not self._duplicate_ids:
+            return [record]
+        group = self._groups.get(key_id(record["key"]))
+        if group is None or group.first_index != record["index"]:
+            return [record]
+        group.record = record
+        pending, group.pending = group.pending, []
+        return [record, *(duplicate_record(item, record) for item in pending)]
 
     def cancel(self) -> None:
         """Stop at once: no new submits, in-flight work abandoned (it stays journaled)."""
@@ -357,7 +488,7 @@ class Runner:
         last_sync = self.clock()
         while True:
             await anyio.sleep(0.5)
-            self.state.inflight = self.inflight.in_use
+            self.state.inflight = self._jobs_open
             self.state.inflight_cap = self.inflight.limit
             self.state.cooldown_remaining = max(self.cooldown.remaining,
                                                 self.submit_cooldown.remaining)
@@ -372,23 +503,13 @@ class Runner:
         started = self.clock()
         started_at = utc_now()
         ctx = _ItemContext(item=item, started=started, started_at=started_at)
-        prior = self.index.prior_failure(item.key)
-        journaled = self.index.journaled_job(item.key)
-        intent = self.index.journaled_intent(item.key)
-        if journaled is not None:
-            ctx.submission, ctx.job_id = journaled
+        ctx.submission, ctx.job_id, ctx.resend_inputs = self._resume_point(item)
+        ctx.refetch = self.index.missing_files(item.key) is not None
+        if ctx.job_id is not None:
             ctx.attached = True
             self.stats.attached += 1
-        elif intent is not None:
-            ctx.submission = intent  # resend with the same Idempotency-Key: a replay, no charge
-        elif prior is not None:
-            if prior.job_id and prior.category in REATTACH_CATEGORIES:
-                # The job itself did not fail (we lost track of it, or its download did):
-                # look at it again before paying for a new one.
-                ctx.submission, ctx.job_id, ctx.attached = prior.submission, prior.job_id, True
-            else:
-                ctx.submission = prior.submission + 1
-        else:
+        elif self.index.prior_failure(item.key) is None and not ctx.refetch \
+                and self.index.journaled_intent(item.key) is None:
             self.stats.new += 1
         ctx.was_attached = ctx.attached
         try:
@@ -407,6 +528,40 @@ class Runner:
             return None
         return self._record(ctx, status="ok", error=None, files=files)
 
+    def _resume_point(self, item: WorkItem) -> tuple[int, str | None, tuple[str, ...] | None]:
+        """Where this item's lifecycle picks up: ``(submission number, job to re-attach or
+        None, input URLs of a submit to resend or None)``.
+
+        The rule is *never pay twice*: a job the journal or an earlier result knows is polled,
+        not paid for again; a submit that may have created a job we never heard of is resent
+        with the same Idempotency-Key and the same body (the API answers with that job); only
+        a job that ended for good (FAILED, expired, cancelled) earns a new submission number.
+        """
+        index = self.index
+        prior = index.prior_failure(item.key) or index.missing_files(item.key)
+        job = index.journaled_job(item.key)
+        intent = index.journaled_intent(item.key)
+        floor = prior.submission if prior is not None else 0
+        if intent is not None and intent.submission >= floor and (
+                job is None or intent.submission > job[0]):
+            if _is_stale(intent):
+                return intent.submission + 1, None, None
+            return intent.submission, None, intent.inputs
+        if job is not None and job[0] >= floor:
+            if prior is None or prior.job_id != job[1] or prior.category in REATTACH_CATEGORIES:
+                return job[0], job[1], None
+            return job[0] + 1, None, None
+        if prior is not None:
+            if prior.job_id is None:
+                # The submit may have created a job whose answer we never got: same key.
+                return prior.submission, None, None
+            if prior.category in REATTACH_CATEGORIES:
+                # The job itself did not fail (we lost track of it, or its download did):
+                # look at it again before paying for a new one.
+                return prior.submission, prior.job_id, None
+            return prior.submission + 1, None, None
+        return 0, None, None
+
     async def _run_item(self, ctx: _ItemContext) -> tuple[StoredFile, ...]:
         item = ctx.item
         max_submissions = self.settings.retries + 1
@@ -414,16 +569,32 @@ class Runner:
             if ctx.job_id is None:
                 if self.stopping:
                     raise _NotStarted
-                body = await self._request_body_or_fail(item)
+                body, inputs = await self._request_body_or_fail(item, ctx.resend_inputs)
                 async with self.inflight:
-                    await self._submit(ctx, body)
+                    await self._submit(ctx, body, inputs)
                     state = await self._wait(ctx)
             else:
                 async with self.inflight:
                     state = await self._wait(ctx)
+            if state is None:
+                # A journaled job the provider no longer knows (it forgets jobs after about
+                # 24 h; a restarted simulator at once): journal it as lost and pay anew, with
+                # a new key (the old one may still replay the forgotten job).
+                self.stats.lost += 1
+                self.store.journal_lost(item, ctx.submission, ctx.job_id or "")
+                if ctx.jobs_created >= max_submissions or self.stopping:
+                    raise _ItemFailed(ErrorInfo(
+                        ErrorCategory.LOST, f"job {ctx.job_id} is no longer known to the API",
+                        True))
+                self._new_submission(ctx)
+                continue
             self._note_job(ctx, state)
             if state.status == "COMPLETED":
                 if state.expired:
+                    if ctx.refetch and ctx.jobs_created < max_submissions and not self.stopping:
+                        # The images were deleted here and purged there: make them again.
+                        self._new_submission(ctx)
+                        continue
                     raise _ItemFailed(ErrorInfo(ErrorCategory.EXPIRED,
                                                 "images expired before download", False))
                 return await self._download_all(ctx, state)
@@ -438,13 +609,20 @@ class Runner:
             # A transient failure (no capacity): a new job, with a new Idempotency-Key.
             self.stats.resubmissions += 1
             await self.sleep(self.settings.request_retry.backoff(ctx.jobs_created, self.rng))
-            ctx.submission += 1
-            ctx.job_id = None
-            ctx.attached = False
+            self._new_submission(ctx)
 
-    async def _request_body_or_fail(self, item: WorkItem) -> dict[str, Any]:
+    @staticmethod
+    def _new_submission(ctx: _ItemContext) -> None:
+        ctx.submission += 1
+        ctx.job_id = None
+        ctx.attached = False
+        ctx.resend_inputs = None
+
+    async def _request_body_or_fail(
+            self, item: WorkItem, inputs: tuple[str, ...] | None,
+    ) -> tuple[dict[str, Any], tuple[str, ...] | None]:
         try:
-            return await self._request_body(item)
+            return await self._request_body(item, inputs)
         except ApiError as exc:
             raise _ItemFailed(_error_info(exc)) from exc
         except OSError as exc:
@@ -452,24 +630,33 @@ class Runner:
                 ErrorCategory.INVALID_REQUEST,
                 f"cannot read a reference image: {exc.strerror or exc}", False)) from exc
 
-    async def _request_body(self, item: WorkItem) -> dict[str, Any]:
+    async def _request_body(
+            self, item: WorkItem, inputs: tuple[str, ...] | None = None,
+    ) -> tuple[dict[str, Any], tuple[str, ...] | None]:
+        """The submit body, and the ``input_images`` URLs it carries (None without any).
+
+        ``inputs`` (from the journal) resend exactly what an earlier submit carried."""
         params = dict(item.params)
         refs = params.get("input_images")
-        if refs:
-            params["input_images"] = [
-                ref if is_remote_ref(ref) else await self._upload(ref) for ref in refs
-            ]
-        return {"prompt": item.prompt, "model": item.model, "fluxParams": params}
+        if not refs:
+            return {"prompt": item.prompt, "model": item.model, "fluxParams": params}, None
+        if inputs is None or len(inputs) != len(refs):
+            inputs = tuple([ref if is_remote_ref(ref) else await self._upload(ref)
+                            for ref in refs])
+        params["input_images"] = list(inputs)
+        return {"prompt": item.prompt, "model": item.model, "fluxParams": params}, inputs
 
     async def _upload(self, path: str) -> str:
-        """Upload a local reference image once per content hash; reuse its URL after."""
+        """Upload a local reference image once per content hash; reuse its URL after (also
+        one an earlier run uploaded, while the API keeps it)."""
         lock = self._upload_locks.setdefault(path, anyio.Lock())
         async with lock:
-            url = self._uploads.get(path)
-            if url is not None:
-                return url
+            digest = self._path_digests.get(path)
+            if digest is not None and digest in self._uploads:
+                return self._uploads[digest]
             data = await anyio.Path(path).read_bytes()
             digest = hashlib.sha256(data).hexdigest()
+            self._path_digests[path] = digest
             url = self._uploads.get(digest)
             if url is None:
                 result = await self._call("upload", lambda: self.client.upload(
@@ -477,7 +664,6 @@ class Runner:
                 url = result.url
                 self._uploads[digest] = url
                 self.store.journal_upload(digest, url, getattr(result, "expires_at", None))
-            self._uploads[path] = url
             return url
 
     async def _call(self, route: str, make: Callable[[], Awaitable[Any]], *,
@@ -554,7 +740,8 @@ class Runner:
             if not self.submit_cooldown.is_active:
                 return
 
-    async def _submit(self, ctx: _ItemContext, body: dict[str, Any]) -> None:
+    async def _submit(self, ctx: _ItemContext, body: dict[str, Any],
+                      inputs: tuple[str, ...] | None = None) -> None:
         item = ctx.item
         budget, cost = self.settings.budget, self.settings.cost_per_image
         if self.stopping:
@@ -570,7 +757,10 @@ class Runner:
             await self._throttle_submit()
             if self.stopping:
                 raise _NotStarted
-            self.store.journal_intent(item, ctx.submission)
+            self.store.journal_intent(item, ctx.submission, inputs)
+            ctx.resend_inputs = inputs
+            if ctx.first_sent_wall is None:
+                ctx.first_sent_wall = time.time()
             accepted = await self._call(
                 "submit", lambda: self.client.submit(body, idempotency_key=key),
                 throttle=self._throttle_submit)
@@ -582,13 +772,17 @@ class Runner:
             raise
         self.submit_rate.on_accepted()
         self._peak_open_accepted = max(self._peak_open_accepted, self._jobs_open + 1)
+        # A replay answers with a job that may be past QUEUED; one still QUEUED is told apart
+        # by its creation time once we see it (see _note_job).
+        ctx.replayed = bool(getattr(accepted, "replayed", False)) or accepted.status != "QUEUED"
         ctx.job_id = accepted.job_id
         ctx.jobs_created += 1
         ctx.submitted = self.clock()
         self.store.journal_job(item, ctx.submission, accepted.job_id)
 
     async def _wait(self, ctx: _ItemContext) -> Any:
-        """Poll until the job is terminal or its deadline passes."""
+        """Poll until the job is terminal or its deadline passes. None: the API does not
+        know the job (:attr:`ErrorCategory.LOST`)."""
         self._jobs_open += 1
         try:
             return await self._poll_until_done(ctx)
@@ -622,6 +816,8 @@ class Runner:
                 state = await self._call("poll", lambda: self.client.get_job(job_id),
                                          deadline=deadline)
             except ApiError as exc:
+                if exc.category is ErrorCategory.LOST:
+                    return None
                 raise _ItemFailed(_error_info(exc)) from exc
             ctx.polls += 1
             last_progress, progress, status = progress, state.progress, state.status
@@ -646,11 +842,16 @@ class Runner:
                 self.durations.observe(ctx.generating if reported is None else reported)
         if state.status == "COMPLETED":
             self.inflight.on_success()
+        created = _unix_time(getattr(state, "created_at", None))
+        if ctx.attached or (ctx.first_sent_wall is not None and created is not None
+                            and created < ctx.first_sent_wall - REPLAY_SLACK):
+            ctx.replayed = True
         cost = state.credit_cost or 0
         ctx.credit_cost = cost
         if ctx.submitted is not None:
             self._committed_credits -= self.settings.cost_per_image
-        self._committed_credits += cost
+        if not ctx.replayed:
+            self._committed_credits += cost
 
     async def _download_all(self, ctx: _ItemContext, state: Any) -> tuple[StoredFile, ...]:
         if not state.images:
@@ -755,6 +956,7 @@ class Runner:
             "jobs": ctx.jobs_created + (1 if ctx.was_attached else 0),
             "polls": ctx.polls,
             "credit_cost": ctx.credit_cost,
+            "replayed": ctx.replayed,
             "error": error.to_json() if error else None,
             "files": [f.to_json() for f in files],
             "timings": {
@@ -772,22 +974,44 @@ class Runner:
         status = record["status"]
         stats.by_status[status] += 1
         self.state.done += 1
+        duplicate = record.get("duplicate_of") is not None
         if status == "ok":
             self.state.ok += 1
-            stats.latencies.append(record["timings"]["total"] or 0.0)
-            stats.images += len(record["files"])
-            stats.bytes += sum(f["bytes"] for f in record["files"])
+            if not duplicate:
+                stats.latencies.append(record["timings"]["total"] or 0.0)
+                stats.images += len(record["files"])
+                stats.bytes += sum(f["bytes"] for f in record["files"])
         else:
             self.state.failed += 1
             stats.by_category[record["error"]["category"]] += 1
-        stats.credits += record.get("credit_cost") or 0
+        if duplicate:
+            return
+        if record.get("replayed"):
+            stats.replayed += 1
+        else:
+            stats.credits += record.get("credit_cost") or 0
         self.state.credits_spent = stats.credits
+
+    def totals(self) -> dict[str, int | None]:
+        """The whole run directory, as far as this run's items go: what is ok, what failed
+        (and could be retried), what is still to do. Exit codes follow these."""
+        stats = self.stats
+        ok = stats.skipped_ok + stats.by_status.get("ok", 0)
+        failed = stats.skipped_failed + stats.by_status.get("failed", 0)
+        retryable = stats.skipped_failed_retryable + sum(
+            n for category, n in stats.by_category.items()
+            if category in _RETRYABLE_NAMES)
+        total = self.state.total
+        return {"items": total, "ok": ok, "failed": failed, "failed_retryable": retryable,
+                "to_do": None if total is None else max(0, total - ok - failed)}
 
     def _summary(self, started_at: str) -> dict[str, Any]:
         stats = self.stats
         elapsed = max(self.clock() - self.state.started, 1e-9)
         ok = stats.by_status.get("ok", 0)
         failed = stats.by_status.get("failed", 0)
+        totals = self.totals()
+        not_started = stats.not_started if totals["to_do"] is None else totals["to_do"]
         return {
             "started_at": started_at,
             "finished_at": utc_now(),
@@ -797,13 +1021,18 @@ class Runner:
                 "ok": ok,
                 "failed": failed,
                 "skipped": self.state.skipped,
-                "not_started": stats.not_started,
+                "not_started": not_started,
                 "new": stats.new,
                 "retried": stats.retried_items,
                 "reattached": stats.attached,
+                "refetched": stats.refetched,
+                "duplicates": stats.duplicates,
+                "lost": stats.lost,
             },
+            "totals": totals,
             "errors_by_category": dict(sorted(stats.by_category.items())),
             "credits_spent": stats.credits,
+            "replayed_jobs": stats.replayed,
             "images": stats.images,
             "bytes": stats.bytes,
             "latency_seconds": {
@@ -851,6 +1080,10 @@ class _ItemContext:
     credit_cost: int | None = None
     generating: float | None = None
     downloading: float | None = None
+    resend_inputs: tuple[str, ...] | None = None  # input URLs a resend must carry again
+    refetch: bool = False  # an ok item whose images were gone
+    replayed: bool = False  # the API answered with a job this run did not create
+    first_sent_wall: float | None = None  # Unix time of this run's first submit of the item
 
 
 def _round(value: float | None) -> float | None:
@@ -875,6 +1108,25 @@ def _job_seconds(state: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return seconds.total_seconds()
+
+
+def _unix_time(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def _seconds_until(text: str | None) -> float:
+    """Seconds from now until an ISO 8601 time (0 when unknown: assume it is gone)."""
+    when = _unix_time(text)
+    return 0.0 if when is None else when - time.time()
+
+
+def _is_stale(intent: JournalIntent) -> bool:
+    return intent.at is not None and time.time() - intent.at > IDEMPOTENCY_WINDOW
 
 
 def _error_info(exc: ApiError) -> ErrorInfo:

@@ -27,10 +27,11 @@ import json
 import os
 import re
 import shutil
+import time
 import unicodedata
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,10 +209,10 @@ def key_id(key: str) -> int:
 _OK_LINE = re.compile(rb'\{"key":"([0-9a-f]{16})[0-9a-f]*","[^{]*?"status":"ok"')
 
 
-def _iter_results(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
-    """``(key id, record)`` for each line of results.jsonl, stopping at a torn or unparsable
-    line as :func:`iter_jsonl` does. Lines the runner wrote for an ok item (``key`` first,
-    top-level ``status`` before any nested object) are recognised by a pattern and give
+def _iter_results(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, bytes]]:
+    """``(key id, record, raw line)`` for each line of results.jsonl, stopping at a torn or
+    unparsable line as :func:`iter_jsonl` does. Lines the runner wrote for an ok item (``key``
+    first, top-level ``status`` before any nested object) are recognised by a pattern and give
     ``record=None``, without a JSON parse; every other line is parsed in full.
     """
     try:
@@ -227,7 +228,7 @@ def _iter_results(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
             else:
                 found = match(raw)
                 if found is not None:
-                    yield int(found.group(1), 16), None
+                    yield int(found.group(1), 16), None, raw
                     continue
             try:
                 record = json.loads(raw)
@@ -238,7 +239,7 @@ def _iter_results(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
             key = record.get("key")
             if isinstance(key, str) and len(key) >= 16:
                 try:
-                    yield key_id(key), record
+                    yield key_id(key), record, raw
                 except ValueError:
                     continue
 
@@ -256,7 +257,7 @@ def _sorted_unique(values: array) -> array:
 
 @dataclass(frozen=True, slots=True)
 class PriorResult:
-    """What an earlier run recorded for an item that did not end ok."""
+    """What an earlier run recorded for an item that did not end ok (or whose files are gone)."""
 
     category: str | None
     retryable: bool
@@ -264,48 +265,92 @@ class PriorResult:
     job_id: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class JournalIntent:
+    """A submit that was sent (or about to be) without its jobId being journaled after it.
+
+    ``inputs`` are the ``input_images`` URLs that submit carried (local files as the upload URL
+    they were sent as), so that a resend is byte-for-byte the same request and the API answers
+    it with the original job; ``at`` is the Unix time it was journaled.
+    """
+
+    submission: int
+    inputs: tuple[str, ...] | None = None
+    at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JournalUpload:
+    """A reference image uploaded by an earlier run: its URL and when the API forgets it."""
+
+    url: str
+    expires_at: str | None
+
+
 class ResumeIndex:
     """What ``results.jsonl`` and the journal say about earlier runs.
 
     ``ok`` keys live in a sorted ``array('Q')`` (8 bytes an item, so a million finished items
     cost 8 MB); failed items and journaled-but-unfinished jobs are few and kept in dicts.
+
+    An ok line whose image files are gone (or changed size) is not ok: with ``check_files``
+    it goes to :attr:`missing`, so that the run fetches its images again (re-attaching to its
+    job while the provider still has the images, else generating it anew).
+
+    The journal tells, per item, the latest submission sent (:attr:`intents`) and the latest
+    job accepted (:attr:`jobs`); neither is dropped for an item that failed, because a retry
+    of that item must reuse what the journal knows instead of paying for a new job.
     """
 
     def __init__(self) -> None:
         self._ok = array("Q")
         self.failed: dict[int, PriorResult] = {}
+        self.missing: dict[int, PriorResult] = {}
         self.jobs: dict[int, tuple[int, str]] = {}  # key id -> (submission number, jobId)
-        self.intents: dict[int, int] = {}  # key id -> submission number sent, jobId unknown
+        self.intents: dict[int, JournalIntent] = {}  # key id -> submission sent, jobId unknown
         self.results_lines = 0
-        self.uploads: dict[str, str] = {}
+        self.uploads: dict[str, JournalUpload] = {}  # content sha256 -> upload
 
     @classmethod
-    def load(cls, out_dir: Path) -> ResumeIndex:
+    def load(cls, out_dir: Path, *, check_files: bool = True) -> ResumeIndex:
         index = cls()
         ok_ids = array("Q")
-        for kid, record in _iter_results(out_dir / RESULTS_NAME):
+        present = _FileCheck(out_dir) if check_files else None
+        for kid, record, raw in _iter_results(out_dir / RESULTS_NAME):
             index.results_lines += 1
-            if record is None:  # an ok line read by the fast path
+            if record is None or record.get("status") == "ok":
+                if present is not None and not present.all_there(
+                        _files_of(raw) if record is None else record.get("files")):
+                    full = record if record is not None else json.loads(raw)
+                    index.missing[kid] = PriorResult(
+                        category="download_failed", retryable=True,
+                        submission=int(full.get("submission") or 0),
+                        job_id=full.get("job_id"))
+                    index.failed.pop(kid, None)
+                    continue
                 ok_ids.append(kid)
                 if index.failed:
                     index.failed.pop(kid, None)
+                if index.missing:
+                    index.missing.pop(kid, None)
                 continue
-            if record.get("status") == "ok":
-                ok_ids.append(kid)
-                index.failed.pop(kid, None)
-            else:
-                error = record.get("error") or {}
-                index.failed[kid] = PriorResult(
-                    category=error.get("category"),
-                    retryable=bool(error.get("retryable")),
-                    submission=int(record.get("submission") or 0),
-                    job_id=record.get("job_id"),
-                )
+            error = record.get("error") or {}
+            index.failed[kid] = PriorResult(
+                category=error.get("category"),
+                retryable=bool(error.get("retryable")),
+                submission=int(record.get("submission") or 0),
+                job_id=record.get("job_id"),
+            )
+            index.missing.pop(kid, None)
         index._ok = _sorted_unique(ok_ids)
+        # An ok line for a key that also appears missing (the same key twice) keeps it ok.
+        for kid in [k for k in index.missing if index._has_ok(k)]:
+            del index.missing[kid]
         for _, record in iter_jsonl(out_dir / STATE_DIR / JOURNAL_NAME):
             kind = record.get("t")
             if kind == "upload":
-                index.uploads[str(record.get("sha256"))] = str(record.get("url"))
+                index.uploads[str(record.get("sha256"))] = JournalUpload(
+                    str(record.get("url")), record.get("expires_at"))
                 continue
             key = record.get("key")
             if not isinstance(key, str) or len(key) < 16:
@@ -313,16 +358,22 @@ class ResumeIndex:
             kid = key_id(key)
             n = int(record.get("n", 0))
             if kind == "intent":
-                index.intents[kid] = n
+                inputs = record.get("inputs")
+                index.intents[kid] = JournalIntent(
+                    n, tuple(str(u) for u in inputs) if isinstance(inputs, list) else None,
+                    float(record["at"]) if isinstance(record.get("at"), (int, float)) else None)
+            elif kind == "lost":
+                if index.jobs.get(kid, (None,))[0] == n:
+                    del index.jobs[kid]
             elif kind == "job":
                 index.jobs[kid] = (n, str(record.get("job_id")))
-                index.intents.pop(kid, None)
-            elif kind == "done":
-                index.jobs.pop(kid, None)
-                index.intents.pop(kid, None)
-        # A result line closes the item's journal entries, whatever the journal says.
+                intent = index.intents.get(kid)
+                if intent is not None and intent.submission <= n:
+                    del index.intents[kid]
+        # An ok result closes the item's journal entries, whatever the journal says; a failed
+        # one does not (its retry must reuse the key or the job the journal knows).
         for table in (index.jobs, index.intents):
-            for kid in [k for k in table if k in index.failed or index._has_ok(k)]:
+            for kid in [k for k in table if index._has_ok(k)]:
                 del table[kid]
         return index
 
@@ -331,9 +382,15 @@ class ResumeIndex:
         return pos < len(self._ok) and self._ok[pos] == kid
 
     def is_ok(self, key: str) -> bool:
+        return self._has_ok(key_id(key))
+
+    def mark_ok(self, key: str) -> None:
+        """Record that ``key`` ended ok in this run (kept sorted; O(n) insert, used rarely)."""
         kid = key_id(key)
-        pos = bisect_left(self._ok, kid)
-        return pos < len(self._ok) and self._ok[pos] == kid
+        if not self._has_ok(kid):
+            self._ok.insert(bisect_left(self._ok, kid), kid)
+        self.failed.pop(kid, None)
+        self.missing.pop(kid, None)
 
     @property
     def ok_count(self) -> int:
@@ -342,11 +399,55 @@ class ResumeIndex:
     def prior_failure(self, key: str) -> PriorResult | None:
         return self.failed.get(key_id(key))
 
+    def missing_files(self, key: str) -> PriorResult | None:
+        """The ok result of ``key`` whose image files are no longer there (or None)."""
+        return self.missing.get(key_id(key))
+
     def journaled_job(self, key: str) -> tuple[int, str] | None:
         return self.jobs.get(key_id(key))
 
-    def journaled_intent(self, key: str) -> int | None:
+    def journaled_intent(self, key: str) -> JournalIntent | None:
         return self.intents.get(key_id(key))
+
+
+class _FileCheck:
+    """Whether an ok line's files are all there with their recorded size (a stat each)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+
+    def all_there(self, files: Any) -> bool:
+        if not isinstance(files, list) or not files:
+            return False
+        for entry in files:
+            if not isinstance(entry, dict):
+                return False
+            rel, size = entry.get("path"), entry.get("bytes")
+            if not isinstance(rel, str) or rel.startswith("/") or ".." in rel.split("/"):
+                return False
+            try:
+                if os.stat(self.out_dir / rel).st_size != size:
+                    return False
+            except OSError:
+                return False
+        return True
+
+
+_FILES = re.compile(rb',"files":(\[.*?\]),"timings":')
+
+
+def _files_of(raw: bytes) -> Any:
+    """The ``files`` list of a result line read by the fast path, parsed alone.
+
+    A JSON string cannot contain ``,"files":[`` unescaped, so the first match is the field.
+    """
+    found = _FILES.search(raw)
+    if found is None:
+        return None
+    try:
+        return json.loads(found.group(1))
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -549,15 +650,27 @@ class RunStore:
             raise RunAborted(f"cannot write to {self.out_dir}: {exc.strerror or exc}",
                              exit_code=EXIT_CANTCREAT) from exc
 
-    def journal_intent(self, item: WorkItem, submission: int) -> None:
+    def journal_intent(self, item: WorkItem, submission: int,
+                       inputs: Sequence[str] | None = None) -> None:
         """Recorded before a submit is sent: a crash before we learn the jobId resubmits with
-        the same Idempotency-Key, which the API answers with the original job."""
-        self._append(self._journal_fd, {"t": "intent", "key": item.key, "n": submission})
+        the same Idempotency-Key *and the same body*, which the API answers with the original
+        job. ``inputs`` are the ``input_images`` URLs the body carries (upload URLs change from
+        one upload to the next, so a resend must reuse these, not upload again)."""
+        record: dict[str, Any] = {"t": "intent", "key": item.key, "n": submission,
+                                  "at": round(time.time(), 3)}
+        if inputs:
+            record["inputs"] = list(inputs)
+        self._append(self._journal_fd, record)
 
     def journal_job(self, item: WorkItem, submission: int, job_id: str) -> None:
         """Recorded (written through to the OS) before anyone waits on the job."""
         self._append(self._journal_fd,
                      {"t": "job", "key": item.key, "n": submission, "job_id": job_id})
+
+    def journal_lost(self, item: WorkItem, submission: int, job_id: str) -> None:
+        """The API no longer knows a journaled job: the item is submitted anew."""
+        self._append(self._journal_fd,
+                     {"t": "lost", "key": item.key, "n": submission, "job_id": job_id})
 
     def journal_upload(self, sha256: str, url: str, expires_at: str | None) -> None:
         self._append(self._journal_fd,

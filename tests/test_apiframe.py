@@ -162,10 +162,10 @@ async def test_get_job_accepts_the_old_bare_url_result_and_missing_optional_fiel
     assert (job.progress, job.credit_cost, job.expired) == (None, None, False)
 
 
-async def test_get_job_404_is_a_final_job_not_found() -> None:
+async def test_get_job_404_is_a_lost_job() -> None:
     async with _client(lambda r: httpx.Response(404, json={"error": "Job not found"})) as api:
         err = await _raises(api.get_job(JOB_ID))
-    assert err.category is ErrorCategory.INVALID_REQUEST
+    assert err.category is ErrorCategory.LOST
     assert not err.retryable and err.http_status == 404
     assert "job not found" in err.message
 

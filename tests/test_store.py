@@ -121,7 +121,10 @@ def test_missing_files_are_not_an_error(tmp_path: Path) -> None:
 def test_opening_a_store_repairs_both_files(tmp_path: Path) -> None:
     out = tmp_path / "out"
     (out / STATE_DIR).mkdir(parents=True)
-    (out / RESULTS_NAME).write_bytes(b'{"key":"' + b"a" * 64 + b'","status":"ok"}\n{"ke')
+    (out / "images").mkdir()
+    (out / "images" / "a.png").write_bytes(b"x" * 10)
+    (out / RESULTS_NAME).write_bytes(b'{"key":"' + b"a" * 64 + b'","status":"ok","files":'
+                                     b'[{"path":"images/a.png","bytes":10}]}\n{"ke')
     (out / STATE_DIR / JOURNAL_NAME).write_bytes(b'{"t":"intent","key":"b')
     store = RunStore(out, filename_template=TEMPLATE)
     index = store.open()
@@ -158,15 +161,65 @@ def test_resume_index_reads_results_and_journal(tmp_path: Path) -> None:
            {"t": "job", "key": k[4], "n": 0, "job_id": "j4"},
            {"t": "intent", "key": k[0], "n": 0},
            {"t": "job", "key": k[0], "n": 0, "job_id": "j0"})
-    index = ResumeIndex.load(tmp_path)
+    index = ResumeIndex.load(tmp_path, check_files=False)
     assert index.is_ok(k[0]) and index.is_ok(k[2]) and not index.is_ok(k[1])
     assert index.ok_count == 2
     prior = index.prior_failure(k[1])
     assert prior is not None and prior.retryable and prior.job_id == "j1"
     assert index.prior_failure(k[2]) is None
-    assert index.journaled_intent(k[3]) == 0  # sent, jobId unknown: resend, same key
+    intent = index.journaled_intent(k[3])  # sent, jobId unknown: resend, same key
+    assert intent is not None and intent.submission == 0
     assert index.journaled_job(k[4]) == (0, "j4")  # re-attach
-    assert index.journaled_job(k[0]) is None  # its result line closed it
+    assert index.journaled_job(k[0]) is None  # its ok result line closed it
+
+
+def test_a_failed_result_keeps_what_the_journal_knows(tmp_path: Path) -> None:
+    """A retry must reuse the key (and the body) of a submit whose answer was lost, or the
+    job a killed retry had already created; only an ok line closes the journal."""
+    k = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(2)]
+    _lines(tmp_path / RESULTS_NAME,
+           {"key": k[0], "status": "failed", "submission": 1, "job_id": None,
+            "error": {"category": "server_error", "retryable": True}},
+           {"key": k[1], "status": "failed", "submission": 0, "job_id": "j1",
+            "error": {"category": "generation_failed", "retryable": True}})
+    _lines(tmp_path / STATE_DIR / JOURNAL_NAME,
+           {"t": "intent", "key": k[0], "n": 1, "at": 1.5, "inputs": ["https://u/1.png"]},
+           {"t": "intent", "key": k[1], "n": 0},
+           {"t": "job", "key": k[1], "n": 0, "job_id": "j1"},
+           {"t": "intent", "key": k[1], "n": 1},
+           {"t": "job", "key": k[1], "n": 1, "job_id": "j1b"})
+    index = ResumeIndex.load(tmp_path)
+    intent = index.journaled_intent(k[0])
+    assert intent is not None and (intent.submission, intent.inputs, intent.at) == (
+        1, ("https://u/1.png",), 1.5)
+    assert index.journaled_job(k[1]) == (1, "j1b") and index.journaled_intent(k[1]) is None
+
+
+def test_an_ok_line_whose_image_is_gone_or_changed_size_is_to_fetch_again(
+        tmp_path: Path) -> None:
+    k = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(3)]
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        (tmp_path / "images" / f"{i}.png").write_bytes(b"x" * 100)
+    (tmp_path / "images" / "1.png").unlink()
+    (tmp_path / "images" / "2.png").write_bytes(b"x" * 99)
+    runner_line = {"key": k[0], "index": 0, "prompt_id": "p", "status": "ok",
+                   "job_id": "j0", "submission": 0,
+                   "files": [{"path": "images/0.png", "sha256": "0" * 64, "bytes": 100}],
+                   "timings": {}}
+    lines = [runner_line,
+             {**runner_line, "key": k[1], "job_id": "j1", "files": [
+                 {"path": "images/1.png", "sha256": "0" * 64, "bytes": 100}]},
+             {**runner_line, "key": k[2], "job_id": "j2", "submission": 3, "files": [
+                 {"path": "images/2.png", "sha256": "0" * 64, "bytes": 100}]}]
+    # Compact, key first, as the runner writes them: read by the fast path.
+    (tmp_path / RESULTS_NAME).write_text(
+        "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in lines))
+    index = ResumeIndex.load(tmp_path)
+    assert index.is_ok(k[0]) and not index.is_ok(k[1]) and not index.is_ok(k[2])
+    gone, changed = index.missing_files(k[1]), index.missing_files(k[2])
+    assert gone is not None and (gone.job_id, gone.submission) == ("j1", 0)
+    assert changed is not None and (changed.job_id, changed.submission) == ("j2", 3)
 
 
 # --------------------------------------------------------------------------------------------

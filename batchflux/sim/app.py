@@ -211,7 +211,7 @@ async def generate(request: Request) -> Response:
         _input_size(state, body) if params.get("aspect_ratio") == "match_input_image" else None,
     )
     job = state.create_job(api_key=api_key, body=body, body_hash=body_hash, now=now, size=size,
-                           base_url=_base_url(request))
+                           base_url=_base_url(request), idempotency_key=idempotency_key)
     if idempotency_key is not None:
         state.idempotency[(api_key, idempotency_key)] = IdempotencyEntry(
             body_hash, job.id, now + settings.idempotency_ttl)
@@ -514,6 +514,14 @@ async def sim_stats(request: Request) -> Response:
     return _json(state.stats_json())
 
 
+async def sim_jobs(request: Request) -> Response:
+    """Every job ever created (the paid-job ledger of tests and benchmarks)."""
+    state = _state(request)
+    now = state.clock()
+    state.settle(now)
+    return _json({"jobs": state.ledger_json(now)})
+
+
 async def sim_settings(request: Request) -> Response:
     state = _state(request)
     if request.method == "POST":
@@ -554,6 +562,7 @@ ROUTES: tuple[tuple[str, str, Callable[[Request], Any]], ...] = (
     ("GET", "/cdn/images/{name}", get_image),
     ("GET", "/cdn/uploads/{name}", get_upload),
     ("GET", "/_sim/stats", sim_stats),
+    ("GET", "/_sim/jobs", sim_jobs),
     ("GET", "/_sim/settings", sim_settings),
     ("POST", "/_sim/settings", sim_settings),
     ("POST", "/_sim/reset", sim_reset),

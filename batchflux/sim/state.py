@@ -63,6 +63,7 @@ class Job:
     quality: int
     seed: int
     base_url: str
+    idempotency_key: str | None = None
     webhook_url: str | None = None
     webhook_events: tuple[str, ...] = ()
     webhook_status: str | None = None
@@ -251,7 +252,8 @@ class SimState:
     # -- jobs -----------------------------------------------------------------------------------
 
     def create_job(self, *, api_key: str, body: dict[str, Any], body_hash: str, now: float,
-                   size: tuple[int, int], base_url: str) -> Job:
+                   size: tuple[int, int], base_url: str,
+                   idempotency_key: str | None = None) -> Job:
         s = self.settings
         fate = self.plan.job_fate(s)
         params = body.get("fluxParams", {})
@@ -271,6 +273,7 @@ class SimState:
             quality=params.get("output_quality", 80),
             seed=params["seed"] if "seed" in params else self.plan._stream("seeds").randrange(2**31),
             base_url=base_url,
+            idempotency_key=idempotency_key,
         )
         if "webhookUrl" in body:
             job.webhook_url = body["webhookUrl"]
@@ -317,6 +320,26 @@ class SimState:
             "expired": job.is_expired(now, self.settings.asset_ttl),
             "input": job.body,
         }
+
+    def ledger_json(self, now: float) -> list[dict[str, Any]]:
+        """Every job ever created, oldest first, as the paid-job ledger reads it: who asked
+        for it (``idempotencyKey``), what it cost and whether that was refunded."""
+        out = []
+        for job in self.jobs.values():
+            status, _ = job.status_at(now, self.settings.progress_steps)
+            refunded = status in ("FAILED", "CANCELLED")
+            out.append({
+                "id": job.id,
+                "idempotencyKey": job.idempotency_key,
+                "status": status,
+                "cost": 0 if refunded else job.cost,
+                "refunded": refunded,
+                "expired": job.is_expired(now, self.settings.asset_ttl),
+                "createdAt": iso_ms(job.created),
+                "prompt": job.prompt,
+                "seed": job.seed,
+            })
+        return out
 
     # -- account ------------------------------------------------------------------------------
 
