@@ -345,8 +345,9 @@ class SubmitRateLearner:
         if self._accepted < self.min_samples:
             # Too few submits got through since the last 429 to measure a rate (a storm, an
             # outage, or the first burst): pacing to that number would crawl. Honour the
-            # pause only, and measure again from here.
-            self._window_start, self._accepted, self._episode_at = now, 0, now
+            # pause only, and measure again from when submits resume: a pause the provider
+            # asked for without its bucket being the reason (a storm) says nothing of its rate.
+            self._window_start, self._accepted, self._episode_at = now + max(0.0, pause), 0, now
             return False
         start = self._window_start if self._window_start is not None else now
         observed = self._accepted / max(self.min_window, now - start)

@@ -468,3 +468,23 @@ def test_submit_rate_learner_ignores_a_429_that_says_nothing_about_a_rate() -> N
     t.now += 0.5
     assert not learner.on_rate_limited(sent_at=t.now, pause=2.0)
     assert bucket.is_unlimited and learner.history == []
+
+
+def test_a_storm_pause_does_not_count_against_the_learned_rate() -> None:
+    """A 429 storm (Retry-After 5 s, nothing accepted) and then a 5/s provider: the pause the
+    storm asked for is not in the window the rate is measured over (it once learned 0.9/s)."""
+    t = SteppingTime()
+    bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
+    learner = SubmitRateLearner(bucket, clock=t.clock)
+    learner.on_sent()
+    assert not learner.on_rate_limited(sent_at=t.now, pause=5.0)  # the storm
+    t.now += 5.0
+    for _ in range(5):  # the provider's full bucket after the storm...
+        learner.on_sent()
+        learner.on_accepted()
+    for _ in range(10):  # ...then its 5/s
+        t.now += 0.2
+        learner.on_sent()
+        learner.on_accepted()
+    assert learner.on_rate_limited(sent_at=t.now, pause=1.0)
+    assert 5.0 <= bucket.rate <= 8.0  # errs high (the burst), never a crawl

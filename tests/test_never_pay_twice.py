@@ -279,3 +279,28 @@ async def test_a_deleted_image_whose_job_expired_is_generated_again(tmp_path: Pa
     ledger = Ledger()
     ledger.collect(app.state.sim)
     ledger.assert_holds([out])  # the second paid job is allowed: the first one expired
+
+
+async def test_the_display_counts_jobs_the_provider_has_not_slots_waiting_to_submit(
+        tmp_path: Path) -> None:
+    """Workers waiting for a submit token hold a slot but no job: "in flight" is what the
+    provider sees (it once showed 32/32 while the provider had 6)."""
+    from batchflux.runner import NullReporter
+
+    class Recorder(NullReporter):
+        seen: list[tuple[int, int]] = []
+
+        def status(self, state: Any) -> None:
+            # What the display says, and how many jobs exist that no result line closed yet.
+            created = app.state.sim.counters.jobs_created
+            self.seen.append((state.inflight, created - state.done))
+
+    manifest = write_manifest(tmp_path, prompts=4, seeds=3, aspects=("1:1",))  # 12 items
+    app = create_app(FAST)
+    reporter = Recorder()
+    await batch.run_batch_async(manifest, out_dir=tmp_path / "out", api_key=API_KEY,
+                                base_url="http://sim.local", reporter=reporter,
+                                transport=httpx.ASGITransport(app=app),
+                                options=RunOptions(concurrency=12, max_inflight=12, rpm=240))
+    assert len(reporter.seen) >= 3, "the display was hardly updated"
+    assert all(shown <= open_jobs for shown, open_jobs in reporter.seen), reporter.seen
