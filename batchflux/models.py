@@ -88,7 +88,7 @@ _EXPLANATIONS = {
     ErrorCategory.GENERATION_FAILED: "the job ended FAILED (content policy, or no capacity)",
     ErrorCategory.DOWNLOAD_FAILED: "the image could not be downloaded whole or did not verify",
     ErrorCategory.EXPIRED: "the job's images were purged before they could be downloaded",
-    ErrorCategory.CANCELLED: "the job was cancelled, or the run stopped before it finished",
+    ErrorCategory.CANCELLED: "the job was cancelled",
     ErrorCategory.LOST: "the API no longer knew a journaled job (it forgets jobs after about "
     "24 h); a new job was submitted for the item",
 }
