@@ -38,7 +38,7 @@ from .expand import count_items, expand_job
 from .manifest import JobSpec, load_job
 from .models import DEFAULT_RUN_OPTIONS, ErrorCategory, RunOptions
 from .retry import RetryPolicy
-from .runner import Reporter, Runner, RunSettings, scan_items
+from .runner import Reporter, Runner, RunSettings, scan_items, workers_for
 from .shard import Shard, filter_items
 from .store import RunStore
 
@@ -187,11 +187,13 @@ async def run_batch_async(
         if moved is not None and on_message is not None:
             on_message(f"--fresh: the previous run directory was moved to {moved}")
 
-    concurrency = max(1, resolved.concurrency or 1)
-    max_inflight = max(1, resolved.max_inflight or concurrency)
+    # -j is jobs in flight; --max-inflight, when given, is an expert's ceiling over it.
+    max_inflight = max(1, resolved.max_inflight or resolved.concurrency
+                       or DEFAULT_RUN_OPTIONS.concurrency or 1)
+    probe = RunSettings(max_inflight=max_inflight)
     client = ApiframeClient(
         api_key=api_key, base_url=base_url, transport=transport,
-        max_connections=max(concurrency, max_inflight) + 4,
+        max_connections=workers_for(probe) + 4,
         allow_insecure=allow_insecure, allowed_download_hosts=allowed_download_hosts,
         timeouts=timeouts or Timeouts(),
     )
@@ -218,7 +220,6 @@ async def run_batch_async(
                            "run out")
             store.freeze_manifest(spec.path)
             settings = RunSettings(
-                concurrency=concurrency,
                 max_inflight=max_inflight,
                 submits_per_second=(resolved.rpm / 60.0) if resolved.rpm else None,
                 retries=resolved.retries if resolved.retries is not None else 4,

@@ -56,10 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also accept result image URLs on HOST ('*' for any)")
     opts = p.add_argument_group("run options (override the manifest's run: block)")
     opts.add_argument("--out", default=None, metavar="DIR", help="output directory")
-    opts.add_argument("-j", "--concurrency", type=_positive_int, default=None, metavar="N",
-                      help="worker count")
+    opts.add_argument("-j", "--jobs", "--concurrency", dest="concurrency", type=_positive_int,
+                      default=None, metavar="N",
+                      help="jobs in flight at once: submitted and not yet finished, the thing "
+                      "a job API limits (default 32). batchflux starts lower and doubles every "
+                      "job round trip up to N while the API does not push back; workers and "
+                      "connections follow from N")
     opts.add_argument("--max-inflight", type=_positive_int, default=None, metavar="N",
-                      help="most jobs submitted but not finished at once")
+                      help="expert: a hard ceiling on jobs in flight when you know the "
+                      "provider's cap (default: -j)")
     opts.add_argument("--rpm", type=_positive_float, default=None, metavar="N",
                       help="submit requests per minute")
     opts.add_argument("--retries", type=_non_negative_int, default=None, metavar="N",

@@ -5,8 +5,9 @@
   and callers are served in arrival order.
 - :class:`Cooldown` is the shared pause after a 429: one worker is told ``Retry-After`` and
   every worker waits.
-- :class:`AdaptiveLimit` caps jobs in flight and adapts the cap (AIMD): halve on a rate
-  limit, add one after a run of clean completions.
+- :class:`AdaptiveLimit` caps jobs in flight and adapts the cap: slow start (one more slot
+  per clean completion, so the cap doubles per job round trip) until the provider first
+  pushes back, then AIMD (halve on a rate limit, add one after a run of clean completions).
 
 Time is injected (``clock`` and ``sleep``) so tests run on a fake clock without sleeping.
 """
@@ -151,15 +152,18 @@ class Cooldown:
 
 
 class AdaptiveLimit:
-    """A cap on work in flight that adapts to rate limits (AIMD).
+    """A cap on work in flight that adapts to rate limits: slow start, then AIMD.
 
     ``async with limit:`` (or :meth:`acquire` / :meth:`release`) holds one slot; waiters are
-    served in arrival order. :meth:`on_rate_limited` halves the limit, at most once per
-    episode: a 429 answers requests that were sent under the old limit, so further 429s are
-    ignored until as many slots as were in use at the decrease have been released.
-    :meth:`on_success` adds one after ``increase_after`` clean completions in a row (reset by
-    a rate limit). The limit stays within ``[minimum, maximum]``; lowering it below
-    :attr:`in_use` is fine: new acquisitions wait until enough slots are released.
+    served in arrival order. While :attr:`slow_start` (from the start until the provider first
+    pushes back: :meth:`on_rate_limited` or :meth:`pin`), :meth:`on_success` adds one slot per
+    clean completion, so the cap doubles every job round trip, as TCP's slow start does.
+    After that, :meth:`on_rate_limited` halves the limit, at most once per episode (a 429
+    answers requests that were sent under the old limit, so further 429s are ignored until as
+    many slots as were in use at the decrease have been released), and :meth:`on_success`
+    adds one after ``increase_after`` clean completions in a row. The limit stays within
+    ``[minimum, maximum]``; lowering it below :attr:`in_use` is fine: new acquisitions wait
+    until enough slots are released.
 
     :attr:`history` lists ``(clock time, new limit)`` for every change (bounded), for the run
     report.
@@ -174,6 +178,7 @@ class AdaptiveLimit:
         increase_after: int = 8,
         clock: Clock = time.monotonic,
         history_size: int = 256,
+        slow_start: bool = False,
     ) -> None:
         if not 1 <= minimum <= maximum:
             raise ValueError("need 1 <= minimum <= maximum")
@@ -184,6 +189,7 @@ class AdaptiveLimit:
         self.minimum = minimum
         self.increase_after = increase_after
         self._clock = clock
+        self.slow_start = slow_start
         self._in_use = 0
         self._waiters: deque[anyio.Event] = deque()
         self._successes = 0
@@ -250,6 +256,7 @@ class AdaptiveLimit:
     def on_rate_limited(self) -> bool:
         """Halve the limit unless this episode already did; True if the limit changed."""
         self._successes = 0
+        self.slow_start = False
         if self._releases < self._episode_ends_at_release:
             return False
         self._episode_ends_at_release = self._releases + max(1, self._in_use)
@@ -260,11 +267,18 @@ class AdaptiveLimit:
         True if the limit changed."""
         limit = max(self.minimum, min(self.maximum, limit))
         self.maximum = limit
+        self.slow_start = False
         self._successes = 0
         return self._set(limit)
 
     def on_success(self) -> bool:
-        """Count a clean completion; add one slot after a run of them. True if it changed."""
+        """Count a clean completion; add one slot (in slow start: for each; after: for a run
+        of ``increase_after``). True if the limit changed."""
+        if self.slow_start:
+            changed = self._set(min(self.maximum, self._limit + 1))
+            if self._limit >= self.maximum:
+                self.slow_start = False
+            return changed
         self._successes += 1
         if self._successes < self.increase_after:
             return False

@@ -168,9 +168,9 @@ class RunOptions:
 
     out_dir: str | None = None
     filename_template: str | None = None
-    concurrency: int | None = None  # worker count
+    concurrency: int | None = None  # -j: jobs in flight (submitted, not yet finished)
     rpm: float | None = None  # submit requests per minute
-    max_inflight: int | None = None  # jobs submitted but not finished
+    max_inflight: int | None = None  # expert ceiling on jobs in flight; None: -j
     retries: int | None = None  # attempts per item after the first
     budget: float | None = None  # credits
     max_items: int | None = None
@@ -191,9 +191,9 @@ class RunOptions:
 DEFAULT_RUN_OPTIONS = RunOptions(
     out_dir="out",
     filename_template="{prompt_id}/{key12}_{seed}_{aspect}.{ext}",
-    concurrency=16,
+    concurrency=32,
     rpm=None,
-    max_inflight=16,
+    max_inflight=None,
     retries=4,
     budget=None,
     max_items=100_000,

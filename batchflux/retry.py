@@ -6,9 +6,10 @@ Three pieces, all plain functions over values so they are tested without sleepin
 - :class:`RetryPolicy` decides whether a failed :class:`~batchflux.errors.ApiError` is worth
   another attempt and how long to wait first (exponential backoff with full jitter, never
   shorter than the server's ``Retry-After``).
-- :class:`PollPolicy` + :func:`next_poll_delay` schedule job polls from the job's progress and a
-  running estimate of job duration (:class:`DurationEstimator`), so a batch spends fewer
-  requests on polling than the official SDK's fixed schedule while noticing completion as fast.
+- :class:`PollPolicy` + :func:`next_poll_delay` schedule job polls from the job's progress and
+  what recent jobs taught about queue and run times (:class:`JobTimings`), so a batch spends
+  fewer requests on polling than the official SDK's fixed schedule while noticing completion
+  sooner, whether jobs queue before they run or not.
 
 The runner owns the loop; nothing here sleeps or does I/O.
 """
@@ -19,17 +20,21 @@ import datetime
 import email.utils
 import math
 import random
+import statistics
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import ApiError
 
 __all__ = [
     "TERMINAL_STATUSES",
-    "DurationEstimator",
+    "JobTimings",
     "PollPolicy",
     "RetryPolicy",
+    "Sighting",
+    "Spread",
     "next_poll_delay",
     "parse_retry_after",
 ]
@@ -147,23 +152,27 @@ class RetryPolicy:
 class PollPolicy:
     """How :func:`next_poll_delay` schedules polls of one job.
 
-    - ``initial``: first wait when no duration estimate exists yet (the SDK's 2 s).
-    - ``first_fraction``: with an estimate ``expected``, the first poll comes at
-      ``first_fraction * expected``: early enough that short jobs are not noticed late, late
-      enough that the job is usually PROCESSING with a progress figure to extrapolate from.
+    - ``initial``: first wait when nothing is known about job times yet (the SDK's 2 s).
     - ``min_interval`` / ``max_interval``: clamp of every wait.
-    - ``growth``: geometric factor when there is nothing better to go on.
-    - ``margin``: seconds added after a predicted completion, so the poll lands just after it.
-    - ``exact_margin``: the same, when job durations are predictable (all recent jobs took
-      about the same time): the first poll then comes at ``expected + exact_margin``.
+    - ``growth``: geometric factor when there is nothing better to go on (a job stuck at one
+      progress figure, or past every prediction).
+    - ``probe``: the first poll comes at ``typical queue + probe x typical run time``, when the
+      job is usually PROCESSING with a progress figure to predict its end from.
+    - ``confidence``: a predicted end is polled ``confidence`` standard deviations after it
+      (higher: fewer polls, more lag).
+    - ``unsure``: when the predicted end is this uncertain (its spread over the time left),
+      look again halfway first: a second progress figure gives the job's own speed.
+    - ``exact_margin``: seconds after the expected end when job times are predictable (all
+      recent jobs took about the same time): the first poll then comes just after it.
     """
 
     initial: float = 2.0
-    min_interval: float = 0.25
+    min_interval: float = 0.05
     max_interval: float = 10.0
     growth: float = 1.5
-    margin: float = 0.25
-    first_fraction: float = 0.5
+    probe: float = 0.5
+    confidence: float = 0.7
+    unsure: float = 0.25
     exact_margin: float = 0.02
 
     def __post_init__(self) -> None:
@@ -171,135 +180,217 @@ class PollPolicy:
             raise ValueError("need 0 < min_interval <= max_interval")
         if self.growth < 1.0:
             raise ValueError("growth must be >= 1")
-        if self.initial < 0 or self.margin < 0 or not 0 < self.first_fraction <= 1:
-            raise ValueError("initial and margin must be >= 0, first_fraction in (0, 1]")
+        if self.initial < 0 or self.confidence < 0 or self.exact_margin < 0:
+            raise ValueError("initial, confidence and exact_margin must be >= 0")
+        if not 0 < self.probe <= 1 or not 0 < self.unsure:
+            raise ValueError("probe must be in (0, 1] and unsure > 0")
 
     def clamp(self, delay: float) -> float:
         return min(self.max_interval, max(self.min_interval, delay))
 
 
-DEFAULT_POLL_POLICY = PollPolicy()
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """One answer of ``GET /v2/jobs/{id}``: when (seconds since submit), status, progress."""
 
-# A wait at or below this that did not see completion means the progress-based prediction was
-# early (progress is rounded, or not linear near the end): grow from it instead of re-polling
-# at min_interval forever.
-_SHORT_WAIT = 1.0
-
-
-def next_poll_delay(
-    policy: PollPolicy,
-    *,
-    elapsed: float,
-    progress: int | None,
-    status: str,
-    previous_delay: float | None,
-    expected: float | None,
-    previous_progress: int | None = None,
-    predictable: bool = False,
-) -> float:
-    """Seconds to wait before polling a job again, given what the last answer said.
-
-    ``elapsed`` is seconds since submit; ``status``/``progress`` come from the last answer (the
-    submit's ``QUEUED`` for the first call, with ``previous_delay=None``); ``expected`` is the
-    estimated job duration (:attr:`DurationEstimator.expected`), or None early in a run.
-    ``previous_progress`` (optional) is the progress of the answer before the last one; pass
-    it so that a job stuck at one percentage is polled on a geometric schedule.
-    ``predictable`` (see :attr:`DurationEstimator.is_predictable`) makes the first poll come
-    right after ``expected`` rather than part-way through it.
-
-    Reasoning, in order:
-
-    1. Terminal status: 0 (nothing to wait for; the caller stops polling).
-    2. First poll (``previous_delay is None``): at ``first_fraction * expected`` after submit
-       (or ``initial`` without an estimate). Polling at once, as the SDK does, only ever
-       reports QUEUED for a multi-second job.
-    3. PROCESSING with ``0 < progress < 100``: progress has been rising since about submit, so
-       the remaining time is about ``elapsed * (100 - p) / p``; poll right after that
-       (+ ``margin``). Queue time makes this estimate long, never short, so it errs towards
-       one late poll rather than several early ones. If progress did not move since the
-       previous answer, or a short previous wait still did not see completion, the prediction
-       is unreliable (stalled, or not linear near the end): grow geometrically instead.
-    4. Otherwise (QUEUED, no progress, progress 100 but not yet COMPLETED): back off
-       geometrically from the previous wait, but poll at ``expected`` if that comes sooner.
-
-    Every wait is clamped to ``[min_interval, max_interval]``, except a first poll when jobs
-    are expected to take less than ``min_interval``: it comes at the expected time (0 for
-    instant jobs). For uniformly 5-15 s jobs this
-    takes about 2 polls per job against the SDK's ~4.6, and notices completion sooner
-    (tests/test_retry.py simulates both).
-    """
-    if status in TERMINAL_STATUSES:
-        return 0.0
-    if previous_delay is None:
-        if expected is not None and predictable:
-            # Every recent job took about this long: one poll, just after it should be done.
-            return max(0.0, expected - elapsed) + policy.exact_margin
-        if expected is not None and expected < policy.min_interval:
-            # Jobs that finish faster than the shortest wait: look when this one should be done.
-            return max(0.0, expected - elapsed)
-        if expected is not None and expected > 0:
-            return policy.clamp(policy.first_fraction * expected - elapsed)
-        return policy.clamp(policy.initial - elapsed)
-    if status == "PROCESSING" and progress is not None and 0 < progress < 100 and elapsed > 0:
-        remaining = elapsed * (100 - progress) / progress
-        delay = remaining + policy.margin
-        if progress == previous_progress or previous_delay <= _SHORT_WAIT:
-            delay = max(delay, previous_delay * policy.growth)
-        return policy.clamp(delay)
-    delay = previous_delay * policy.growth
-    if expected is not None and elapsed + policy.min_interval < expected < elapsed + delay:
-        delay = expected - elapsed + policy.margin
-    return policy.clamp(delay)
+    elapsed: float
+    status: str
+    progress: int | None
 
 
-class DurationEstimator:
-    """A running estimate of job duration (submit to COMPLETED), in bounded memory.
+#: Progress is reported in whole steps (the simulator's are 5 %): a figure p means the job
+#: is somewhere in [p, p + step), so it is read as its middle.
+_PROGRESS_STEP = 5.0
 
-    Keeps the last ``window`` observations and reports their median: robust to the odd job
-    that waited in a long queue, and quick to follow a change of speed (e.g. ``go_fast``).
 
-    >>> est = DurationEstimator()
-    >>> est.expected is None
+def _fraction(progress: int | None) -> float:
+    """How far through its run a PROCESSING job is, as a fraction (middle of its step)."""
+    p = 0.0 if progress is None else float(progress)
+    return min(0.99, (p + _PROGRESS_STEP / 2) / 100.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Spread:
+    """A learned quantity: its median and standard deviation (never below a floor)."""
+
+    median: float
+    sd: float
+
+
+class JobTimings:
+    """What recent jobs taught about job times, in bounded memory.
+
+    A job waits QUEUED (queue time), then runs PROCESSING with rising progress (run time).
+    Every finished job gives its whole duration (``createdAt`` to ``completedAt``, from the
+    server); a job that was seen PROCESSING also splits it: its run time follows from where
+    its progress stood at the first sighting, its queue time from the rest. Medians of the
+    last ``window`` jobs make the estimates robust to the odd job that waited long.
+
+    >>> timings = JobTimings()
+    >>> timings.expected is None
     True
-    >>> for s in (9.0, 11.0, 10.0): est.observe(s)
-    >>> est.expected
+    >>> for s in (9.0, 11.0, 10.0): timings.observe(s)
+    >>> timings.expected
     10.0
     """
 
-    __slots__ = ("_samples",)
+    __slots__ = ("_durations", "_queues", "_runs")
 
     def __init__(self, *, window: int = 63) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
-        self._samples: deque[float] = deque(maxlen=window)
+        self._durations: deque[float] = deque(maxlen=window)
+        self._queues: deque[float] = deque(maxlen=window)
+        self._runs: deque[float] = deque(maxlen=window)
 
-    def observe(self, seconds: float) -> None:
-        """Record one finished job's duration (ignored if negative or not finite)."""
-        if seconds >= 0 and math.isfinite(seconds):
-            self._samples.append(float(seconds))
+    def observe(self, duration: float, sightings: Sequence[Sighting] = ()) -> None:
+        """Learn from one finished job: its whole ``duration`` and, when it was seen
+        PROCESSING (``sightings`` since its submit), its queue and run times."""
+        if not (duration >= 0 and math.isfinite(duration)):
+            return
+        self._durations.append(float(duration))
+        for sighting in sightings:
+            if sighting.status != "PROCESSING":
+                continue
+            remaining = duration - sighting.elapsed
+            run = remaining / (1.0 - _fraction(sighting.progress))
+            if 0 < remaining and run <= duration * 1.2:
+                run = min(run, duration)
+                self._runs.append(run)
+                self._queues.append(duration - run)
+            break
 
     @property
     def count(self) -> int:
-        return len(self._samples)
+        return len(self._durations)
+
+    @property
+    def expected(self) -> float | None:
+        """Median duration of the recent jobs (queue + run), or None before the first."""
+        spread = _spread(self._durations, 0.0)
+        return None if spread is None else spread.median
+
+    @property
+    def duration(self) -> Spread | None:
+        return _spread(self._durations, 0.01)
+
+    @property
+    def queue(self) -> Spread | None:
+        return _spread(self._queues, 0.02) if len(self._queues) >= 3 else None
+
+    @property
+    def run(self) -> Spread | None:
+        return _spread(self._runs, 0.02) if len(self._runs) >= 3 else None
 
     @property
     def is_predictable(self) -> bool:
         """True when at least 8 recent jobs all took about the same time (the middle 80 %
         within 5 % of the median, or within 50 ms for very short jobs)."""
-        n = len(self._samples)
+        n = len(self._durations)
         if n < 8:
             return False
-        ordered = sorted(self._samples)
+        ordered = sorted(self._durations)
         low, high = ordered[n // 10], ordered[n - 1 - n // 10]
         return high - low <= max(0.05, 0.05 * ordered[n // 2])
 
-    @property
-    def expected(self) -> float | None:
-        """Median of the recent observations, or None before the first one."""
-        if not self._samples:
-            return None
-        ordered = sorted(self._samples)
-        mid = len(ordered) // 2
-        if len(ordered) % 2:
-            return ordered[mid]
-        return (ordered[mid - 1] + ordered[mid]) / 2
+
+def _spread(values: Sequence[float], floor: float) -> Spread | None:
+    if not values:
+        return None
+    median = statistics.median(values)
+    sd = statistics.pstdev(values) if len(values) > 1 else 0.5 * median
+    return Spread(median, max(sd, floor))
+
+
+def next_poll_delay(policy: PollPolicy, timings: JobTimings, sightings: Sequence[Sighting], *,
+                    elapsed: float, expected: float | None = None) -> float:
+    """Seconds to wait before polling a job again, given what its answers said so far.
+
+    ``sightings`` are this job's answers (oldest first; none before the first poll),
+    ``elapsed`` the seconds since its submit, ``timings`` what recent jobs taught, and
+    ``expected`` a guess of the duration before any job finished (None: ``policy.initial``).
+
+    Reasoning, in order:
+
+    1. First poll. Predictable jobs (all recent ones took the same time): just after that
+       time. Otherwise at ``typical queue + probe x typical run``: late enough that the job
+       usually runs, with a progress figure to predict from; early enough to be before its end.
+    2. QUEUED: it cannot end before it runs; look again after part of a typical run, or when
+       a typical queue would be over.
+    3. PROCESSING at progress p: the job's own run time T is estimated by combining what was
+       learned (T near the typical run time), what its progress says given a typical queue
+       (T = (elapsed - queue) / p), and, from two sightings with different progress, its own
+       speed. Each estimate is weighted by how sure it is. The end is predicted at
+       ``(1 - p) x T`` from now; when that prediction is unsure (its spread over a quarter of
+       the time left), poll halfway first to measure the speed; otherwise poll ``confidence``
+       standard deviations after the predicted end.
+    4. A job past its predicted end is polled every step's time while its progress moves,
+       and on a geometric schedule once it sticks at one figure (the API's progress is not
+       linear, or the job stalls).
+
+    A queue ahead of the job makes *elapsed* a poor clock for its progress; today's prediction
+    separates the two, which is what keeps lag low when jobs queue (tests/test_retry.py
+    simulates queue and run times side by side with the official SDK's 2 s x1.5 schedule).
+    """
+    queue, run, duration = timings.queue, timings.run, timings.duration
+    if queue is None or run is None:
+        guess = duration.median if duration is not None else expected
+        if guess is None:
+            queue, run = Spread(0.0, 1.0), Spread(policy.initial, policy.initial)
+        else:
+            queue, run = Spread(0.0, 0.5 * guess), Spread(guess, 0.5 * guess)
+    if not sightings:
+        if duration is not None and timings.is_predictable:
+            return max(0.0, duration.median - elapsed) + policy.exact_margin
+        if duration is None and expected is None:
+            return policy.clamp(policy.initial - elapsed)
+        first = queue.median + policy.probe * run.median
+        if first < policy.min_interval:
+            return max(0.0, first - elapsed)  # jobs faster than the shortest wait
+        return policy.clamp(first - elapsed)
+    last = sightings[-1]
+    if last.status in TERMINAL_STATUSES:
+        return 0.0
+    previous_delay = last.elapsed - (sightings[-2].elapsed if len(sightings) > 1 else 0.0)
+    if last.status != "PROCESSING":  # QUEUED (or a status we do not know): not running yet
+        return policy.clamp(max(policy.probe * run.median,
+                                queue.median + queue.sd - elapsed))
+    processing = [s for s in sightings if s.status == "PROCESSING"]
+    f = _fraction(last.progress)
+    # Estimates of this job's run time T, each with its variance.
+    estimates = [(run.median, run.sd ** 2)]
+    queued_until = max((s.elapsed for s in sightings if s.status == "QUEUED"), default=0.0)
+    started = max(queue.median, queued_until)
+    if last.elapsed > started:
+        spent = last.elapsed - started
+        estimates.append((spent / f, (queue.sd / f) ** 2 + (spent * 0.025 / f ** 2) ** 2))
+    first = processing[0]
+    if first.progress is not None and last.progress is not None \
+            and last.progress > first.progress and last.elapsed > first.elapsed:
+        steps = last.progress - first.progress
+        own = 100.0 * (last.elapsed - first.elapsed) / steps
+        error = own * (_PROGRESS_STEP / steps) / math.sqrt(3) * 1.5
+        estimates.append((own, error ** 2))
+    weight = sum(1.0 / max(v, 1e-9) for _, v in estimates)
+    run_time = sum(m / max(v, 1e-9) for m, v in estimates) / weight
+    spread = math.sqrt(1.0 / weight)
+    # The job was at this figure since the first sighting that showed it (not since the last).
+    anchor = last.elapsed
+    for sighting in reversed(processing):
+        if sighting.progress != last.progress:
+            break
+        anchor = sighting.elapsed
+    left = anchor + (1.0 - f) * run_time - elapsed
+    uncertainty = (1.0 - f) * spread + 0.025 * run_time / 2
+    if left <= 0:
+        # Past the predicted end and not done: it is late. While its progress moves, look
+        # again after a step's time; once it sticks at one figure (the API's progress is not
+        # linear, or the job stalls), less and less often.
+        step = _PROGRESS_STEP / 100.0 * run_time
+        stuck = len(processing) >= 2 and processing[-1].progress == processing[-2].progress
+        if stuck:
+            return policy.clamp(max(step, previous_delay) * policy.growth)
+        return policy.clamp(step)
+    if uncertainty > policy.unsure * left and left > 4 * policy.min_interval:
+        return policy.clamp(0.5 * left)
+    return policy.clamp(left + policy.confidence * uncertainty)

@@ -41,7 +41,14 @@ from .imagecheck import (
 )
 from .limits import AdaptiveLimit, Cooldown, SubmitRateLearner, TokenBucket
 from .models import ErrorCategory, ErrorInfo, WorkItem, is_remote_ref
-from .retry import DurationEstimator, PollPolicy, RetryPolicy, next_poll_delay
+from .retry import (
+    TERMINAL_STATUSES,
+    JobTimings,
+    PollPolicy,
+    RetryPolicy,
+    Sighting,
+    next_poll_delay,
+)
 from .store import JournalIntent, ResumeIndex, RunStore, StoredFile, key_id
 
 CAPACITY_MARKERS = ("no available capacity", "capacity", "try again", "retry shortly")
@@ -122,8 +129,14 @@ class NullReporter:
 class RunSettings:
     """How a run behaves. Every field has a named default; build with keywords."""
 
-    concurrency: int = 16
-    max_inflight: int = 16
+    #: Jobs in flight (submitted, not yet finished): the ceiling of the adaptive cap, and
+    #: what ``-j`` sets. Workers, connections and buffers follow from it.
+    max_inflight: int = 32
+    #: Where slow start begins (None: ``min(max_inflight, SLOW_START_INITIAL)``).
+    initial_inflight: int | None = None
+    #: Workers (each carries one item from submit to its result line); None: the jobs in
+    #: flight plus room for the downloads of jobs that just finished.
+    concurrency: int | None = None
     submits_per_second: float | None = None
     retries: int = 4  # new jobs per item after the first (transient FAILED), and per request
     request_retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -215,6 +228,19 @@ UPLOAD_MARGIN = 15 * 60.0
 #: A job created this long before we first asked for it was created by someone else (an
 #: earlier run, another directory): the API replayed it and this run did not pay for it.
 REPLAY_SLACK = 2.0
+
+
+#: The in-flight cap's first value: moderate, so that a provider with a low cap meets few
+#: 429s; slow start doubles it every job round trip until the provider pushes back.
+SLOW_START_INITIAL = 32
+
+
+def workers_for(settings: RunSettings) -> int:
+    """Workers for a run: one per job in flight, plus room for the downloads (and result
+    lines) of jobs that just finished, so that downloads never hold a job slot idle."""
+    if settings.concurrency is not None:
+        return max(1, settings.concurrency)
+    return settings.max_inflight + max(4, settings.max_inflight // 4)
 
 
 def skip_reason(index: ResumeIndex, key: str, retry_failed: str | None) -> str | None:
@@ -325,13 +351,13 @@ class Runner:
         # provider's capacity, and holding them back would waste it.
         self.submit_cooldown = Cooldown(clock=clock, sleep=sleep)
         self.submit_rate = SubmitRateLearner(self.bucket, clock=clock)
-        self.inflight = AdaptiveLimit(
-            settings.max_inflight, maximum=settings.max_inflight, clock=clock
-        )
+        initial = settings.initial_inflight or min(settings.max_inflight, SLOW_START_INITIAL)
+        self.inflight = AdaptiveLimit(initial, maximum=settings.max_inflight, clock=clock,
+                                      slow_start=initial < settings.max_inflight)
         self._jobs_open = 0  # jobs accepted (or re-attached) and not yet seen finished
         self._peak_open_accepted = 0
         self._last_429_open: int | None = None
-        self.durations = DurationEstimator()
+        self.timings = JobTimings()
         self.state = RunState(inflight_cap=settings.max_inflight)
         self.stats = _Stats()
         self._fatal: RunAborted | None = None
@@ -389,7 +415,7 @@ class Runner:
                     self._work_scope = tg.cancel_scope
                     tg.start_soon(self._feeder, items, send, results_send.clone())
                     async with results_send:
-                        for _ in range(max(1, self.settings.concurrency)):
+                        for _ in range(workers_for(self.settings)):
                             tg.start_soon(self._worker, receive.clone(), results_send.clone())
                     receive.close()
                     tg.start_soon(self._writer, results_receive)
@@ -794,18 +820,14 @@ class Runner:
         job_id = ctx.job_id
         submitted = ctx.submitted if ctx.submitted is not None else self.clock()
         deadline = submitted + self.settings.job_timeout
-        policy = self.settings.poll
-        progress: int | None = None
-        last_progress: int | None = None
-        status = "QUEUED"
-        # A re-attached job may be long done: look at it at once.
-        delay: float | None = 0.0 if ctx.attached else None
+        ctx.sightings = []
         while True:
-            if delay is None:
-                delay = next_poll_delay(policy, elapsed=self.clock() - submitted,
-                                        progress=progress, status=status, previous_delay=None,
-                                        expected=self._expected(),
-                                        predictable=self.durations.is_predictable)
+            if ctx.attached and not ctx.sightings:
+                delay = 0.0  # a re-attached job may be long done: look at it at once
+            else:
+                delay = next_poll_delay(self.settings.poll, self.timings, ctx.sightings,
+                                        elapsed=self.clock() - submitted,
+                                        expected=self.settings.expected_job_seconds)
             remaining = deadline - self.clock()
             if remaining <= 0:
                 raise _ItemFailed(ErrorInfo(
@@ -820,16 +842,10 @@ class Runner:
                     return None
                 raise _ItemFailed(_error_info(exc)) from exc
             ctx.polls += 1
-            last_progress, progress, status = progress, state.progress, state.status
-            if status in ("COMPLETED", "FAILED", "CANCELLED"):
+            ctx.sightings.append(Sighting(self.clock() - submitted, state.status,
+                                          state.progress))
+            if state.status in TERMINAL_STATUSES:
                 return state
-            delay = next_poll_delay(policy, elapsed=self.clock() - submitted, progress=progress,
-                                    status=status, previous_delay=delay or None,
-                                    expected=self._expected(), previous_progress=last_progress)
-
-    def _expected(self) -> float | None:
-        expected = self.durations.expected
-        return expected if expected is not None else self.settings.expected_job_seconds
 
     def _note_job(self, ctx: _ItemContext, state: Any) -> None:
         now = self.clock()
@@ -839,7 +855,9 @@ class Runner:
                 # The server's own timestamps give the job's true duration; what we saw also
                 # holds our polling lag, which would make the estimate drift with the schedule.
                 reported = _job_seconds(state)
-                self.durations.observe(ctx.generating if reported is None else reported)
+                # What was seen of a re-attached job is not relative to its submit.
+                self.timings.observe(ctx.generating if reported is None else reported,
+                                     () if ctx.was_attached else ctx.sightings)
         if state.status == "COMPLETED":
             self.inflight.on_success()
         created = _unix_time(getattr(state, "created_at", None))
@@ -1084,6 +1102,7 @@ class _ItemContext:
     refetch: bool = False  # an ok item whose images were gone
     replayed: bool = False  # the API answered with a job this run did not create
     first_sent_wall: float | None = None  # Unix time of this run's first submit of the item
+    sightings: list[Sighting] = field(default_factory=list)  # the current job's answers
 
 
 def _round(value: float | None) -> float | None:

@@ -488,3 +488,34 @@ def test_a_storm_pause_does_not_count_against_the_learned_rate() -> None:
         learner.on_accepted()
     assert learner.on_rate_limited(sent_at=t.now, pause=1.0)
     assert 5.0 <= bucket.rate <= 8.0  # errs high (the burst), never a crawl
+
+
+def test_slow_start_doubles_the_cap_every_round_trip_until_the_ceiling() -> None:
+    t = SteppingTime()
+    limit = AdaptiveLimit(8, maximum=64, clock=t.clock, slow_start=True)
+    rounds = []
+    while limit.limit < 64:
+        for _ in range(limit.limit):  # one job round trip: every job in flight completes
+            limit.on_success()
+        t.now += 2.0
+        rounds.append(limit.limit)
+    assert rounds == [16, 32, 64]
+    assert not limit.slow_start  # at the ceiling: growth is over
+    for _ in range(100):
+        limit.on_success()
+    assert limit.limit == 64
+
+
+def test_slow_start_ends_at_the_first_push_back_then_growth_is_additive() -> None:
+    limit = AdaptiveLimit(8, maximum=64, slow_start=True, increase_after=8)
+    for _ in range(8):
+        limit.on_success()
+    assert limit.limit == 16
+    assert limit.on_rate_limited()  # a 429 on a poll or a download: halve, slow start over
+    assert limit.limit == 8 and not limit.slow_start
+    for _ in range(16):
+        limit.on_success()
+    assert limit.limit == 10  # one more slot per 8 clean completions
+    pinned = AdaptiveLimit(8, maximum=64, slow_start=True)
+    pinned.pin(12)  # the provider revealed its cap
+    assert not pinned.slow_start and pinned.limit == 12

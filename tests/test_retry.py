@@ -8,8 +8,9 @@ import pytest
 from batchflux.errors import ApiError
 from batchflux.models import ErrorCategory
 from batchflux.retry import (
-    DurationEstimator,
+    JobTimings,
     PollPolicy,
+    Sighting,
     RetryPolicy,
     next_poll_delay,
     parse_retry_after,
@@ -115,178 +116,146 @@ def test_retry_policy_rejects_nonsense() -> None:
 
 # --- polling -----------------------------------------------------------------------------
 
-P = PollPolicy()  # initial 2, min 0.25, max 10, growth 1.5, margin 0.25, first_fraction 0.5
+P = PollPolicy()
 
 
-@pytest.mark.parametrize(
-    ("case", "kwargs", "expected"),
-    [
-        ("terminal: nothing to wait for",
-         dict(elapsed=3.0, progress=100, status="COMPLETED", previous_delay=1.0, expected=10.0),
-         0.0),
-        ("first poll without estimate: initial",
-         dict(elapsed=0.0, progress=None, status="QUEUED", previous_delay=None, expected=None),
-         2.0),
-        ("first poll with estimate: half the expected duration",
-         dict(elapsed=0.0, progress=0, status="QUEUED", previous_delay=None, expected=10.0),
-         5.0),
-        ("re-attached long after the expected time: poll at once (min interval)",
-         dict(elapsed=60.0, progress=None, status="QUEUED", previous_delay=None, expected=10.0),
-         0.25),
-        ("processing 50% after 5 s: 5 s left, poll just after",
-         dict(elapsed=5.0, progress=50, status="PROCESSING", previous_delay=5.0, expected=10.0),
-         5.25),
-        ("processing 25% after 3 s: 9 s left",
-         dict(elapsed=3.0, progress=25, status="PROCESSING", previous_delay=3.0, expected=None),
-         9.25),
-        ("processing 5% after 5 s: 95 s left, capped",
-         dict(elapsed=5.0, progress=5, status="PROCESSING", previous_delay=5.0, expected=10.0),
-         10.0),
-        ("processing 99% after a long wait: almost done",
-         dict(elapsed=12.0, progress=99, status="PROCESSING", previous_delay=7.0, expected=10.0),
-         pytest.approx(0.25 + 12.0 / 99)),
-        ("stuck at the same progress: grow instead of hammering",
-         dict(elapsed=14.0, progress=99, status="PROCESSING", previous_delay=2.0, expected=10.0,
-              previous_progress=99),
-         3.0),
-        ("99% after a short wait: grow instead of hammering",
-         dict(elapsed=12.5, progress=99, status="PROCESSING", previous_delay=0.8, expected=10.0),
-         pytest.approx(1.2)),
-        ("still queued, no estimate: geometric",
-         dict(elapsed=2.0, progress=0, status="QUEUED", previous_delay=2.0, expected=None),
-         3.0),
-        ("still queued, expected time comes sooner than the geometric step",
-         dict(elapsed=5.0, progress=0, status="QUEUED", previous_delay=5.0, expected=8.0),
-         3.25),
-        ("geometric growth is capped",
-         dict(elapsed=40.0, progress=None, status="QUEUED", previous_delay=9.0, expected=10.0),
-         10.0),
-        ("progress 100 but not yet COMPLETED: short geometric step",
-         dict(elapsed=10.0, progress=100, status="PROCESSING", previous_delay=0.3, expected=None),
-         pytest.approx(0.45)),
-    ],
-)
-def test_next_poll_delay_scenarios(case: str, kwargs: dict, expected: float) -> None:
-    assert next_poll_delay(P, **kwargs) == expected, case
+def _timings(jobs: list[tuple[float, float]], *, progress_at: float = 0.5) -> JobTimings:
+    """Timings taught by finished jobs of (queue, run) seconds, each seen once PROCESSING."""
+    timings = JobTimings()
+    for queue, run in jobs:
+        seen = queue + progress_at * run
+        timings.observe(queue + run, [Sighting(seen, "PROCESSING",
+                                               int(progress_at * 100) // 5 * 5)])
+    return timings
 
 
-def _job_state(t: float, duration: float) -> tuple[str, int]:
-    """A job that is QUEUED for half a second, then reports linear progress."""
-    if t >= duration:
-        return "COMPLETED", 100
-    if t < 0.5:
-        return "QUEUED", 0
-    return "PROCESSING", int(100 * t / duration)
+def test_first_poll_without_any_history_is_the_sdk_wait() -> None:
+    assert next_poll_delay(P, JobTimings(), [], elapsed=0.0) == 2.0
+    assert next_poll_delay(P, JobTimings(), [], elapsed=0.0, expected=10.0) == 5.0
 
 
-def _poll_ours(duration: float, expected: float | None) -> tuple[int, float]:
-    t, previous, status, progress, polls = 0.0, None, "QUEUED", 0, 0
-    while True:
-        delay = next_poll_delay(P, elapsed=t, progress=progress, status=status,
-                                previous_delay=previous, expected=expected)
-        assert delay > 0
+def test_first_poll_comes_when_a_typical_job_is_half_way_through_its_run() -> None:
+    timings = _timings([(1.0, 10.0)] * 5 + [(1.2, 8.0)] * 4)
+    delay = next_poll_delay(P, timings, [], elapsed=0.0)
+    assert 1.0 + 0.5 * 8.0 <= delay <= 1.2 + 0.5 * 10.0
+
+
+def test_terminal_answers_end_polling() -> None:
+    done = [Sighting(3.0, "COMPLETED", 100)]
+    assert next_poll_delay(P, JobTimings(), done, elapsed=3.0) == 0.0
+
+
+def test_queued_jobs_are_polled_after_part_of_a_typical_run() -> None:
+    timings = _timings([(1.0, 1.0)] * 9)
+    delay = next_poll_delay(P, timings, [Sighting(1.5, "QUEUED", 0)], elapsed=1.5)
+    assert 0.4 <= delay <= 0.6
+
+
+def test_progress_is_read_against_the_queue_not_the_submit() -> None:
+    """Queue 1 s, runs of 1 s: at 1.5 s and 50 % the job ends near 2.0 s. Read as if it had
+    run since its submit (the old rule), it would have been polled near 3.0 s."""
+    timings = _timings([(1.0, 1.0)] * 9)
+    delay = next_poll_delay(P, timings, [Sighting(1.5, "PROCESSING", 50)], elapsed=1.5)
+    assert 0.4 <= delay <= 0.7
+
+
+def test_two_sightings_give_the_job_its_own_speed() -> None:
+    """Typical runs of 10 s, but this job went from 20 % to 60 % in 2 s: it runs for 5 s."""
+    timings = _timings([(0.0, 10.0)] * 9)
+    sightings = [Sighting(1.0, "PROCESSING", 20), Sighting(3.0, "PROCESSING", 60)]
+    delay = next_poll_delay(P, timings, sightings, elapsed=3.0)
+    assert delay < 4.0  # the typical run alone would say about 4 s
+
+
+def test_a_job_stuck_at_99_percent_is_not_hammered() -> None:
+    timings = _timings([(0.0, 10.0)] * 9)
+    sightings = [Sighting(9.9, "PROCESSING", 95)]
+    t, polls = 9.9, 0
+    while t < 60.0:
+        delay = next_poll_delay(P, timings, sightings, elapsed=t)
+        assert delay >= P.min_interval
         t += delay
-        previous = delay
+        sightings.append(Sighting(t, "PROCESSING", 99))
         polls += 1
-        status, progress = _job_state(t, duration)
+    # The SDK would poll ~10 times in these 50 s.
+    assert polls <= 14
+
+
+def test_predictable_jobs_are_polled_once_just_after_they_should_end() -> None:
+    timings = JobTimings()
+    for _ in range(8):
+        timings.observe(2.0)
+    assert timings.is_predictable
+    assert next_poll_delay(P, timings, [], elapsed=0.1) == pytest.approx(
+        2.0 - 0.1 + P.exact_margin)
+
+
+# --- the schedule against the SDK's, on a virtual clock ------------------------------------
+
+
+def _job_state(t: float, queue: float, run: float) -> tuple[str, int]:
+    """The simulator's job: QUEUED, then linear progress in 5 % steps, then COMPLETED."""
+    if t < queue:
+        return "QUEUED", 0
+    if t < queue + run:
+        return "PROCESSING", min(99, int((t - queue) / run * 20) * 5)
+    return "COMPLETED", 100
+
+
+def _poll_ours(timings: JobTimings, queue: float, run: float) -> tuple[int, float]:
+    sightings: list[Sighting] = []
+    t = 0.0
+    while True:
+        delay = next_poll_delay(P, timings, sightings, elapsed=t)
+        assert delay >= 0
+        t += delay
+        status, progress = _job_state(t, queue, run)
+        sightings.append(Sighting(t, status, progress))
         if status == "COMPLETED":
-            return polls, t
+            timings.observe(queue + run, sightings)
+            return len(sightings), t - queue - run
 
 
-def _poll_sdk(duration: float) -> tuple[int, float]:
+def _poll_sdk(queue: float, run: float) -> tuple[int, float]:
     """The official SDK's waitFor: poll at once, then sleep 2 s, x1.5, capped at 5 s."""
     t, wait, polls = 0.0, 2.0, 0
     while True:
         polls += 1
-        if _job_state(t, duration)[0] == "COMPLETED":
-            return polls, t
+        if _job_state(t, queue, run)[0] == "COMPLETED":
+            return polls, t - queue - run
         t += wait
         wait = min(5.0, wait * 1.5)
 
 
-def test_poll_schedule_beats_the_sdk_on_uniform_5_to_15_second_jobs() -> None:
-    rng = random.Random(20260716)
-    estimator = DurationEstimator()
-    ours_polls, ours_lag, sdk_polls, sdk_lag = [], [], [], []
-    for _ in range(1000):
-        duration = rng.uniform(5.0, 15.0)
-        polls, seen = _poll_ours(duration, estimator.expected)
-        # The runner only ever learns when it *saw* completion; feed that, lag included.
-        estimator.observe(seen)
-        ours_polls.append(polls)
-        ours_lag.append(seen - duration)
-        polls, seen = _poll_sdk(duration)
-        sdk_polls.append(polls)
-        sdk_lag.append(seen - duration)
-
-    assert statistics.mean(ours_polls) <= 0.7 * statistics.mean(sdk_polls)
-    assert statistics.mean(ours_lag) <= statistics.mean(sdk_lag) + 0.25
-    assert all(lag >= 0 for lag in ours_lag)
+def _compare(queue: tuple[float, float], run: tuple[float, float], n: int = 1000,
+             seed: int = 20260716) -> tuple[float, float, float, float]:
+    rng = random.Random(seed)
+    timings = JobTimings()
+    ours, sdk = [], []
+    for _ in range(n):
+        q, r = rng.uniform(*queue), rng.uniform(*run)
+        ours.append(_poll_ours(timings, q, r))
+        sdk.append(_poll_sdk(q, r))
+    return (statistics.mean(p for p, _ in ours), statistics.mean(lag for _, lag in ours),
+            statistics.mean(p for p, _ in sdk), statistics.mean(lag for _, lag in sdk))
 
 
-def test_poll_schedule_without_any_estimate_is_still_no_worse_than_the_sdk() -> None:
-    rng = random.Random(5)
-    durations = [rng.uniform(5.0, 15.0) for _ in range(300)]
-    ours = [_poll_ours(d, None) for d in durations]
-    sdk = [_poll_sdk(d) for d in durations]
-    assert statistics.mean(p for p, _ in ours) <= statistics.mean(p for p, _ in sdk)
-    assert (statistics.mean(t - d for (_, t), d in zip(ours, durations))
-            <= statistics.mean(t - d for (_, t), d in zip(sdk, durations)) + 0.25)
+@pytest.mark.parametrize("queue", [(0.0, 0.0), (0.5, 1.5)], ids=["no-queue", "queue"])
+def test_long_jobs_take_under_0_7x_the_sdk_requests_and_are_seen_sooner(
+        queue: tuple[float, float]) -> None:
+    """Runs of 5-15 s: submit + polls + download under 0.7x the SDK's, lag well under."""
+    polls, lag, sdk_polls, sdk_lag = _compare(queue, (5.0, 15.0))
+    assert (polls + 2) <= 0.7 * (sdk_polls + 2)
+    assert lag <= 0.5 and lag < 0.25 * sdk_lag
 
 
-def test_poll_schedule_does_not_hammer_a_job_stuck_at_99_percent() -> None:
-    t, previous, previous_progress, polls = 12.0, 7.0, 41, 0
-    while t < 60.0:
-        delay = next_poll_delay(P, elapsed=t, progress=99, status="PROCESSING",
-                                previous_delay=previous, expected=10.0,
-                                previous_progress=previous_progress)
-        t += delay
-        previous, previous_progress = delay, 99
-        polls += 1
-    # The SDK would poll ~10 times in these 48 s; the first re-poll is quick, then geometric.
-    assert polls <= 14
-
-
-# --- DurationEstimator -------------------------------------------------------------------
-
-
-def test_duration_estimator_is_a_bounded_median() -> None:
-    est = DurationEstimator(window=5)
-    assert est.expected is None
-    for s in (1.0, 100.0, 2.0, 3.0):
-        est.observe(s)
-    assert est.expected == 2.5
-    for s in (10.0, 10.0, 10.0, 10.0, 10.0):
-        est.observe(s)
-    assert est.count == 5
-    assert est.expected == 10.0
-
-
-def test_duration_estimator_ignores_garbage() -> None:
-    est = DurationEstimator()
-    est.observe(-1.0)
-    est.observe(float("nan"))
-    est.observe(float("inf"))
-    assert est.expected is None
-
-
-def test_durations_are_predictable_only_when_recent_jobs_agree() -> None:
-    steady, spread = DurationEstimator(), DurationEstimator()
-    for i in range(7):
-        steady.observe(2.0 + 0.01 * (i % 3))
-    assert not steady.is_predictable  # too few to tell
-    steady.observe(2.0)
-    assert steady.is_predictable
-    for s in (5, 7, 9, 11, 13, 15, 6, 8, 10, 12):
-        spread.observe(float(s))
-    assert not spread.is_predictable
-
-
-def test_predictable_jobs_are_polled_once_just_after_they_should_end() -> None:
-    policy = PollPolicy()
-    first = next_poll_delay(policy, elapsed=0.1, progress=None, status="QUEUED",
-                            previous_delay=None, expected=2.0, predictable=True)
-    assert first == pytest.approx(2.0 - 0.1 + policy.exact_margin)
-    unsure = next_poll_delay(policy, elapsed=0.1, progress=None, status="QUEUED",
-                             previous_delay=None, expected=2.0, predictable=False)
-    assert unsure < first  # without that confidence, look earlier and follow progress
+@pytest.mark.parametrize("queue", [(0.0, 0.0), (0.5, 1.5)], ids=["no-queue", "queue"])
+def test_short_queued_jobs_are_seen_within_a_tenth_of_a_second(
+        queue: tuple[float, float]) -> None:
+    """Runs of 0.5-1.5 s behind a 0.5-1.5 s queue (the simulator's default timing): the end
+    of a job is seen about 0.1 s after it, against 1.5 s on the SDK's schedule, for about
+    as many requests. (The old schedule read progress as if the job ran since its submit:
+    1.9 s of lag.)"""
+    polls, lag, sdk_polls, sdk_lag = _compare(queue, (0.5, 1.5))
+    assert lag <= 0.15
+    assert polls <= sdk_polls + 0.5
