@@ -178,14 +178,22 @@ def _rate(text: str) -> float:
     return value
 
 
+def _warn_skipped(line: object) -> None:
+    """A results line a post-run command skipped, on stderr (``FILE:LINE: reason``)."""
+    print(f"batchflux: warning: {line}", file=sys.stderr)
+
+
 def _report(args: argparse.Namespace) -> int:
     from .review import build_report, render_table, write_review
+    from .store import BadLine
 
     if args.html:
         page = write_review(args.out, thumb_size=args.thumb_size)
         print(f"batchflux: review page: {page.path} ({page.thumbnails} images, "
               f"{page.failures} failures)", file=sys.stderr if args.json else sys.stdout)
     report = build_report(args.out)
+    for bad in report["bad_lines"]:
+        _warn_skipped(BadLine(**bad))
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     elif not args.html:
@@ -196,7 +204,7 @@ def _report(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from .merge import merge_runs
 
-    done = merge_runs(args.sources, args.into, force=args.force)
+    done = merge_runs(args.sources, args.into, force=args.force, on_bad_line=_warn_skipped)
     print(f"batchflux: merged {len(done.sources)} runs into {done.into}: {done.items} items "
           f"({done.ok} ok, {done.failed} failed), files {done.files_linked} linked, "
           f"{done.files_copied} copied, {done.files_present} already there; every file's "
@@ -207,8 +215,10 @@ def _merge(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .dataset import export_dataset
 
-    done = export_dataset(args.out, args.dataset, shard_size=args.shard_size)
-    print(f"batchflux: dataset ({done.format}): {done.rows} images in {done.path}")
+    done = export_dataset(args.out, args.dataset, shard_size=args.shard_size,
+                          on_bad_line=_warn_skipped)
+    print(f"batchflux: dataset ({done.format}): {done.rows} images in {done.path}; every "
+          "file's sha256 checked")
     return 0
 
 

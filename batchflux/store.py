@@ -24,13 +24,14 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
 import unicodedata
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,72 +126,133 @@ def _fit(part: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Reading JSONL that may end in a torn line
+# Reading JSONL: a bad line is skipped and reported, never the end of the file
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(byte_offset_after_line, record)``; stop quietly at a torn or unparsable tail."""
+@dataclass(frozen=True, slots=True)
+class BadLine:
+    """A line of a JSONL file that a reader skipped: ``FILE:LINE: reason``.
+
+    ``line`` is 1-based. Every reader reports each bad line it meets and goes on with the next
+    one, so one damaged line never hides the lines after it.
+    """
+
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}; line skipped"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "reason": self.reason}
+
+
+#: Called with each line a reader skips.
+OnBadLine = Callable[[BadLine], None]
+
+_log = logging.getLogger("batchflux")
+_MAX_FRAGMENT = 1 << 20  # an unterminated last line longer than this is not worth parsing
+
+
+def _warn(bad: BadLine) -> None:
+    """The default for readers given no ``on_bad_line``: a warning on the batchflux logger."""
+    _log.warning("%s", bad)
+
+
+def _parse_line(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """``(record, None)`` for a line holding one JSON object, else ``(None, why not)``.
+
+    A last line without its newline is a torn write unless it parses whole (then a person
+    or another tool saved it without the final newline, and it counts).
+    """
+    terminated = raw.endswith(b"\n")
+    if terminated and not raw.strip():
+        return None, "blank line"
+    try:
+        record = json.loads(raw)
+    except ValueError:  # UnicodeDecodeError is a ValueError too
+        if not terminated:
+            return None, ("unfinished last line (a crash mid-write); it is cut off when a run "
+                          "next opens the directory")
+        return None, "not valid JSON"
+    if not isinstance(record, dict):
+        return None, "not a JSON object"
+    return record, None
+
+
+def iter_jsonl(path: Path, *, on_bad_line: OnBadLine | None = None
+               ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(byte_offset_after_line, record)`` for every line that holds a JSON object.
+
+    Blank lines, garbage and an unfinished last line are skipped; each is passed to
+    ``on_bad_line`` (default: a warning on the ``batchflux`` logger) and reading goes on.
+    A missing file yields nothing.
+    """
+    for _, offset, record in _read_jsonl(path, on_bad_line or _warn):
+        yield offset, record
+
+
+def iter_jsonl_numbered(path: Path, *, on_bad_line: OnBadLine | None = None
+                        ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """As :func:`iter_jsonl`, but yield ``(line_number, record)`` (1-based)."""
+    for number, _, record in _read_jsonl(path, on_bad_line or _warn):
+        yield number, record
+
+
+def _read_jsonl(path: Path, report: OnBadLine) -> Iterator[tuple[int, int, dict[str, Any]]]:
     try:
         fh = open(path, "rb")  # noqa: SIM115 - a generator closes it in the with below
     except FileNotFoundError:
         return
     with fh:
         offset = 0
-        for raw in fh:
-            if not raw.endswith(b"\n"):
-                return  # torn last line: the writer died mid-line
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                return
+        for number, raw in enumerate(fh, start=1):
             offset += len(raw)
-            if isinstance(record, dict):
-                yield offset, record
-
-
-def _valid_prefix_length(path: Path) -> int:
-    end = 0
-    for end, _ in iter_jsonl(path):
-        pass
-    return end
-
-
-def _last_line_is_whole(path: Path, size: int) -> bool:
-    """True when the file ends in a newline and its last line is a JSON object."""
-    if size == 0:
-        return True
-    with open(path, "rb") as fh:
-        start = max(0, size - (1 << 16))
-        fh.seek(start)
-        tail = fh.read()
-    if not tail.endswith(b"\n"):
-        return False
-    cut = tail.rfind(b"\n", 0, len(tail) - 1)
-    if cut < 0 and start > 0:
-        return False  # a last line over 64 KiB: let the full scan decide
-    try:
-        return isinstance(json.loads(tail[cut + 1:]), dict)
-    except ValueError:
-        return False
+            record, reason = _parse_line(raw)
+            if record is None:
+                report(BadLine(str(path), number, reason or "unreadable"))
+                continue
+            yield number, offset, record
 
 
 def repair_jsonl(path: Path) -> bool:
-    """Cut a torn or corrupt tail off a JSONL file. True when something was cut.
+    """Mend the end of a JSONL file after a crash. True when the file was changed.
 
-    Every line is written whole by one ``write`` in append mode, so only the last line can be
-    torn: when it is whole, the file is taken as is without parsing every line (a
-    million-line results file would take seconds).
+    Every line is written whole by one ``write`` in append mode, so only an unterminated last
+    fragment can be torn: it is cut off (or, when it parses as a whole JSON object, given its
+    newline). Nothing before the last newline is ever touched: a bad line in the middle stays
+    where it is and readers skip it with a warning, so no good line after it can be lost.
+    Only the tail is read, so a million-line results file is repaired at once.
     """
-    if not path.exists():
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
         return False
-    size = path.stat().st_size
-    if _last_line_is_whole(path, size):
-        return False
-    good = _valid_prefix_length(path)
-    if good == size:
+    if size == 0:
         return False
     with open(path, "r+b") as fh:
-        fh.truncate(good)
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return False
+        end, pos = 0, size
+        while pos > 0:
+            start = max(0, pos - (1 << 16))
+            fh.seek(start)
+            cut = fh.read(pos - start).rfind(b"\n")
+            if cut >= 0:
+                end = start + cut + 1
+                break
+            pos = start
+        whole = False
+        if size - end <= _MAX_FRAGMENT:
+            fh.seek(end)
+            whole = _parse_line(fh.read())[0] is not None
+        if whole:
+            fh.seek(size)
+            fh.write(b"\n")
+        else:
+            fh.truncate(end)
         fh.flush()
         os.fsync(fh.fileno())
     return True
@@ -206,13 +268,16 @@ def key_id(key: str) -> int:
 
 
 _OK_LINE = re.compile(rb'\{"key":"([0-9a-f]{16})[0-9a-f]*","[^{]*?"status":"ok"')
+_KEY_PREFIX = re.compile(r"[0-9a-fA-F]{16}")
 
 
-def _iter_results(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
-    """``(key id, record)`` for each line of results.jsonl, stopping at a torn or unparsable
-    line as :func:`iter_jsonl` does. Lines the runner wrote for an ok item (``key`` first,
-    top-level ``status`` before any nested object) are recognised by a pattern and give
-    ``record=None``, without a JSON parse; every other line is parsed in full.
+def _iter_results(path: Path, on_bad_line: OnBadLine
+                  ) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """``(key id, record)`` for each good line of results.jsonl; a bad line (blank, garbage,
+    no item key, an unfinished last line) goes to ``on_bad_line`` and reading goes on. Lines
+    the runner wrote for an ok item (``key`` first, top-level ``status`` before any nested
+    object) are recognised by a pattern and give ``record=None``, without a JSON parse; every
+    other line is parsed in full.
     """
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed by the with below
@@ -220,27 +285,20 @@ def _iter_results(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
         return
     match = _OK_LINE.match
     with fh:
-        for raw in fh:
-            if not raw.endswith(b"}\n"):
-                if not raw.endswith(b"\n"):
-                    return  # torn last line
-            else:
+        for number, raw in enumerate(fh, start=1):
+            if raw.endswith(b"}\n"):
                 found = match(raw)
                 if found is not None:
                     yield int(found.group(1), 16), None
                     continue
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                return
-            if not isinstance(record, dict):
-                continue
-            key = record.get("key")
-            if isinstance(key, str) and len(key) >= 16:
-                try:
+            record, reason = _parse_line(raw)
+            if record is not None:
+                key = record.get("key")
+                if isinstance(key, str) and _KEY_PREFIX.match(key):
                     yield key_id(key), record
-                except ValueError:
                     continue
+                reason = "no item key"
+            on_bad_line(BadLine(str(path), number, reason or "unreadable"))
 
 
 def _sorted_unique(values: array) -> array:
@@ -278,12 +336,14 @@ class ResumeIndex:
         self.intents: dict[int, int] = {}  # key id -> submission number sent, jobId unknown
         self.results_lines = 0
         self.uploads: dict[str, str] = {}
+        #: Lines of results.jsonl and the journal that were skipped (blank, garbage), in order.
+        self.bad_lines: list[BadLine] = []
 
     @classmethod
     def load(cls, out_dir: Path) -> ResumeIndex:
         index = cls()
         ok_ids = array("Q")
-        for kid, record in _iter_results(out_dir / RESULTS_NAME):
+        for kid, record in _iter_results(out_dir / RESULTS_NAME, index.bad_lines.append):
             index.results_lines += 1
             if record is None:  # an ok line read by the fast path
                 ok_ids.append(kid)
@@ -302,7 +362,8 @@ class ResumeIndex:
                     job_id=record.get("job_id"),
                 )
         index._ok = _sorted_unique(ok_ids)
-        for _, record in iter_jsonl(out_dir / STATE_DIR / JOURNAL_NAME):
+        for _, record in iter_jsonl(out_dir / STATE_DIR / JOURNAL_NAME,
+                                    on_bad_line=index.bad_lines.append):
             kind = record.get("t")
             if kind == "upload":
                 index.uploads[str(record.get("sha256"))] = str(record.get("url"))

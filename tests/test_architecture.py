@@ -21,7 +21,7 @@ ALLOWED = {
     "starlette": {"sim/app.py", "sim/faults.py"},
     "uvicorn": {"sim/serve.py"},
 }
-PURE = {"errors.py", "models.py", "expand.py", "retry.py", "shard.py"}
+PURE = {"errors.py", "models.py", "expand.py", "retry.py", "shard.py", "display.py"}
 
 
 def imports(path: Path) -> set[str]:

@@ -106,11 +106,21 @@ def test_a_torn_tail_is_cut_and_the_good_lines_kept(tmp_path: Path) -> None:
     assert repair_jsonl(path) is False  # idempotent
 
 
-def test_garbage_after_a_crash_is_cut_too(tmp_path: Path) -> None:
+def test_unterminated_garbage_after_a_crash_is_cut_too(tmp_path: Path) -> None:
     path = tmp_path / "x.jsonl"
-    path.write_bytes(b'{"a":1}\n\0\0\0\0\n')
+    path.write_bytes(b'{"a":1}\n\0\0\0\0')
     assert repair_jsonl(path) is True
     assert path.read_bytes() == b'{"a":1}\n'
+
+
+def test_a_whole_garbage_line_is_kept_and_skipped_not_cut(tmp_path: Path) -> None:
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"a":1}\n\0\0\0\0\n')
+    assert repair_jsonl(path) is False  # only an unterminated fragment is ever cut
+    assert path.read_bytes() == b'{"a":1}\n\0\0\0\0\n'
+    skipped = []
+    assert [r for _, r in iter_jsonl(path, on_bad_line=skipped.append)] == [{"a": 1}]
+    assert [(s.line, s.reason) for s in skipped] == [(2, "not valid JSON")]
 
 
 def test_missing_files_are_not_an_error(tmp_path: Path) -> None:
