@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import EXIT_SOFTWARE, EXIT_USAGE, BatchfluxError
+from .errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_SOFTWARE, EXIT_USAGE, BatchfluxError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per webdataset tar shard")
     p.set_defaults(handler=_export)
 
+    p = sub.add_parser("verify", help="re-check every image of a run against its result line",
+                       description="Re-hash every file of every final ok result line of OUT: "
+                       "it must exist with its recorded size and sha256 and decode whole. "
+                       "Prints each problem with the item and the path, and a total; exit 0 "
+                       "when every file matches, 1 otherwise.")
+    p.add_argument("out", metavar="OUT", help="a run directory")
+    p.add_argument("--fix", action="store_true",
+                   help="move each bad file into OUT/.batchflux/quarantine/ (same relative "
+                   "path) so that the next `batchflux run` fetches it again")
+    p.set_defaults(handler=_verify)
+
     p = sub.add_parser("sim", help="the built-in Apiframe v2 simulator")
     sim_sub = p.add_subparsers(dest="sim_command", metavar="SIM_COMMAND")
     sim_sub.required = True
@@ -220,6 +231,18 @@ def _export(args: argparse.Namespace) -> int:
     print(f"batchflux: dataset ({done.format}): {done.rows} images in {done.path}; every "
           "file's sha256 checked")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .verify import verify_run
+
+    out = Path(args.out)
+    report = verify_run(out, fix=args.fix, on_problem=lambda p: print(f"{out}/{p}"),
+                        on_bad_line=_warn_skipped)
+    print(f"batchflux: verify {out}: {report.summary_line()}")
+    return EXIT_OK if report.ok else EXIT_ITEMS_FAILED
 
 
 def _positive_float(text: str) -> float:
