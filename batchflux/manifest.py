@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import hashlib
 import io
 import math
 import os
@@ -41,6 +40,7 @@ from .expand import (
     canonical_json,
     format_value,
 )
+from .fileutil import sha256_file
 from .models import DEFAULT_MODEL, DEFAULT_RUN_OPTIONS, FLUX_PARAM_NAMES, RunOptions, is_remote_ref
 from .schema import Locator, format_path, validate_axis_values, validate_document
 
@@ -1025,11 +1025,7 @@ def _check_images(ctx: _Context) -> dict[str, str]:
         try:
             with Image.open(resolved) as image:
                 image.size  # noqa: B018 - identify only; decoding is the API's job
-            digest = hashlib.sha256()
-            with open(resolved, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            hashes[resolved] = "sha256:" + digest.hexdigest()
+            hashes[resolved] = "sha256:" + sha256_file(resolved)
         except FileNotFoundError:
             problem = "no such file"
         except IsADirectoryError:
