@@ -8,7 +8,8 @@
       summary.json          written at the end of every run
       .batchflux/
         journal.jsonl       submit intents and jobIds, appended before waiting on a job
-        lock                the pid of the run that holds the directory
+        lock                flock()ed by the run that holds the directory (its pid inside,
+                            for messages only)
         manifest.*          frozen copy of the manifest of the latest run
         tmp/                partial downloads (never a final name until verified)
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -34,7 +36,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiofiles
 import aiofiles.os
@@ -414,64 +416,86 @@ class ResumeIndex:
 # The lock
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-_HELD_LOCKS: set[str] = set()  # lock files this process holds
-
-
-@dataclass
 class DirectoryLock:
-    """An exclusive lock on an output directory: a pid file created with O_EXCL.
+    """An exclusive lock on an output directory, held by the kernel.
 
-    A lock left by a dead process (its pid no longer runs) is taken over.
+    ``fcntl.flock(LOCK_EX | LOCK_NB)`` on a descriptor of the lock file that stays open while
+    the lock is held: the kernel releases it when the holder closes it or dies (SIGKILL,
+    OOM, power loss of a network client), so there is no stale lock to detect and no race
+    between processes taking one over. Two descriptors conflict even inside one process, so
+    a second run in the same process is refused too. The holder's pid is written into the
+    file after locking, only so that the refusal can name it; nothing is decided from it.
+    The file is never unlinked (a holder and a newcomer could then lock different inodes).
+
+    >>> lock = DirectoryLock(Path("out/.batchflux/lock"))  # doctest: +SKIP
+    >>> with lock:                                           # doctest: +SKIP
+    ...     ...  # the directory is ours
     """
 
-    path: Path
-    _held: bool = False
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    @property
+    def is_held(self) -> bool:
+        """True while this object holds the lock."""
+        return self._fd is not None
 
     def acquire(self) -> None:
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or "0")
-                except (OSError, ValueError):
-                    pid = 0
-                # Our own pid: a lock this process holds (a second run in one process) is
-                # live; otherwise the file is stale from an earlier life of a reused pid.
-                mine = pid == os.getpid() and str(self.path) in _HELD_LOCKS
-                if mine or (_pid_alive(pid) and pid != os.getpid()):
-                    raise OutputLockedError(
-                        f"{self.path.parent.parent} is in use by another batchflux run "
-                        f"(pid {pid}); wait for it to finish"
-                    ) from None
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.unlink()  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(f"{os.getpid()}\n")
-            self._held = True
-            _HELD_LOCKS.add(str(self.path))
-            return
-        raise OutputLockedError(f"could not lock {self.path.parent.parent}")
+        """Take the lock or raise :class:`~batchflux.errors.OutputLockedError` (exit 75) at
+        once; :class:`~batchflux.errors.RunAborted` (exit 73) when the file cannot be opened."""
+        if self._fd is not None:
+            raise OutputLockedError(f"{self._directory} is already locked by this run")
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            raise _unwritable(exc, self.path, "cannot lock") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            named = f"pid {holder}" if holder else "pid unknown"
+            raise OutputLockedError(f"{self._directory} is in use by another batchflux run "
+                                    f"({named}); wait for it to finish") from None
+        except OSError as exc:
+            os.close(fd)
+            raise _unwritable(exc, self.path, "cannot lock") from exc
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the pid is only for messages; the kernel holds the lock either way
+        self._fd = fd
 
     def release(self) -> None:
-        if self._held:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            self._held = False
-            _HELD_LOCKS.discard(str(self.path))
+        """Give the lock back (closing the descriptor releases it). Safe to call twice."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # while still locked: no holder's pid is left behind
+        os.close(fd)
+
+    def __enter__(self) -> Self:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    @property
+    def _directory(self) -> Path:
+        return self.path.parent.parent if self.path.parent.name == STATE_DIR else self.path.parent
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else None
+    except (OSError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,7 +544,25 @@ class TempImage:
 
 
 def _is_disk_full(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+    """True when a write failed for want of space: the disk is full or the quota used up."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+_REFUSALS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+}
+
+
+def _unwritable(exc: OSError, path: Path | str, doing: str = "cannot write") -> RunAborted:
+    """The run-fatal error (exit 73) for a write the file system refused: says why in words
+    (permission denied, read-only file system, no space, quota) and names the path."""
+    where = exc.filename if isinstance(exc.filename, str) and exc.filename else path
+    reason = _REFUSALS.get(exc.errno or 0) or exc.strerror or str(exc)
+    return RunAborted(f"{doing} {where}: {reason}", exit_code=EXIT_CANTCREAT)
 
 
 class RunStore:
@@ -554,8 +596,7 @@ class RunStore:
             for path in (self.results_path, self.journal_path, self.summary_path):
                 self._refuse_symlink(path)
         except OSError as exc:
-            raise RunAborted(f"cannot create output directory {self.out_dir}: "
-                             f"{exc.strerror or exc}", exit_code=EXIT_CANTCREAT) from exc
+            raise _unwritable(exc, self.out_dir, "cannot create the output directory") from exc
         self._lock.acquire()
         try:
             for path in (self.results_path, self.journal_path):
@@ -570,8 +611,7 @@ class RunStore:
             self._results_fd = os.open(self.results_path, flags, 0o644)
         except OSError as exc:
             self.close()
-            raise RunAborted(f"cannot write to {self.out_dir}: {exc.strerror or exc}",
-                             exit_code=EXIT_CANTCREAT) from exc
+            raise _unwritable(exc, self.out_dir) from exc
         except BaseException:
             self.close()
             raise
@@ -607,8 +647,8 @@ class RunStore:
             if before is not None:  # cut the partial line off rather than leave it torn
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, before)
-            raise RunAborted(f"cannot write to {self.out_dir}: {exc.strerror or exc}",
-                             exit_code=EXIT_CANTCREAT) from exc
+            path = self.journal_path if fd == self._journal_fd else self.results_path
+            raise _unwritable(exc, path) from exc
 
     def journal_intent(self, item: WorkItem, submission: int) -> None:
         """Recorded before a submit is sent: a crash before we learn the jobId resubmits with
@@ -660,9 +700,8 @@ class RunStore:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 path.unlink()
-            if _is_disk_full(exc):
-                raise RunAborted(f"cannot write images to {self.out_dir}: "
-                                 f"{exc.strerror or exc}", exit_code=EXIT_CANTCREAT) from exc
+            if exc.errno in _REFUSALS:
+                raise _unwritable(exc, path, "cannot write the image") from exc
             raise
         except BaseException:
             with contextlib.suppress(OSError):
@@ -700,8 +739,7 @@ class RunStore:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 temp.path.unlink()
-            raise RunAborted(f"cannot write images to {self.out_dir}: {exc.strerror or exc}",
-                             exit_code=EXIT_CANTCREAT) from exc
+            raise _unwritable(exc, target, "cannot write the image") from exc
         return StoredFile(rel, temp.sha256, temp.size, width, height, fmt, check)
 
 
