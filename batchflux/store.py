@@ -25,12 +25,12 @@ import errno
 import fcntl
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
 import re
 import shutil
-import unicodedata
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
@@ -41,7 +41,13 @@ from typing import Any, Self
 import aiofiles
 import aiofiles.os
 
-from .errors import EXIT_CANTCREAT, OutputLockedError, RunAborted
+from .errors import EXIT_CANTCREAT, OutputLockedError, RunAborted, UsageError
+from .filenames import (  # noqa: F401 - re-exported: the store's public names since 0.1
+    FilenameTemplateError,
+    check_filename_template,
+    render_filename,
+    safe_component,
+)
 from .models import WorkItem
 
 STATE_DIR = ".batchflux"
@@ -51,80 +57,6 @@ JOURNAL_NAME = "journal.jsonl"
 LOCK_NAME = "lock"
 
 EXTENSIONS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
-_MAX_COMPONENT = 120  # bytes per path component, well under every filesystem's 255
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-# --------------------------------------------------------------------------------------------
-# File names
-
-
-class FilenameTemplateError(ValueError):
-    pass
-
-
-def safe_component(text: str) -> str:
-    """One path component from arbitrary text: ASCII letters, digits, ``._-``; never empty,
-    never ``.`` or ``..``, at most 120 bytes."""
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    text = _UNSAFE.sub("_", text).strip("._")
-    text = text[:_MAX_COMPONENT].rstrip("._")
-    return text or "_"
-
-
-def render_filename(template: str, item: WorkItem, *, ext: str, image_number: int = 1,
-                    width: int | None = None, height: int | None = None) -> str:
-    """The relative path (with ``/``) of an item's image from the file-name template.
-
-    Every value is sanitised to a safe component and the template's own ``/`` are the only
-    directory separators, so no prompt, id or template can reach outside ``images/``.
-    """
-    aspect = str(item.params.get("aspect_ratio", "1:1")).replace(":", "x")
-    values = {
-        "prompt_id": item.prompt_id,
-        "index": str(item.index),
-        "key": item.key,
-        "key12": item.key[:12],
-        "seed": str(item.seed),
-        "aspect": aspect,
-        "ext": ext,
-        "format": ext,
-        "model": item.model,
-        "w": "" if width is None else str(width),
-        "h": "" if height is None else str(height),
-    }
-    safe = {name: safe_component(value) for name, value in values.items()}
-    try:
-        rendered = template.format_map(safe)
-    except (KeyError, ValueError, IndexError, AttributeError) as exc:
-        raise FilenameTemplateError(f"bad file-name template {template!r}: {exc}") from exc
-    parts = [_sanitise(part) for part in rendered.replace("\\", "/").split("/") if part]
-    parts = [part for part in parts if part]
-    if not parts:
-        raise FilenameTemplateError(f"file-name template {template!r} renders to nothing")
-    if image_number > 1:
-        stem, dot, suffix = parts[-1].rpartition(".")
-        parts[-1] = f"{stem}-{image_number}.{suffix}" if dot else f"{parts[-1]}-{image_number}"
-    return "/".join(_fit(part) for part in parts)
-
-
-def _sanitise(text: str) -> str:
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    return _UNSAFE.sub("_", text).strip("._")
-
-
-def _fit(part: str) -> str:
-    """A component cut to the length cap. Cutting must not make two names equal (the unique
-    placeholder may sit at the end) nor drop the extension, so a cut name keeps its extension
-    and gains a digest of the whole text."""
-    if len(part) <= _MAX_COMPONENT:
-        return part
-    stem, dot, ext = part.rpartition(".")
-    if not dot or len(ext) > 8:
-        stem, ext = part, ""
-    digest = hashlib.sha256(part.encode()).hexdigest()[:12]
-    tail = f"-{digest}" + (f".{ext}" if ext else "")
-    return stem[:_MAX_COMPONENT - len(tail)].rstrip("._") + tail
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,6 +497,9 @@ def _unwritable(exc: OSError, path: Path | str, doing: str = "cannot write") -> 
     return RunAborted(f"{doing} {where}: {reason}", exit_code=EXIT_CANTCREAT)
 
 
+_TEMP_NUMBERS = itertools.count(1)  # per process: every download's temp file has its own name
+
+
 class RunStore:
     """All writes to one output directory. Open it with :meth:`open`; close it when done."""
 
@@ -576,6 +511,9 @@ class RunStore:
         self.results_path = out_dir / RESULTS_NAME
         self.summary_path = out_dir / SUMMARY_NAME
         self.journal_path = self.state_dir / JOURNAL_NAME
+        problem = check_filename_template(filename_template, relative_only=False)
+        if problem is not None:
+            raise UsageError(f"file-name template {filename_template!r}: {problem}")
         self.filename_template = filename_template
         self._lock = DirectoryLock(self.state_dir / LOCK_NAME)
         self._journal_fd: int | None = None
@@ -629,7 +567,8 @@ class RunStore:
 
     def _refuse_symlink(self, path: Path) -> None:
         if path.is_symlink():
-            raise RunAborted(f"refusing to write through the symlink {path}", exit_code=EXIT_CANTCREAT)
+            raise RunAborted(f"refusing to write through the symlink {path}",
+                             exit_code=EXIT_CANTCREAT)
 
     # -- journal -------------------------------------------------------------------------------
 
@@ -691,8 +630,11 @@ class RunStore:
 
     @contextlib.asynccontextmanager
     async def temp_image(self, item: WorkItem, number: int):  # type: ignore[no-untyped-def]
-        """A temp file for one download; removed on any failure or cancellation."""
-        path = self.tmp_dir / f"{item.key[:24]}-{number}-{os.getpid()}.part"
+        """A temp file for one download; removed on any failure or cancellation. Its name is
+        unique to this download (pid and a per-process counter), so two workers fetching the
+        same key at once never share one."""
+        unique = f"{os.getpid()}-{next(_TEMP_NUMBERS)}"
+        path = self.tmp_dir / f"{item.key[:24]}-{number}-{unique}.part"
         try:
             async with aiofiles.open(path, "wb") as handle:
                 temp = TempImage(path, handle)
@@ -732,7 +674,8 @@ class RunStore:
             root = os.path.realpath(self.images_dir)
             parent = os.path.realpath(target.parent)
             if not (parent == root or parent.startswith(root + os.sep)):
-                raise RunAborted(f"refusing to write outside {self.images_dir}", exit_code=EXIT_CANTCREAT)
+                raise RunAborted(f"refusing to write outside {self.images_dir}",
+                                 exit_code=EXIT_CANTCREAT)
             if target.is_symlink():
                 target.unlink()
             await aiofiles.os.replace(temp.path, target)

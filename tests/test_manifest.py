@@ -196,8 +196,9 @@ def test_duplicate_entries_are_warnings_not_errors(tmp_path):
 
 @pytest.mark.parametrize("template,problem", [
     ("{prompt_id}/{key12}.{ext}", None),
-    ("{index:06d}.{ext}", None),
-    ("{prompt_id}/{seed}.{ext}", "must contain {key}, {key12} or {index}"),
+    ("{index:06d}_{key12}.{ext}", None),
+    ("{index:06d}.{ext}", "must contain {key} or {key12}: {index} alone changes"),
+    ("{prompt_id}/{seed}.{ext}", "must contain {key} or {key12}"),
     ("../{key}.{ext}", "must be a relative path without '..'"),
     ("{key}.{extension}", "unknown placeholder {extension}"),
 ])
