@@ -267,7 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except BatchfluxError as exc:
-        print(f"batchflux: {exc}", file=sys.stderr)
+        from .display import escape_controls
+
+        text = "\n".join(escape_controls(line) for line in str(exc).split("\n"))
+        print(f"batchflux: {text}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("batchflux: interrupted", file=sys.stderr)
