@@ -183,3 +183,11 @@ def test_the_docs_list_every_placeholder() -> None:
     for template in examples:  # every template the docs show is one validate accepts
         assert check_filename_template(template) is None, template
 
+
+
+def test_the_schema_examples_and_default_are_valid_templates() -> None:
+    from batchflux.schema import load_schema
+
+    spec = load_schema("job")["properties"]["run"]["properties"]["filename_template"]
+    for template in [spec["default"], *spec["examples"]]:
+        assert check_filename_template(template) is None, template
