@@ -486,6 +486,7 @@ _REFUSALS = {
     errno.EROFS: "read-only file system",
     errno.ENOSPC: "no space left on the device",
     errno.EDQUOT: "disk quota exceeded",
+    errno.ELOOP: "a symbolic link, refused",
 }
 
 
