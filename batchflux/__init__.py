@@ -32,11 +32,16 @@ _EXPORTS = {
     "ConfigError": "batchflux.errors",
     "ApiError": "batchflux.errors",
     "RunAborted": "batchflux.errors",
+    "IntegrityError": "batchflux.errors",
+    "OutputLockedError": "batchflux.errors",
     "Shard": "batchflux.shard",
     "merge_runs": "batchflux.merge",
     "export_dataset": "batchflux.dataset",
     "write_review": "batchflux.review",
     "build_report": "batchflux.review",
+    "verify_run": "batchflux.verify",
+    "VerifyReport": "batchflux.verify",
+    "read_results": "batchflux.results",
 }
 
 __all__ = [
@@ -44,12 +49,15 @@ __all__ = [
     "BatchfluxError",
     "ConfigError",
     "ErrorCategory",
+    "IntegrityError",
     "JobSpec",
     "ManifestError",
+    "OutputLockedError",
     "RunAborted",
     "RunOptions",
     "RunResult",
     "Shard",
+    "VerifyReport",
     "WorkItem",
     "__version__",
     "build_report",
@@ -58,21 +66,33 @@ __all__ = [
     "export_dataset",
     "load_job",
     "merge_runs",
+    "read_results",
     "run_batch",
     "run_batch_async",
+    "verify_run",
     "write_review",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .batch import RunResult, run_batch, run_batch_async
     from .dataset import export_dataset
-    from .errors import ApiError, BatchfluxError, ConfigError, ManifestError, RunAborted
+    from .errors import (
+        ApiError,
+        BatchfluxError,
+        ConfigError,
+        IntegrityError,
+        ManifestError,
+        OutputLockedError,
+        RunAborted,
+    )
     from .expand import count_items, expand_job
     from .manifest import JobSpec, load_job
     from .merge import merge_runs
     from .models import ErrorCategory, RunOptions, WorkItem
+    from .results import read_results
     from .review import build_report, write_review
     from .shard import Shard
+    from .verify import VerifyReport, verify_run
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import EXIT_SOFTWARE, EXIT_USAGE, BatchfluxError
+from .errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_SOFTWARE, EXIT_USAGE, BatchfluxError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per webdataset tar shard")
     p.set_defaults(handler=_export)
 
+    p = sub.add_parser("verify", help="re-check every image of a run against its result line",
+                       description="Re-hash every file of every final ok result line of OUT: "
+                       "it must exist with its recorded size and sha256 and decode whole. "
+                       "Prints each problem with the item and the path, and a total; exit 0 "
+                       "when every file matches, 1 otherwise.")
+    p.add_argument("out", metavar="OUT", help="a run directory")
+    p.add_argument("--fix", action="store_true",
+                   help="move each bad file into OUT/.batchflux/quarantine/ (same relative "
+                   "path) so that the next `batchflux run` fetches it again")
+    p.set_defaults(handler=_verify)
+
     p = sub.add_parser("sim", help="the built-in Apiframe v2 simulator")
     sim_sub = p.add_subparsers(dest="sim_command", metavar="SIM_COMMAND")
     sim_sub.required = True
@@ -183,14 +194,22 @@ def _rate(text: str) -> float:
     return value
 
 
+def _warn_skipped(line: object) -> None:
+    """A results line a post-run command skipped, on stderr (``FILE:LINE: reason``)."""
+    print(f"batchflux: warning: {line}", file=sys.stderr)
+
+
 def _report(args: argparse.Namespace) -> int:
     from .review import build_report, render_table, write_review
+    from .store import BadLine
 
     if args.html:
         page = write_review(args.out, thumb_size=args.thumb_size)
         print(f"batchflux: review page: {page.path} ({page.thumbnails} images, "
               f"{page.failures} failures)", file=sys.stderr if args.json else sys.stdout)
     report = build_report(args.out)
+    for bad in report["bad_lines"]:
+        _warn_skipped(BadLine(**bad))
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     elif not args.html:
@@ -201,7 +220,7 @@ def _report(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from .merge import merge_runs
 
-    done = merge_runs(args.sources, args.into, force=args.force)
+    done = merge_runs(args.sources, args.into, force=args.force, on_bad_line=_warn_skipped)
     print(f"batchflux: merged {len(done.sources)} runs into {done.into}: {done.items} items "
           f"({done.ok} ok, {done.failed} failed), files {done.files_linked} linked, "
           f"{done.files_copied} copied, {done.files_present} already there; every file's "
@@ -212,9 +231,23 @@ def _merge(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .dataset import export_dataset
 
-    done = export_dataset(args.out, args.dataset, shard_size=args.shard_size)
-    print(f"batchflux: dataset ({done.format}): {done.rows} images in {done.path}")
+    done = export_dataset(args.out, args.dataset, shard_size=args.shard_size,
+                          on_bad_line=_warn_skipped)
+    print(f"batchflux: dataset ({done.format}): {done.rows} images in {done.path}; every "
+          "file's sha256 checked")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .verify import verify_run
+
+    out = Path(args.out)
+    report = verify_run(out, fix=args.fix, on_problem=lambda p: print(f"{out}/{p}"),
+                        on_bad_line=_warn_skipped)
+    print(f"batchflux: verify {out}: {report.summary_line()}")
+    return EXIT_OK if report.ok else EXIT_ITEMS_FAILED
 
 
 def _positive_float(text: str) -> float:
@@ -239,7 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except BatchfluxError as exc:
-        print(f"batchflux: {exc}", file=sys.stderr)
+        from .display import escape_controls
+
+        text = "\n".join(escape_controls(line) for line in str(exc).split("\n"))
+        print(f"batchflux: {text}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("batchflux: interrupted", file=sys.stderr)

@@ -16,7 +16,11 @@
                                              <sample>.json          seed, params, key, ...
 
 A sample's name is the item key (plus ``_2``, ``_3``... for extra images of one item). Only
-items whose result is ``ok`` are exported. Each export is built in a temporary directory and
+items whose result is ``ok`` are exported, and every image is checked against the sha256 on its
+result line as it is linked, copied or read: a missing or different file stops the export with
+:class:`~batchflux.errors.IntegrityError` (exit 65) naming the item and the path, and the old
+export stays. A results line that cannot be read is skipped and reported
+(``ExportResult.bad_lines``). Each export is built in a temporary directory and
 swapped in at the end, so re-running it (after a resumed run added items) replaces the old
 export whole and a crash mid-export leaves the previous one in place.
 """
@@ -24,19 +28,22 @@ export whole and a crash mid-export leaves the previous one in place.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import shutil
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .merge import final_records
-from .store import RESULTS_NAME, STATE_DIR
+from .display import item_label
+from .errors import IntegrityError, UsageError
+from .fileutil import sha256_file
+from .results import read_results, recorded_path
+from .store import RESULTS_NAME, STATE_DIR, BadLine, OnBadLine
 
 __all__ = ["FORMATS", "ExportResult", "dataset_rows", "export_dataset"]
 
@@ -54,6 +61,7 @@ class ExportResult:
     path: Path
     rows: int
     shards: int = 0
+    bad_lines: tuple[BadLine, ...] = ()  # results.jsonl lines skipped
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +72,15 @@ class DatasetRow:
     image_path: str  # relative to the run directory (images/...)
     text: str
     metadata: Mapping[str, Any]
+    sha256: str = ""  # as recorded on the result line
+    label: str = ""  # how messages name the item
 
 
-def dataset_rows(out_dir: Path) -> Iterator[DatasetRow]:
-    """Every image of every ok item, in manifest order."""
-    records = sorted(final_records(out_dir).values(),
-                     key=lambda r: (r.get("index", 0), r["key"]))
-    for record in records:
+def dataset_rows(out_dir: Path, *, on_bad_line: OnBadLine | None = None
+                 ) -> Iterator[DatasetRow]:
+    """Every image of every ok item, in manifest order. Unreadable results lines are passed
+    to ``on_bad_line`` (see :func:`batchflux.results.read_results`)."""
+    for record in read_results(out_dir, on_bad_line=on_bad_line).ordered():
         if record.get("status") != "ok":
             continue
         params = record.get("params") or {}
@@ -96,12 +106,19 @@ def dataset_rows(out_dir: Path) -> Iterator[DatasetRow]:
                     "template": record.get("template"),
                     "job_id": record.get("job_id"),
                 },
+                sha256=str(f.get("sha256") or ""),
+                label=item_label(record),
             )
 
 
 def export_dataset(out_dir: str | os.PathLike[str], fmt: str, *,
-                   shard_size: int = DEFAULT_SHARD_SIZE) -> ExportResult:
-    """Write (or rewrite) the ``fmt`` export of the run in ``out_dir``. See the module doc."""
+                   shard_size: int = DEFAULT_SHARD_SIZE,
+                   on_bad_line: OnBadLine | None = None) -> ExportResult:
+    """Write (or rewrite) the ``fmt`` export of the run in ``out_dir``. See the module doc.
+
+    Raises :class:`~batchflux.errors.IntegrityError` when an image is missing or does not
+    match its sha256, :class:`~batchflux.errors.UsageError` for a bad format or directory.
+    """
     out = Path(out_dir)
     if fmt not in FORMATS:
         raise UsageError(f"--dataset takes one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -109,20 +126,28 @@ def export_dataset(out_dir: str | os.PathLike[str], fmt: str, *,
         raise UsageError(f"{out} is not a batchflux run directory (no {RESULTS_NAME})")
     if shard_size < 1:
         raise UsageError("the webdataset shard size must be at least 1")
+    bad: list[BadLine] = []
+
+    def skipped(line: BadLine) -> None:
+        bad.append(line)
+        if on_bad_line is not None:
+            on_bad_line(line)
+
+    rows_of = dataset_rows(out, on_bad_line=skipped)
     final = out / EXPORT_DIR / fmt
     work = out / STATE_DIR / f"export-{fmt}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
         if fmt == "hf":
-            rows, shards = _write_imagefolder(out, work), 0
+            rows, shards = _write_imagefolder(out, work, rows_of), 0
         else:
-            rows, shards = _write_webdataset(out, work, shard_size)
+            rows, shards = _write_webdataset(out, work, shard_size, rows_of)
         _swap_in(work, final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return ExportResult(format=fmt, path=final, rows=rows, shards=shards)
+    return ExportResult(format=fmt, path=final, rows=rows, shards=shards, bad_lines=tuple(bad))
 
 
 def _swap_in(work: Path, final: Path) -> None:
@@ -136,6 +161,28 @@ def _swap_in(work: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _source(out: Path, row: DatasetRow) -> Path:
+    """The image of ``row``, refused unless it is inside ``OUT/images`` and exists."""
+    path = recorded_path(out, row.image_path)
+    if path is None:
+        raise IntegrityError(f"item {row.label}: refusing file path {row.image_path!r} from "
+                             f"{out / RESULTS_NAME}: outside the run's images/")
+    if not path.is_file():
+        raise IntegrityError(f"item {row.label}: {path} is listed in {out / RESULTS_NAME} but "
+                             f"missing; `batchflux run` on {out} fetches it again "
+                             "(`batchflux verify` lists every such file)")
+    return path
+
+
+def _check_digest(out: Path, row: DatasetRow, path: Path, actual: str) -> None:
+    if actual != row.sha256:
+        raise IntegrityError(
+            f"item {row.label}: {path} does not match the sha256 in {out / RESULTS_NAME} "
+            f"(found {actual[:12]}, recorded {row.sha256[:12] or 'nothing'}); "
+            f"`batchflux verify {out} --fix` moves it aside so that `batchflux run` fetches it "
+            "again")
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -144,14 +191,18 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _write_imagefolder(out: Path, work: Path) -> int:
+def _write_imagefolder(out: Path, work: Path, rows_of: Iterable[DatasetRow]) -> int:
     train = work / "train"
     train.mkdir()
     rows = 0
     with open(train / "metadata.jsonl", "w", encoding="utf-8") as meta:
-        for row in dataset_rows(out):
+        for row in rows_of:
+            source = _source(out, row)
             rel = row.image_path.removeprefix("images/")
-            _link_or_copy(out / row.image_path, train / rel)
+            target = train / rel
+            _link_or_copy(source, target)
+            # Hash what the export now holds (a link shares the source's bytes).
+            _check_digest(out, row, source, sha256_file(target))
             line = {"file_name": rel, **row.metadata}
             meta.write(json.dumps(line, ensure_ascii=False) + "\n")
             rows += 1
@@ -166,11 +217,15 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> No
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_webdataset(out: Path, work: Path, shard_size: int) -> tuple[int, int]:
+def _write_webdataset(out: Path, work: Path, shard_size: int,
+                      rows_of: Iterable[DatasetRow]) -> tuple[int, int]:
     rows = shards = 0
     tar: tarfile.TarFile | None = None
     try:
-        for row in dataset_rows(out):
+        for row in rows_of:
+            image = _source(out, row)
+            data = image.read_bytes()
+            _check_digest(out, row, image, hashlib.sha256(data).hexdigest())
             if rows % shard_size == 0:
                 if tar is not None:
                     tar.close()
@@ -179,12 +234,11 @@ def _write_webdataset(out: Path, work: Path, shard_size: int) -> tuple[int, int]
                                    format=tarfile.USTAR_FORMAT)
                 shards += 1
             assert tar is not None
-            image = out / row.image_path
             suffix = image.suffix.lstrip(".").lower()
             ext = _EXTENSIONS.get(suffix, suffix)
             mtime = image.stat().st_mtime
             # webdataset groups members by the name before the first dot: keys are hex.
-            _add_bytes(tar, f"{row.name}.{ext}", image.read_bytes(), mtime)
+            _add_bytes(tar, f"{row.name}.{ext}", data, mtime)
             _add_bytes(tar, f"{row.name}.txt", row.text.encode("utf-8"), mtime)
             _add_bytes(tar, f"{row.name}.json",
                        json.dumps(dict(row.metadata), ensure_ascii=False).encode("utf-8"),

@@ -7,6 +7,8 @@
     ├── ManifestError                   invalid manifest (all diagnostics)     exit 65
     ├── ConfigError                     no key, bad base URL, ...              exit 78
     ├── OutputLockedError               another run holds the output dir       exit 75
+    ├── IntegrityError                  a recorded file is missing or differs  exit 65
+    │                                   from its result line (export, merge)
     ├── ApiError                        one HTTP exchange with Apiframe failed
     │                                   (.category, .retryable, .http_status, .retry_after)
     └── RunAborted                      a run-fatal condition stopped the run cleanly
@@ -27,7 +29,7 @@ from .models import ErrorCategory
 EXIT_OK = 0
 EXIT_ITEMS_FAILED = 1
 EXIT_USAGE = 2
-EXIT_DATAERR = 65  # sysexits EX_DATAERR: invalid manifest
+EXIT_DATAERR = 65  # sysexits EX_DATAERR: invalid manifest, a file that fails its sha256
 EXIT_SOFTWARE = 70  # sysexits EX_SOFTWARE: a bug in batchflux
 EXIT_CANTCREAT = 73  # sysexits EX_CANTCREAT: the output directory cannot be written
 EXIT_TEMPFAIL = 75  # sysexits EX_TEMPFAIL: provider unavailable, output locked
@@ -52,6 +54,14 @@ class ConfigError(BatchfluxError):
 
 class OutputLockedError(BatchfluxError):
     exit_code = EXIT_TEMPFAIL
+
+
+class IntegrityError(BatchfluxError):
+    """A file a result line lists is missing, or its content is not what the line recorded
+    (sha256). Raised before anything is copied on from it; ``batchflux verify OUT --fix``
+    moves such files aside so that the next ``batchflux run`` fetches them again."""
+
+    exit_code = EXIT_DATAERR
 
 
 @dataclass(frozen=True, slots=True, order=True)

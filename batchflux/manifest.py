@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import hashlib
 import io
 import math
 import os
@@ -41,6 +40,8 @@ from .expand import (
     canonical_json,
     format_value,
 )
+from .filenames import FILENAME_PLACEHOLDERS, check_filename_template  # noqa: F401
+from .fileutil import sha256_file
 from .models import DEFAULT_MODEL, DEFAULT_RUN_OPTIONS, FLUX_PARAM_NAMES, RunOptions, is_remote_ref
 from .schema import Locator, format_path, validate_axis_values, validate_document
 
@@ -50,9 +51,6 @@ MAX_PROMPT_CHARS = 2000
 MAX_INPUT_IMAGES = 5
 #: Nodes built from one YAML document, counting every alias expansion: bounds alias bombs.
 MAX_YAML_NODES = 1_000_000
-FILENAME_PLACEHOLDERS = frozenset(
-    {"prompt_id", "index", "key", "key12", "seed", "aspect", "ext", "model", "format", "w", "h"}
-)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _COLLECTION_TAGS = frozenset({"tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"})
 _RUN_FLOATS = ("rpm", "budget", "job_timeout", "cost_per_image")
@@ -985,24 +983,6 @@ def _run_options(run: Mapping[str, Any], doc: _Doc, ctx: _Context) -> RunOptions
     return RunOptions(**values)
 
 
-def check_filename_template(template: str) -> str | None:
-    """Why ``template`` is not a usable file-name template, or None when it is."""
-    try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(template)
-                  if name is not None]
-    except ValueError as exc:
-        return f"invalid template: {exc}"
-    unknown = [name for name in fields if name not in FILENAME_PLACEHOLDERS]
-    if unknown:
-        known = " ".join("{" + n + "}" for n in sorted(FILENAME_PLACEHOLDERS))
-        return f"unknown placeholder {{{unknown[0]}}} (known: {known})"
-    if template.startswith(("/", "\\")) or ".." in re.split(r"[\\/]", template):
-        return "must be a relative path without '..'"
-    if "key" not in fields and "key12" not in fields and "index" not in fields:
-        return "must contain {key}, {key12} or {index} so that file names are unique"
-    return None
-
-
 def _check_ids(raws: list[_RawEntry], ctx: _Context) -> None:
     seen: dict[str, _RawEntry] = {}
     for raw in raws:
@@ -1025,11 +1005,7 @@ def _check_images(ctx: _Context) -> dict[str, str]:
         try:
             with Image.open(resolved) as image:
                 image.size  # noqa: B018 - identify only; decoding is the API's job
-            digest = hashlib.sha256()
-            with open(resolved, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            hashes[resolved] = "sha256:" + digest.hexdigest()
+            hashes[resolved] = "sha256:" + sha256_file(resolved)
         except FileNotFoundError:
             problem = "no such file"
         except IsADirectoryError:

@@ -18,25 +18,28 @@ part in the merge like any source.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BatchfluxError, UsageError
+from .display import item_label
+from .errors import BatchfluxError, IntegrityError, UsageError
+from .fileutil import sha256_file
+from .results import choose, iter_records, read_results, recorded_path, sort_key
 from .runner import utc_now
 from .store import (
     LOCK_NAME,
     RESULTS_NAME,
     STATE_DIR,
     SUMMARY_NAME,
+    BadLine,
     DirectoryLock,
-    iter_jsonl,
+    OnBadLine,
     write_json_atomic,
 )
 
@@ -60,29 +63,14 @@ class MergeReport:
     files_copied: int
     files_present: int
     duplicates: int
+    bad_lines: tuple[BadLine, ...] = ()  # lines of the sources' results.jsonl skipped
 
 
 def final_records(out_dir: Path) -> dict[str, dict[str, Any]]:
     """The result that counts for each key of one run directory: the ok line if any, else
-    the last line. Torn tails are ignored."""
-    chosen: dict[str, dict[str, Any]] = {}
-    for record in _records(out_dir):
-        _choose(chosen, record)
-    return chosen
-
-
-def _records(out_dir: Path) -> Iterator[dict[str, Any]]:
-    for _, record in iter_jsonl(out_dir / RESULTS_NAME):
-        if isinstance(record.get("key"), str):
-            yield record
-
-
-def _choose(chosen: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:
-    """Keep ``record`` if it beats what ``chosen`` holds for its key."""
-    current = chosen.get(record["key"])
-    if current is not None and current.get("status") == "ok" and record.get("status") != "ok":
-        return
-    chosen[record["key"]] = record
+    the last line. Unreadable lines are skipped (see :func:`batchflux.results.read_results`,
+    which also reports them)."""
+    return dict(read_results(out_dir).records)
 
 
 def manifest_digest(out_dir: Path) -> str | None:
@@ -92,7 +80,7 @@ def manifest_digest(out_dir: Path) -> str | None:
     frozen = sorted(state.glob("manifest.*")) if state.is_dir() else []
     for path in frozen:
         if path.is_file() and not path.name.endswith(".tmp"):
-            return hashlib.sha256(path.read_bytes()).hexdigest()
+            return sha256_file(path)
     summary = _read_summary(out_dir)
     digest = summary.get("manifest_sha256")
     return digest if isinstance(digest, str) else None
@@ -106,27 +94,21 @@ def _read_summary(out_dir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _inside(root: Path, rel: str) -> Path:
-    """``root / rel``, refusing paths that leave ``root`` (a result line is data, not trust)."""
-    target = (root / rel).resolve()
-    base = root.resolve()
-    if not target.is_relative_to(base) or not rel.startswith("images/"):
+    """``root / rel``, refusing paths that leave ``root/images`` (a result line is data, not
+    trust)."""
+    path = recorded_path(root, rel)
+    if path is None:
         raise MergeError(f"refusing file path {rel!r}: outside the run's images/")
-    return root / rel
+    return path
 
 
 def merge_runs(sources: Iterable[str | os.PathLike[str]], into: str | os.PathLike[str], *,
-               force: bool = False) -> MergeReport:
+               force: bool = False, on_bad_line: OnBadLine | None = None) -> MergeReport:
     """Merge run directories ``sources`` into ``into`` (created if missing). See the module
-    docstring. Raises :class:`MergeError` or :class:`~batchflux.errors.UsageError`."""
+    docstring. Raises :class:`MergeError`, :class:`~batchflux.errors.IntegrityError` or
+    :class:`~batchflux.errors.UsageError`. Each unreadable results line is in the report's
+    ``bad_lines`` and is also passed to ``on_bad_line`` as it is met."""
     target = Path(into)
     paths = [Path(s) for s in sources]
     if not paths:
@@ -149,22 +131,29 @@ def merge_runs(sources: Iterable[str | os.PathLike[str]], into: str | os.PathLik
     lock = DirectoryLock(target / STATE_DIR / LOCK_NAME)
     lock.acquire()
     try:
-        return _merge_locked(all_dirs, paths, target, digests)
+        return _merge_locked(all_dirs, paths, target, digests, on_bad_line)
     finally:
         lock.release()
 
 
 def _merge_locked(all_dirs: list[Path], sources: list[Path], target: Path,
-                  digests: Mapping[Path, str | None]) -> MergeReport:
+                  digests: Mapping[Path, str | None],
+                  on_bad_line: OnBadLine | None) -> MergeReport:
+    bad: list[BadLine] = []
+
+    def skipped(line: BadLine) -> None:
+        bad.append(line)
+        if on_bad_line is not None:
+            on_bad_line(line)
+
     chosen: dict[str, dict[str, Any]] = {}
     origin: dict[str, Path] = {}
     duplicates = 0
     for directory in all_dirs:
-        for record in _records(directory):
+        for record in iter_records(directory, skipped):
             if record["key"] in chosen:
                 duplicates += 1
-            _choose(chosen, record)
-            if chosen[record["key"]] is record:
+            if choose(chosen, record):
                 origin[record["key"]] = directory
 
     linked = copied = present = 0
@@ -180,12 +169,12 @@ def _merge_locked(all_dirs: list[Path], sources: list[Path], target: Path,
                                  "separate directories or use distinct file-name templates")
             src = _inside(source_dir, rel)
             dst = _inside(target, rel)
-            how = _place(src, dst, sha)
+            how = _place(src, dst, sha, record, source_dir)
             linked += how == "linked"
             copied += how == "copied"
             present += how == "present"
 
-    ordered = sorted(chosen.values(), key=lambda r: (r.get("index", 0), r["key"]))
+    ordered = sorted(chosen.values(), key=sort_key)
     _write_jsonl_atomic(target / RESULTS_NAME, ordered)
     for directory in sources:  # keep a manifest beside the merged results, for later merges
         frozen = sorted((directory / STATE_DIR).glob("manifest.*"))
@@ -196,15 +185,20 @@ def _merge_locked(all_dirs: list[Path], sources: list[Path], target: Path,
     counts = summary["counts"]
     return MergeReport(into=target, sources=tuple(sources), items=len(ordered),
                        ok=counts["ok"], failed=counts["failed"], files_linked=linked,
-                       files_copied=copied, files_present=present, duplicates=duplicates)
+                       files_copied=copied, files_present=present, duplicates=duplicates,
+                       bad_lines=tuple(bad))
 
 
-def _place(src: Path, dst: Path, sha: str) -> str:
+def _place(src: Path, dst: Path, sha: str, record: Mapping[str, Any],
+           source_dir: Path) -> str:
     """Put ``src`` at ``dst`` and prove it by sha256. Returns linked, copied or present."""
     if dst.is_file() and not dst.is_symlink() and sha256_file(dst) == sha:
         return "present"
     if not src.is_file():
-        raise MergeError(f"{src} is listed in its results.jsonl but missing")
+        raise IntegrityError(
+            f"item {item_label(record)}: {src} is listed in its results.jsonl but missing; "
+            f"`batchflux run` on {source_dir} fetches it again "
+            "(`batchflux verify` lists every such file)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.merge")
     with contextlib.suppress(FileNotFoundError):
@@ -218,8 +212,11 @@ def _place(src: Path, dst: Path, sha: str) -> str:
     actual = sha256_file(tmp)
     if actual != sha:
         tmp.unlink()
-        raise MergeError(f"{src} does not match the sha256 in its results.jsonl "
-                         f"({actual[:12]} != {sha[:12]}): the source is corrupt")
+        raise IntegrityError(
+            f"item {item_label(record)}: {src} does not match the sha256 in its results.jsonl "
+            f"(found {actual[:12]}, recorded {sha[:12]}); `batchflux verify "
+            f"{source_dir} --fix` moves it aside so that `batchflux run` fetches it "
+            "again")
     os.replace(tmp, dst)
     return how
 

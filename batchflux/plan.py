@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from .display import escape_controls
 from .errors import EXIT_DATAERR, EXIT_OK, Diagnostic, ManifestError
 from .expand import axis_summaries, count_items, expand_job
 from .manifest import JobSpec, load_job
@@ -126,7 +127,7 @@ def make_plan(
 
 def _print_diagnostics(diagnostics: Iterable[Diagnostic], err: TextIO) -> None:
     for diagnostic in diagnostics:
-        print(diagnostic, file=err)
+        print(escape_controls(str(diagnostic)), file=err)
 
 
 def validate_command(paths: Sequence[str], *, out: TextIO, err: TextIO) -> int:
@@ -168,26 +169,33 @@ def plan_command(
 
 
 def _print_text(plan: Plan, out: TextIO) -> None:
-    print(f"{plan.path}: {plan.items:,} items, model {plan.model}", file=out)
+    """The plan for people. Every line passes through :func:`escape_controls`: a prompt with
+    U+202E (right-to-left override), an escape sequence or a newline is shown escaped
+    (``\\u202e``), never obeyed by the terminal. ``--json`` keeps the exact text."""
+    for line in _text_lines(plan):
+        print(escape_controls(line), file=out)
+
+
+def _text_lines(plan: Plan) -> Iterator[str]:
+    yield f"{plan.path}: {plan.items:,} items, model {plan.model}"
     axes = " x ".join(
         f"{name} {size}{'*' if name in plan.varying_axes else ''}"
         for name, size in plan.axes.items()
     )
-    print(f"axes: {axes}", file=out)
+    yield f"axes: {axes}"
     if plan.varying_axes:
-        print("  (* differs between prompts; the largest size is shown)", file=out)
-    print(f"estimated cost: {plan.estimated_cost:,.2f} credits "
-          f"({plan.cost_per_image:g} per image)", file=out)
+        yield "  (* differs between prompts; the largest size is shown)"
+    yield (f"estimated cost: {plan.estimated_cost:,.2f} credits "
+           f"({plan.cost_per_image:g} per image)")
     if plan.preview:
-        print(f"first {len(plan.preview)} items:", file=out)
+        yield f"first {len(plan.preview)} items:"
         for item in plan.preview:
             params = " ".join(f"{k}={_short(v)}" for k, v in item.params.items()
                               if k not in ("seed",))
-            print(f"  #{item.index} {item.prompt_id} {item.key[:12]} seed={item.seed} {params}",
-                  file=out)
-            print(f"      {_short(item.prompt, 100)}", file=out)
+            yield f"  #{item.index} {item.prompt_id} {item.key[:12]} seed={item.seed} {params}"
+            yield f"      {_short(item.prompt, 100)}"
     for warning in plan.warnings:
-        print(f"warning: {warning}", file=out)
+        yield f"warning: {warning}"
 
 
 def _short(value: Any, width: int = 40) -> str:

@@ -7,8 +7,11 @@ Three reporters behind one small interface (``runner.Reporter``):
 - :class:`LogReporter` elsewhere: a plain line every ``interval`` seconds (or none, quiet).
 - :class:`JsonReporter` (``--log-format json``): one JSON event a line, for log shippers.
 
-Every run ends with :func:`summary_line`, one line that says what happened and where the
-images, ``results.jsonl`` and ``summary.json`` are. No reporter ever sees the API key.
+Every reporter names an item by :func:`~batchflux.display.item_label` (prompt id, aspect ratio
+or custom size, template variables, seed, key prefix), so two failed items of one prompt are
+told apart. Every run ends with :func:`summary_line`, one line that says what happened and
+where the images, ``results.jsonl`` and ``summary.json`` are. No reporter ever sees the API
+key.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
+from .display import escape_controls, item_label
 from .runner import RunState
 
 
@@ -96,11 +101,10 @@ class RichReporter:
             self.progress.advance(self.task)
         if record.get("status") != "ok":
             error = record.get("error") or {}
-            self.progress.console.print(
-                f"[red]failed[/red] {record.get('prompt_id')} seed {record.get('seed')}: "
-                f"{error.get('category')}: {error.get('message')}",
-                markup=True, highlight=False,
-            )
+            text = Text("failed", style="red")
+            text.append(f" {item_label(record)}: {error.get('category')}: "
+                        f"{escape_controls(str(error.get('message')))}")
+            self.progress.console.print(text, highlight=False)
 
     def status(self, state: RunState) -> None:
         self._state = state
@@ -145,8 +149,8 @@ class LogReporter:
     def result(self, record: Mapping[str, Any]) -> None:
         if record.get("status") != "ok" and self.interval is not None:
             error = record.get("error") or {}
-            self._emit(f"failed {record.get('prompt_id')} seed {record.get('seed')}: "
-                       f"{error.get('category')}: {error.get('message')}")
+            self._emit(f"failed {item_label(record)}: {error.get('category')}: "
+                       f"{escape_controls(str(error.get('message')))}")
 
     def status(self, state: RunState) -> None:
         self._state = state
@@ -190,7 +194,8 @@ class JsonReporter:
     def result(self, record: Mapping[str, Any]) -> None:
         error = record.get("error") or {}
         self._emit("item", key=record.get("key"), status=record.get("status"),
-                   prompt_id=record.get("prompt_id"), seed=record.get("seed"),
+                   label=item_label(record), prompt_id=record.get("prompt_id"),
+                   seed=record.get("seed"),
                    job_id=record.get("job_id"), category=error.get("category"),
                    files=[f["path"] for f in record.get("files", ())])
 

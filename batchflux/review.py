@@ -31,10 +31,10 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import UsageError
-from .merge import final_records
 from .models import ErrorCategory
+from .results import RunResults, read_results, recorded_path
 from .runner import percentile
-from .store import RESULTS_NAME, SUMMARY_NAME
+from .store import RESULTS_NAME, SUMMARY_NAME, BadLine
 
 __all__ = ["ReviewPage", "build_report", "render_table", "write_review"]
 
@@ -59,10 +59,10 @@ def _explain(category: str) -> str:
         return "unknown category"
 
 
-def _records(out: Path) -> list[dict[str, Any]]:
+def _results(out: Path) -> RunResults:
     if not (out / RESULTS_NAME).is_file():
         raise UsageError(f"{out} is not a batchflux run directory (no {RESULTS_NAME})")
-    return sorted(final_records(out).values(), key=lambda r: (r.get("index", 0), r["key"]))
+    return read_results(out)
 
 
 def _summary(out: Path) -> dict[str, Any]:
@@ -74,9 +74,14 @@ def _summary(out: Path) -> dict[str, Any]:
 
 
 def build_report(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Everything ``batchflux report`` shows, as one JSON-able dict."""
+    """Everything ``batchflux report`` shows, as one JSON-able dict.
+
+    ``bad_lines`` lists the lines of results.jsonl that could not be read (``file``, ``line``,
+    ``reason``); every other line counts.
+    """
     out = Path(out_dir)
-    records = _records(out)
+    results = _results(out)
+    records = results.ordered()
     summary = _summary(out)
     status = Counter(str(r.get("status")) for r in records)
     categories = Counter(str((r.get("error") or {}).get("category")) for r in records
@@ -112,6 +117,7 @@ def build_report(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
                          "history": cap.get("history") or []},
         "stop_reason": summary.get("stop_reason"),
         "shard": summary.get("shard"),
+        "bad_lines": [bad.to_json() for bad in results.bad_lines],
     }
 
 
@@ -186,6 +192,7 @@ class ReviewPage:
     path: Path
     thumbnails: int
     failures: int
+    bad_lines: tuple[BadLine, ...] = ()  # results.jsonl lines skipped
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,9 +231,11 @@ def _tiles(out: Path, records: Iterable[Mapping[str, Any]], size: int) -> list[_
             continue
         for number, f in enumerate(files, start=1):
             name = _thumb_name(record["key"], number)
-            source = out / str(f["path"])
+            source = recorded_path(out, str(f["path"]))
             thumb: str | None = f"{THUMB_DIR}/{name}"
             try:
+                if source is None:  # a line pointing outside images/ is not followed
+                    raise FileNotFoundError(f["path"])
                 make_thumbnail(source, review / THUMB_DIR / name, size=size)
             except OSError:
                 thumb = None  # a missing or unreadable image: shown as such, not fatal
@@ -381,13 +390,14 @@ def write_review(out_dir: str | os.PathLike[str], *,
     """Write ``OUT/review/index.html`` and its thumbnails (re-runnable: thumbnails that are
     up to date are kept, the page is replaced atomically)."""
     out = Path(out_dir)
-    records = _records(out)
+    results = _results(out)
     report = build_report(out)
-    tiles = _tiles(out, records, thumb_size)
+    tiles = _tiles(out, results.ordered(), thumb_size)
     page = out / REVIEW_DIR / "index.html"
     page.parent.mkdir(parents=True, exist_ok=True)
     tmp = page.with_name(f".index.html.{os.getpid()}.tmp")
     tmp.write_text(render_html(report, tiles), encoding="utf-8")
     os.replace(tmp, page)
     return ReviewPage(path=page, thumbnails=sum(t.thumb is not None for t in tiles),
-                      failures=sum(t.thumb is None for t in tiles))
+                      failures=sum(t.thumb is None for t in tiles),
+                      bad_lines=results.bad_lines)

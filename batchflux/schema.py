@@ -125,6 +125,14 @@ def _show(value: Any) -> str:
 _TYPE_NAMES = {"object": "mapping", "array": "list", "null": "null"}
 
 
+def _describe(value: Any) -> str:
+    """A value as a message names it: its type, then the value itself when that adds
+    something (``string "x"``, ``list [1, 2]``); null (an empty YAML value) is named once."""
+    if value is None:
+        return "an empty value (null)"
+    return f"{_json_type(value)} {_show(value)}"
+
+
 def _translate(
     error: ValidationError, *, file: str, locate: Locator, base_path: tuple[str | int, ...]
 ) -> Iterator[Diagnostic]:
@@ -161,7 +169,7 @@ def _translate(
         wanted = error.validator_value
         names = [wanted] if isinstance(wanted, str) else list(wanted)
         shown = " or ".join(_TYPE_NAMES.get(n, n) for n in names)
-        message = f"expected {shown}, got {_json_type(value)} {_show(value)}"
+        message = f"expected {shown}, got {_describe(value)}"
     elif v == "enum":
         message = f"must be one of {', '.join(_show(x) for x in error.validator_value)}; got {_show(value)}"
     elif v == "minimum":

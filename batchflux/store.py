@@ -8,7 +8,8 @@
       summary.json          written at the end of every run
       .batchflux/
         journal.jsonl       submit intents and jobIds, appended before waiting on a job
-        lock                the pid of the run that holds the directory
+        lock                flock()ed by the run that holds the directory (its pid inside,
+                            for messages only)
         manifest.*          frozen copy of the manifest of the latest run
         tmp/                partial downloads (never a final name until verified)
 
@@ -21,9 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import io
+import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,15 +35,21 @@ import time
 import unicodedata
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiofiles
 import aiofiles.os
 
-from .errors import EXIT_CANTCREAT, OutputLockedError, RunAborted
+from .errors import EXIT_CANTCREAT, OutputLockedError, RunAborted, UsageError
+from .filenames import (  # noqa: F401 - re-exported: the store's public names since 0.1
+    FilenameTemplateError,
+    check_filename_template,
+    render_filename,
+    safe_component,
+)
 from .models import WorkItem
 
 STATE_DIR = ".batchflux"
@@ -49,149 +59,136 @@ JOURNAL_NAME = "journal.jsonl"
 LOCK_NAME = "lock"
 
 EXTENSIONS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
-_MAX_COMPONENT = 120  # bytes per path component, well under every filesystem's 255
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 # --------------------------------------------------------------------------------------------
-# File names
+# Reading JSONL: a bad line is skipped and reported, never the end of the file
 
 
-class FilenameTemplateError(ValueError):
-    pass
+@dataclass(frozen=True, slots=True)
+class BadLine:
+    """A line of a JSONL file that a reader skipped: ``FILE:LINE: reason``.
 
-
-def safe_component(text: str) -> str:
-    """One path component from arbitrary text: ASCII letters, digits, ``._-``; never empty,
-    never ``.`` or ``..``, at most 120 bytes."""
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    text = _UNSAFE.sub("_", text).strip("._")
-    text = text[:_MAX_COMPONENT].rstrip("._")
-    return text or "_"
-
-
-def render_filename(template: str, item: WorkItem, *, ext: str, image_number: int = 1,
-                    width: int | None = None, height: int | None = None) -> str:
-    """The relative path (with ``/``) of an item's image from the file-name template.
-
-    Every value is sanitised to a safe component and the template's own ``/`` are the only
-    directory separators, so no prompt, id or template can reach outside ``images/``.
+    ``line`` is 1-based. Every reader reports each bad line it meets and goes on with the next
+    one, so one damaged line never hides the lines after it.
     """
-    aspect = str(item.params.get("aspect_ratio", "1:1")).replace(":", "x")
-    values = {
-        "prompt_id": item.prompt_id,
-        "index": str(item.index),
-        "key": item.key,
-        "key12": item.key[:12],
-        "seed": str(item.seed),
-        "aspect": aspect,
-        "ext": ext,
-        "format": ext,
-        "model": item.model,
-        "w": "" if width is None else str(width),
-        "h": "" if height is None else str(height),
-    }
-    safe = {name: safe_component(value) for name, value in values.items()}
+
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}; line skipped"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "reason": self.reason}
+
+
+#: Called with each line a reader skips.
+OnBadLine = Callable[[BadLine], None]
+
+_log = logging.getLogger("batchflux")
+_MAX_FRAGMENT = 1 << 20  # an unterminated last line longer than this is not worth parsing
+
+
+def _warn(bad: BadLine) -> None:
+    """The default for readers given no ``on_bad_line``: a warning on the batchflux logger."""
+    _log.warning("%s", bad)
+
+
+def _parse_line(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """``(record, None)`` for a line holding one JSON object, else ``(None, why not)``.
+
+    A last line without its newline is a torn write unless it parses whole (then a person
+    or another tool saved it without the final newline, and it counts).
+    """
+    terminated = raw.endswith(b"\n")
+    if terminated and not raw.strip():
+        return None, "blank line"
     try:
-        rendered = template.format_map(safe)
-    except (KeyError, ValueError, IndexError, AttributeError) as exc:
-        raise FilenameTemplateError(f"bad file-name template {template!r}: {exc}") from exc
-    parts = [_sanitise(part) for part in rendered.replace("\\", "/").split("/") if part]
-    parts = [part for part in parts if part]
-    if not parts:
-        raise FilenameTemplateError(f"file-name template {template!r} renders to nothing")
-    if image_number > 1:
-        stem, dot, suffix = parts[-1].rpartition(".")
-        parts[-1] = f"{stem}-{image_number}.{suffix}" if dot else f"{parts[-1]}-{image_number}"
-    return "/".join(_fit(part) for part in parts)
+        record = json.loads(raw)
+    except ValueError:  # UnicodeDecodeError is a ValueError too
+        if not terminated:
+            return None, ("unfinished last line (a crash mid-write); it is cut off when a run "
+                          "next opens the directory")
+        return None, "not valid JSON"
+    if not isinstance(record, dict):
+        return None, "not a JSON object"
+    return record, None
 
 
-def _sanitise(text: str) -> str:
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    return _UNSAFE.sub("_", text).strip("._")
+def iter_jsonl(path: Path, *, on_bad_line: OnBadLine | None = None
+               ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(byte_offset_after_line, record)`` for every line that holds a JSON object.
+
+    Blank lines, garbage and an unfinished last line are skipped; each is passed to
+    ``on_bad_line`` (default: a warning on the ``batchflux`` logger) and reading goes on.
+    A missing file yields nothing.
+    """
+    for _, offset, record in _read_jsonl(path, on_bad_line or _warn):
+        yield offset, record
 
 
-def _fit(part: str) -> str:
-    """A component cut to the length cap. Cutting must not make two names equal (the unique
-    placeholder may sit at the end) nor drop the extension, so a cut name keeps its extension
-    and gains a digest of the whole text."""
-    if len(part) <= _MAX_COMPONENT:
-        return part
-    stem, dot, ext = part.rpartition(".")
-    if not dot or len(ext) > 8:
-        stem, ext = part, ""
-    digest = hashlib.sha256(part.encode()).hexdigest()[:12]
-    tail = f"-{digest}" + (f".{ext}" if ext else "")
-    return stem[:_MAX_COMPONENT - len(tail)].rstrip("._") + tail
+def iter_jsonl_numbered(path: Path, *, on_bad_line: OnBadLine | None = None
+                        ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """As :func:`iter_jsonl`, but yield ``(line_number, record)`` (1-based)."""
+    for number, _, record in _read_jsonl(path, on_bad_line or _warn):
+        yield number, record
 
 
-# --------------------------------------------------------------------------------------------
-# Reading JSONL that may end in a torn line
-
-
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(byte_offset_after_line, record)``; stop quietly at a torn or unparsable tail."""
+def _read_jsonl(path: Path, report: OnBadLine) -> Iterator[tuple[int, int, dict[str, Any]]]:
     try:
         fh = open(path, "rb")  # noqa: SIM115 - a generator closes it in the with below
     except FileNotFoundError:
         return
     with fh:
         offset = 0
-        for raw in fh:
-            if not raw.endswith(b"\n"):
-                return  # torn last line: the writer died mid-line
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                return
+        for number, raw in enumerate(fh, start=1):
             offset += len(raw)
-            if isinstance(record, dict):
-                yield offset, record
-
-
-def _valid_prefix_length(path: Path) -> int:
-    end = 0
-    for end, _ in iter_jsonl(path):
-        pass
-    return end
-
-
-def _last_line_is_whole(path: Path, size: int) -> bool:
-    """True when the file ends in a newline and its last line is a JSON object."""
-    if size == 0:
-        return True
-    with open(path, "rb") as fh:
-        start = max(0, size - (1 << 16))
-        fh.seek(start)
-        tail = fh.read()
-    if not tail.endswith(b"\n"):
-        return False
-    cut = tail.rfind(b"\n", 0, len(tail) - 1)
-    if cut < 0 and start > 0:
-        return False  # a last line over 64 KiB: let the full scan decide
-    try:
-        return isinstance(json.loads(tail[cut + 1:]), dict)
-    except ValueError:
-        return False
+            record, reason = _parse_line(raw)
+            if record is None:
+                report(BadLine(str(path), number, reason or "unreadable"))
+                continue
+            yield number, offset, record
 
 
 def repair_jsonl(path: Path) -> bool:
-    """Cut a torn or corrupt tail off a JSONL file. True when something was cut.
+    """Mend the end of a JSONL file after a crash. True when the file was changed.
 
-    Every line is written whole by one ``write`` in append mode, so only the last line can be
-    torn: when it is whole, the file is taken as is without parsing every line (a
-    million-line results file would take seconds).
+    Every line is written whole by one ``write`` in append mode, so only an unterminated last
+    fragment can be torn: it is cut off (or, when it parses as a whole JSON object, given its
+    newline). Nothing before the last newline is ever touched: a bad line in the middle stays
+    where it is and readers skip it with a warning, so no good line after it can be lost.
+    Only the tail is read, so a million-line results file is repaired at once.
     """
-    if not path.exists():
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
         return False
-    size = path.stat().st_size
-    if _last_line_is_whole(path, size):
-        return False
-    good = _valid_prefix_length(path)
-    if good == size:
+    if size == 0:
         return False
     with open(path, "r+b") as fh:
-        fh.truncate(good)
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return False
+        end, pos = 0, size
+        while pos > 0:
+            start = max(0, pos - (1 << 16))
+            fh.seek(start)
+            cut = fh.read(pos - start).rfind(b"\n")
+            if cut >= 0:
+                end = start + cut + 1
+                break
+            pos = start
+        whole = False
+        if size - end <= _MAX_FRAGMENT:
+            fh.seek(end)
+            whole = _parse_line(fh.read())[0] is not None
+        if whole:
+            fh.seek(size)
+            fh.write(b"\n")
+        else:
+            fh.truncate(end)
         fh.flush()
         os.fsync(fh.fileno())
     return True
@@ -207,13 +204,16 @@ def key_id(key: str) -> int:
 
 
 _OK_LINE = re.compile(rb'\{"key":"([0-9a-f]{16})[0-9a-f]*","[^{]*?"status":"ok"')
+_KEY_PREFIX = re.compile(r"[0-9a-fA-F]{16}")
 
 
-def _iter_results(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, bytes]]:
-    """``(key id, record, raw line)`` for each line of results.jsonl, stopping at a torn or
-    unparsable line as :func:`iter_jsonl` does. Lines the runner wrote for an ok item (``key``
-    first, top-level ``status`` before any nested object) are recognised by a pattern and give
-    ``record=None``, without a JSON parse; every other line is parsed in full.
+def _iter_results(path: Path, on_bad_line: OnBadLine
+                  ) -> Iterator[tuple[int, dict[str, Any] | None, bytes]]:
+    """``(key id, record, raw line)`` for each good line of results.jsonl; a bad line (blank,
+    garbage, no item key, an unfinished last line) goes to ``on_bad_line`` and reading goes
+    on. Lines the runner wrote for an ok item (``key`` first, top-level ``status`` before any
+    nested object) are recognised by a pattern and give ``record=None``, without a JSON parse;
+    every other line is parsed in full.
     """
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed by the with below
@@ -221,27 +221,20 @@ def _iter_results(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, byte
         return
     match = _OK_LINE.match
     with fh:
-        for raw in fh:
-            if not raw.endswith(b"}\n"):
-                if not raw.endswith(b"\n"):
-                    return  # torn last line
-            else:
+        for number, raw in enumerate(fh, start=1):
+            if raw.endswith(b"}\n"):
                 found = match(raw)
                 if found is not None:
                     yield int(found.group(1), 16), None, raw
                     continue
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                return
-            if not isinstance(record, dict):
-                continue
-            key = record.get("key")
-            if isinstance(key, str) and len(key) >= 16:
-                try:
+            record, reason = _parse_line(raw)
+            if record is not None:
+                key = record.get("key")
+                if isinstance(key, str) and _KEY_PREFIX.match(key):
                     yield key_id(key), record, raw
-                except ValueError:
                     continue
+                reason = "no item key"
+            on_bad_line(BadLine(str(path), number, reason or "unreadable"))
 
 
 def _sorted_unique(values: array) -> array:
@@ -310,13 +303,15 @@ class ResumeIndex:
         self.intents: dict[int, JournalIntent] = {}  # key id -> submission sent, jobId unknown
         self.results_lines = 0
         self.uploads: dict[str, JournalUpload] = {}  # content sha256 -> upload
+        #: Lines of results.jsonl and the journal that were skipped (blank, garbage), in order.
+        self.bad_lines: list[BadLine] = []
 
     @classmethod
     def load(cls, out_dir: Path, *, check_files: bool = True) -> ResumeIndex:
         index = cls()
         ok_ids = array("Q")
         present = _FileCheck(out_dir) if check_files else None
-        for kid, record, raw in _iter_results(out_dir / RESULTS_NAME):
+        for kid, record, raw in _iter_results(out_dir / RESULTS_NAME, index.bad_lines.append):
             index.results_lines += 1
             if record is None or record.get("status") == "ok":
                 if present is not None and not present.all_there(
@@ -346,17 +341,20 @@ class ResumeIndex:
         # An ok line for a key that also appears missing (the same key twice) keeps it ok.
         for kid in [k for k in index.missing if index._has_ok(k)]:
             del index.missing[kid]
-        for _, record in iter_jsonl(out_dir / STATE_DIR / JOURNAL_NAME):
+        for _, record in iter_jsonl(out_dir / STATE_DIR / JOURNAL_NAME,
+                                    on_bad_line=index.bad_lines.append):
             kind = record.get("t")
             if kind == "upload":
                 index.uploads[str(record.get("sha256"))] = JournalUpload(
                     str(record.get("url")), record.get("expires_at"))
                 continue
             key = record.get("key")
-            if not isinstance(key, str) or len(key) < 16:
+            if not isinstance(key, str) or not _KEY_PREFIX.match(key):
                 continue
             kid = key_id(key)
-            n = int(record.get("n", 0))
+            n = record.get("n", 0)
+            if not isinstance(n, int):
+                continue
             if kind == "intent":
                 inputs = record.get("inputs")
                 index.intents[kid] = JournalIntent(
@@ -454,64 +452,86 @@ def _files_of(raw: bytes) -> Any:
 # The lock
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-_HELD_LOCKS: set[str] = set()  # lock files this process holds
-
-
-@dataclass
 class DirectoryLock:
-    """An exclusive lock on an output directory: a pid file created with O_EXCL.
+    """An exclusive lock on an output directory, held by the kernel.
 
-    A lock left by a dead process (its pid no longer runs) is taken over.
+    ``fcntl.flock(LOCK_EX | LOCK_NB)`` on a descriptor of the lock file that stays open while
+    the lock is held: the kernel releases it when the holder closes it or dies (SIGKILL,
+    OOM, power loss of a network client), so there is no stale lock to detect and no race
+    between processes taking one over. Two descriptors conflict even inside one process, so
+    a second run in the same process is refused too. The holder's pid is written into the
+    file after locking, only so that the refusal can name it; nothing is decided from it.
+    The file is never unlinked (a holder and a newcomer could then lock different inodes).
+
+    >>> lock = DirectoryLock(Path("out/.batchflux/lock"))  # doctest: +SKIP
+    >>> with lock:                                           # doctest: +SKIP
+    ...     ...  # the directory is ours
     """
 
-    path: Path
-    _held: bool = False
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    @property
+    def is_held(self) -> bool:
+        """True while this object holds the lock."""
+        return self._fd is not None
 
     def acquire(self) -> None:
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or "0")
-                except (OSError, ValueError):
-                    pid = 0
-                # Our own pid: a lock this process holds (a second run in one process) is
-                # live; otherwise the file is stale from an earlier life of a reused pid.
-                mine = pid == os.getpid() and str(self.path) in _HELD_LOCKS
-                if mine or (_pid_alive(pid) and pid != os.getpid()):
-                    raise OutputLockedError(
-                        f"{self.path.parent.parent} is in use by another batchflux run "
-                        f"(pid {pid}); wait for it to finish"
-                    ) from None
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.unlink()  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(f"{os.getpid()}\n")
-            self._held = True
-            _HELD_LOCKS.add(str(self.path))
-            return
-        raise OutputLockedError(f"could not lock {self.path.parent.parent}")
+        """Take the lock or raise :class:`~batchflux.errors.OutputLockedError` (exit 75) at
+        once; :class:`~batchflux.errors.RunAborted` (exit 73) when the file cannot be opened."""
+        if self._fd is not None:
+            raise OutputLockedError(f"{self._directory} is already locked by this run")
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            raise _unwritable(exc, self.path, "cannot lock") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            named = f"pid {holder}" if holder else "pid unknown"
+            raise OutputLockedError(f"{self._directory} is in use by another batchflux run "
+                                    f"({named}); wait for it to finish") from None
+        except OSError as exc:
+            os.close(fd)
+            raise _unwritable(exc, self.path, "cannot lock") from exc
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the pid is only for messages; the kernel holds the lock either way
+        self._fd = fd
 
     def release(self) -> None:
-        if self._held:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            self._held = False
-            _HELD_LOCKS.discard(str(self.path))
+        """Give the lock back (closing the descriptor releases it). Safe to call twice."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # while still locked: no holder's pid is left behind
+        os.close(fd)
+
+    def __enter__(self) -> Self:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    @property
+    def _directory(self) -> Path:
+        return self.path.parent.parent if self.path.parent.name == STATE_DIR else self.path.parent
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else None
+    except (OSError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,7 +580,29 @@ class TempImage:
 
 
 def _is_disk_full(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+    """True when a write failed for want of space: the disk is full or the quota used up."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+_REFUSALS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.ELOOP: "a symbolic link, refused",
+}
+
+
+def _unwritable(exc: OSError, path: Path | str, doing: str = "cannot write") -> RunAborted:
+    """The run-fatal error (exit 73) for a write the file system refused: says why in words
+    (permission denied, read-only file system, no space, quota) and names the path."""
+    where = exc.filename if isinstance(exc.filename, str) and exc.filename else path
+    reason = _REFUSALS.get(exc.errno or 0) or exc.strerror or str(exc)
+    return RunAborted(f"{doing} {where}: {reason}", exit_code=EXIT_CANTCREAT)
+
+
+_TEMP_NUMBERS = itertools.count(1)  # per process: every download's temp file has its own name
 
 
 class RunStore:
@@ -574,6 +616,9 @@ class RunStore:
         self.results_path = out_dir / RESULTS_NAME
         self.summary_path = out_dir / SUMMARY_NAME
         self.journal_path = self.state_dir / JOURNAL_NAME
+        problem = check_filename_template(filename_template, relative_only=False)
+        if problem is not None:
+            raise UsageError(f"file-name template {filename_template!r}: {problem}")
         self.filename_template = filename_template
         self._lock = DirectoryLock(self.state_dir / LOCK_NAME)
         self._journal_fd: int | None = None
@@ -594,8 +639,7 @@ class RunStore:
             for path in (self.results_path, self.journal_path, self.summary_path):
                 self._refuse_symlink(path)
         except OSError as exc:
-            raise RunAborted(f"cannot create output directory {self.out_dir}: "
-                             f"{exc.strerror or exc}", exit_code=EXIT_CANTCREAT) from exc
+            raise _unwritable(exc, self.out_dir, "cannot create the output directory") from exc
         self._lock.acquire()
         try:
             for path in (self.results_path, self.journal_path):
@@ -610,8 +654,7 @@ class RunStore:
             self._results_fd = os.open(self.results_path, flags, 0o644)
         except OSError as exc:
             self.close()
-            raise RunAborted(f"cannot write to {self.out_dir}: {exc.strerror or exc}",
-                             exit_code=EXIT_CANTCREAT) from exc
+            raise _unwritable(exc, self.out_dir) from exc
         except BaseException:
             self.close()
             raise
@@ -629,7 +672,8 @@ class RunStore:
 
     def _refuse_symlink(self, path: Path) -> None:
         if path.is_symlink():
-            raise RunAborted(f"refusing to write through the symlink {path}", exit_code=EXIT_CANTCREAT)
+            raise RunAborted(f"refusing to write through the symlink {path}",
+                             exit_code=EXIT_CANTCREAT)
 
     # -- journal -------------------------------------------------------------------------------
 
@@ -647,8 +691,8 @@ class RunStore:
             if before is not None:  # cut the partial line off rather than leave it torn
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, before)
-            raise RunAborted(f"cannot write to {self.out_dir}: {exc.strerror or exc}",
-                             exit_code=EXIT_CANTCREAT) from exc
+            path = self.journal_path if fd == self._journal_fd else self.results_path
+            raise _unwritable(exc, path) from exc
 
     def journal_intent(self, item: WorkItem, submission: int,
                        inputs: Sequence[str] | None = None) -> None:
@@ -703,8 +747,11 @@ class RunStore:
 
     @contextlib.asynccontextmanager
     async def temp_image(self, item: WorkItem, number: int):  # type: ignore[no-untyped-def]
-        """A temp file for one download; removed on any failure or cancellation."""
-        path = self.tmp_dir / f"{item.key[:24]}-{number}-{os.getpid()}.part"
+        """A temp file for one download; removed on any failure or cancellation. Its name is
+        unique to this download (pid and a per-process counter), so two workers fetching the
+        same key at once never share one."""
+        unique = f"{os.getpid()}-{next(_TEMP_NUMBERS)}"
+        path = self.tmp_dir / f"{item.key[:24]}-{number}-{unique}.part"
         try:
             async with aiofiles.open(path, "wb") as handle:
                 temp = TempImage(path, handle)
@@ -712,9 +759,8 @@ class RunStore:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 path.unlink()
-            if _is_disk_full(exc):
-                raise RunAborted(f"cannot write images to {self.out_dir}: "
-                                 f"{exc.strerror or exc}", exit_code=EXIT_CANTCREAT) from exc
+            if exc.errno in _REFUSALS:
+                raise _unwritable(exc, path, "cannot write the image") from exc
             raise
         except BaseException:
             with contextlib.suppress(OSError):
@@ -745,15 +791,15 @@ class RunStore:
             root = os.path.realpath(self.images_dir)
             parent = os.path.realpath(target.parent)
             if not (parent == root or parent.startswith(root + os.sep)):
-                raise RunAborted(f"refusing to write outside {self.images_dir}", exit_code=EXIT_CANTCREAT)
+                raise RunAborted(f"refusing to write outside {self.images_dir}",
+                                 exit_code=EXIT_CANTCREAT)
             if target.is_symlink():
                 target.unlink()
             await aiofiles.os.replace(temp.path, target)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 temp.path.unlink()
-            raise RunAborted(f"cannot write images to {self.out_dir}: {exc.strerror or exc}",
-                             exit_code=EXIT_CANTCREAT) from exc
+            raise _unwritable(exc, target, "cannot write the image") from exc
         return StoredFile(rel, temp.sha256, temp.size, width, height, fmt, check)
 
 

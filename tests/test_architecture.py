@@ -21,7 +21,8 @@ ALLOWED = {
     "starlette": {"sim/app.py", "sim/faults.py"},
     "uvicorn": {"sim/serve.py"},
 }
-PURE = {"errors.py", "models.py", "expand.py", "retry.py", "shard.py"}
+PURE = {"errors.py", "models.py", "expand.py", "retry.py", "shard.py", "display.py",
+        "filenames.py"}
 
 
 def imports(path: Path) -> set[str]:

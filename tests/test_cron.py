@@ -21,7 +21,7 @@ from batchflux.batch import exit_code_for
 from batchflux.cli import build_parser, main
 from batchflux.models import RunOptions
 from batchflux.sim import SimSettings, serve_in_thread
-from batchflux.store import ResumeIndex
+from batchflux.store import DirectoryLock, ResumeIndex
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "jobs" / "deploy"
@@ -57,7 +57,20 @@ def test_a_stale_lock_from_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     done = cli("run", str(manifest), *SIM, "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert "2 ok" in done.stdout
-    assert not (out / ".batchflux" / "lock").exists()  # released at the end
+    # Released at the end: no pid left behind, and free for the next night.
+    assert (out / ".batchflux" / "lock").read_text() == ""
+    with DirectoryLock(out / ".batchflux" / "lock"):
+        pass
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from batchflux.store import DirectoryLock
+DirectoryLock(Path(sys.argv[1])).acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
 
 
 def test_a_lock_held_by_a_live_process_exits_75_without_touching_anything(
@@ -65,9 +78,10 @@ def test_a_lock_held_by_a_live_process_exits_75_without_touching_anything(
     manifest = write_manifest(tmp_path, prompts=1, seeds=2, aspects=("1:1",))
     out = tmp_path / "out"
     (out / ".batchflux").mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / ".batchflux" / "lock")],
+                              stdout=subprocess.PIPE, text=True)
     try:
-        (out / ".batchflux" / "lock").write_text(f"{holder.pid}\n")
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         done = cli("run", str(manifest), *SIM, "--out", str(out))
     finally:
         holder.kill()

@@ -196,8 +196,9 @@ def test_duplicate_entries_are_warnings_not_errors(tmp_path):
 
 @pytest.mark.parametrize("template,problem", [
     ("{prompt_id}/{key12}.{ext}", None),
-    ("{index:06d}.{ext}", None),
-    ("{prompt_id}/{seed}.{ext}", "must contain {key}, {key12} or {index}"),
+    ("{index:06d}_{key12}.{ext}", None),
+    ("{index:06d}.{ext}", "must contain {key} or {key12}: {index} alone changes"),
+    ("{prompt_id}/{seed}.{ext}", "must contain {key} or {key12}"),
     ("../{key}.{ext}", "must be a relative path without '..'"),
     ("{key}.{extension}", "unknown placeholder {extension}"),
 ])
@@ -233,3 +234,20 @@ def test_job_schema_accepts_the_example_manifests():
     item_validator = jsonschema.Draft202012Validator(load_schema("item"))
     for line in Path("jobs/dataset-prompts.jsonl").read_text().splitlines():
         item_validator.validate(json.loads(line))
+
+
+def test_an_empty_value_is_named_once_not_null_null(tmp_path):
+    """Issue 10: "expected integer, got null null" for an empty YAML value."""
+    path = write(tmp_path, """\
+        defaults:
+          output_quality:
+        prompts:
+          - a red fox
+          - text:
+        """)
+    with pytest.raises(ManifestError) as caught:
+        load_job(path)
+    assert [str(d) for d in caught.value.diagnostics] == [
+        f"{path}:2:18: defaults.output_quality: expected integer, got an empty value (null)",
+        f"{path}:5:10: prompts[1].text: expected string, got an empty value (null)",
+    ]

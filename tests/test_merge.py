@@ -13,6 +13,7 @@ from runner_helpers import check_run_directory, load_results, write_manifest
 
 from batchflux import batch
 from batchflux.cli import main
+from batchflux.errors import IntegrityError
 from batchflux.merge import MergeError, final_records, merge_runs
 from batchflux.shard import Shard
 from batchflux.sim import SimSettings
@@ -141,8 +142,11 @@ async def test_a_corrupt_source_image_fails_the_merge_and_keeps_the_old_target(
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(MergeError, match="sha256"):
+    with pytest.raises(IntegrityError, match="sha256") as caught:
         merge_runs([outs[1]], into)
+    assert caught.value.exit_code == 65
+    message = str(caught.value)
+    assert str(path) in message and json.dumps(victim["sha256"][:12]).strip('"') in message
     assert (into / "results.jsonl").read_bytes() == before
     assert not list(into.rglob("*.merge"))
 

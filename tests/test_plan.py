@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 from batchflux.cli import main
-from batchflux.plan import make_plan, plan_command
+from batchflux.plan import make_plan, plan_command, validate_command
 from batchflux.manifest import load_job
 
 
@@ -99,3 +99,26 @@ def test_plan_text_output_through_the_cli(tmp_path, capsys):
     assert out[1] == "axes: prompts 2 x vars.c 2* x aspect_ratio 3*"
     assert "estimated cost: 7.50 credits (1.5 per image)" in out
     assert out[5].startswith("  #0 p0001 ") and out[6].strip() == "a red fox"
+
+
+def test_plan_text_escapes_control_and_format_characters(tmp_path):
+    """Issue 10: a prompt with U+202E (right-to-left override), an escape sequence or a
+    zero-width space must not reorder or restyle the terminal; --json keeps the exact text."""
+    prompt = "a fox \u202eeulb\u202c in \x1b[31mred\x1b[0m snow\u200b"
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps({"prompts": [prompt], "vars": {}}, ensure_ascii=False),
+                    encoding="utf-8")
+    status, out, err = run_plan(path, as_json=False)
+    assert status == 0 and err == ""
+    assert "a fox \\u202eeulb\\u202c in \\u001b[31mred\\u001b[0m snow\\u200b" in out
+    assert not any(ch in out for ch in "\u202e\u202c\x1b\u200b")
+    status, out, _ = run_plan(path, as_json=True)
+    assert json.loads(out)["preview"][0]["prompt"] == prompt
+
+
+def test_validate_escapes_control_characters_in_diagnostics(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text('prompts:\n  - {text: "x", seed: "\u202e7"}\n', encoding="utf-8")
+    out, err = io.StringIO(), io.StringIO()
+    assert validate_command([str(path)], out=out, err=err) == 65
+    assert "\\u202e7" in err.getvalue() and "\u202e" not in err.getvalue()

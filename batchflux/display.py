@@ -1,0 +1,72 @@
+"""Text for people: how an item is named in log lines, and user text made safe for a terminal.
+
+Pure functions over values; no I/O and no batchflux imports.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["escape_controls", "item_label"]
+
+#: Unicode categories that move the cursor, reorder or hide text on a terminal: control
+#: characters (Cc: newline, escape...), format characters (Cf: U+202E right-to-left override,
+#: zero-width spaces...) and the line and paragraph separators (Zl, Zp).
+_INVISIBLE = frozenset({"Cc", "Cf", "Zl", "Zp"})
+_VALUE_WIDTH = 40
+
+
+def escape_controls(text: str) -> str:
+    r"""``text`` with every control or format character written as an escape (``\u202e``),
+    so user text cannot reorder, hide or restyle what a terminal shows.
+
+    >>> escape_controls("abc\u202edef\tx\x1b[31m")
+    'abc\\u202edef\\u0009x\\u001b[31m'
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if unicodedata.category(ch) in _INVISIBLE:
+            code = ord(ch)
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else str(value)
+    return text if len(text) <= _VALUE_WIDTH else text[: _VALUE_WIDTH - 1] + "…"
+
+
+def item_label(record: Mapping[str, Any]) -> str:
+    """How log lines name an item (a result line, or anything with the same fields): what
+    tells it apart from its neighbours in the grid. The prompt id, the aspect ratio (or the
+    custom size), the template variables when it has any, the seed, and the first 12 hex digits
+    of the key (which tell apart even items that differ only in another param).
+
+    >>> item_label({"prompt_id": "mug", "key": "3fa9c2e1b0d4" + "0" * 52, "seed": 7,
+    ...             "params": {"aspect_ratio": "16:9"}, "vars": {"bg": "oak"}})
+    'mug 16:9 bg=oak seed 7 [3fa9c2e1b0d4]'
+    >>> item_label({"prompt_id": "p017", "seed": 1,
+    ...             "params": {"aspect_ratio": "custom", "width": 1024, "height": 768}})
+    'p017 custom 1024x768 seed 1'
+    """
+    params = record.get("params") or {}
+    seed = record.get("seed", params.get("seed"))
+    parts = [str(record.get("prompt_id") or "?")]
+    aspect = params.get("aspect_ratio")
+    if aspect == "custom":
+        parts.append(f"custom {params.get('width', '?')}x{params.get('height', '?')}")
+    elif aspect is not None:
+        parts.append(str(aspect))
+    variables = record.get("vars") or {}
+    parts += [f"{name}={_short(value)}" for name, value in variables.items()]
+    parts.append(f"seed {seed}")
+    key = record.get("key")
+    if isinstance(key, str) and key:
+        parts.append(f"[{key[:12]}]")
+    return escape_controls(" ".join(parts))

@@ -1,0 +1,182 @@
+"""Image file names from the file-name template: pure functions over a work item.
+
+A template is a ``str.format`` pattern over these placeholders (format specs welcome):
+
+=============  ====  ==================================================================
+placeholder    type  value
+=============  ====  ==================================================================
+``{key}``      str   the item key (64 hex digits): unique per request, stable forever
+``{key12}``    str   its first 12 hex digits
+``{prompt_id}`` str  the prompt's id (``p0001``... when the manifest gives none)
+``{index}``    int   the item's position in the expanded manifest (changes on edits)
+``{seed}``     int   the concrete seed
+``{aspect}``   str   the aspect ratio with ``x`` for ``:`` (``16x9``, ``custom``)
+``{w}``        int   the image width in pixels
+``{h}``        int   the image height in pixels
+``{ext}``      str   the file extension (``webp``, ``png``, ``jpg``)
+``{format}``   str   the same as ``{ext}``
+``{model}``    str   the model (``flux-2-dev``)
+=============  ====  ==================================================================
+
+``{index:04d}`` and ``{seed:08d}`` zero-pad; strings take string specs (``{prompt_id:.20}``).
+Every string value is made a safe path component before formatting and every rendered
+component again after it, so no value or template can reach outside ``images/``.
+
+A template must contain ``{key}`` or ``{key12}``: file names must stay unique when the
+manifest changes, and ``{index}`` alone does not (insert a prompt and every later index
+moves, so a new item would be written over another item's image).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import string
+import unicodedata
+from collections.abc import Mapping
+from typing import Any
+
+from .models import WorkItem
+
+__all__ = ["FILENAME_PLACEHOLDERS", "FilenameTemplateError", "check_filename_template",
+           "render_filename", "safe_component"]
+
+#: Every placeholder a file-name template may use.
+FILENAME_PLACEHOLDERS = frozenset(
+    {"prompt_id", "index", "key", "key12", "seed", "aspect", "ext", "model", "format", "w", "h"}
+)
+#: The placeholders that make a name unique to its item and stable under manifest edits.
+IDENTITY_PLACEHOLDERS = frozenset({"key", "key12"})
+#: The placeholders that are integers (format specs such as ``04d`` apply); the rest are text.
+NUMBER_PLACEHOLDERS = ("index", "seed", "w", "h")
+
+_MAX_COMPONENT = 120  # bytes per path component, well under every filesystem's 255
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_FORMAT_ERRORS = (KeyError, ValueError, IndexError, AttributeError, TypeError, OverflowError)
+
+#: The item a template is tried on by :func:`check_filename_template` (a large seed, so that
+#: a spec that only fits small numbers, such as ``{seed:c}``, fails here and not after paying).
+_SAMPLE = WorkItem(index=0, key="0123456789abcdef" * 4, prompt_id="p0001", prompt="sample",
+                   params={"seed": 4_294_967_295, "aspect_ratio": "16:9"})
+
+
+class FilenameTemplateError(ValueError):
+    """A file-name template cannot render a name."""
+
+
+def safe_component(text: str) -> str:
+    """One path component from arbitrary text: ASCII letters, digits, ``._-``; never empty,
+    never ``.`` or ``..``, at most 120 bytes."""
+    text = _sanitise(text)
+    text = text[:_MAX_COMPONENT].rstrip("._")
+    return text or "_"
+
+
+def _values(item: WorkItem, ext: str, width: int | None, height: int | None
+            ) -> Mapping[str, Any]:
+    aspect = str(item.params.get("aspect_ratio", "1:1")).replace(":", "x")
+    strings = {
+        "prompt_id": item.prompt_id,
+        "key": item.key,
+        "key12": item.key[:12],
+        "aspect": aspect,
+        "ext": ext,
+        "format": ext,
+        "model": item.model,
+    }
+    values: dict[str, Any] = {name: safe_component(value) for name, value in strings.items()}
+    values.update(index=int(item.index), seed=int(item.seed),
+                  w=int(width or 0), h=int(height or 0))
+    return values
+
+
+def render_filename(template: str, item: WorkItem, *, ext: str, image_number: int = 1,
+                    width: int | None = None, height: int | None = None) -> str:
+    """The relative path (with ``/``) of an item's image from the file-name template.
+
+    ``index``, ``seed``, ``w`` and ``h`` are integers (so ``{index:04d}`` works), the rest
+    strings; each rendered component is sanitised after formatting and the template's own
+    ``/`` are the only directory separators. Raises :class:`FilenameTemplateError`.
+
+    >>> item = WorkItem(index=7, key="ab" * 32, prompt_id="mug", prompt="a mug",
+    ...                 params={"seed": 42, "aspect_ratio": "16:9"})
+    >>> render_filename("{prompt_id}/{index:04d}_{key12}_{seed:08d}.{ext}", item, ext="png")
+    'mug/0007_abababababab_00000042.png'
+    """
+    try:
+        rendered = template.format_map(_values(item, ext, width, height))
+    except _FORMAT_ERRORS as exc:
+        raise FilenameTemplateError(f"bad file-name template {template!r}: {exc}") from exc
+    parts = [_sanitise(part) for part in rendered.replace("\\", "/").split("/") if part]
+    parts = [part for part in parts if part]
+    if not parts:
+        raise FilenameTemplateError(f"file-name template {template!r} renders to nothing")
+    if image_number > 1:
+        stem, dot, suffix = parts[-1].rpartition(".")
+        parts[-1] = f"{stem}-{image_number}.{suffix}" if dot else f"{parts[-1]}-{image_number}"
+    return "/".join(_fit(part) for part in parts)
+
+
+def check_filename_template(template: str, *, relative_only: bool = True) -> str | None:
+    """Why ``template`` is not a usable file-name template, or None when it is.
+
+    It must parse, use only :data:`FILENAME_PLACEHOLDERS`, contain ``{key}`` or ``{key12}``,
+    and render a sample item (so a format spec that cannot format, such as ``{prompt_id:04d}``,
+    is refused here, before anything is paid). ``relative_only`` also refuses absolute paths
+    and ``..`` (a manifest; a library caller's template is only sanitised).
+    """
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as exc:
+        return f"invalid template: {exc}"
+    unknown = [name for name in fields if name not in FILENAME_PLACEHOLDERS]
+    if unknown:
+        known = " ".join("{" + n + "}" for n in sorted(FILENAME_PLACEHOLDERS))
+        return f"unknown placeholder {{{unknown[0]}}} (known: {known})"
+    if relative_only and (template.startswith(("/", "\\"))
+                          or ".." in re.split(r"[\\/]", template)):
+        return "must be a relative path without '..'"
+    if not IDENTITY_PLACEHOLDERS & set(fields):
+        if "index" in fields:
+            return ("must contain {key} or {key12}: {index} alone changes when prompts are "
+                    "inserted or removed, and a new item would then overwrite another item's "
+                    "image")
+        return "must contain {key} or {key12} so that every item has its own file name"
+    values = _values(_SAMPLE, "png", 1024, 576)
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        field = "{" + name + (f"!{conversion}" if conversion else "") + \
+            (f":{spec}" if spec else "") + "}"
+        try:
+            field.format_map(values)
+        except _FORMAT_ERRORS as exc:
+            numbers = " ".join("{" + n + "}" for n in NUMBER_PLACEHOLDERS)
+            kind = ("a number" if name in NUMBER_PLACEHOLDERS
+                    else f"text; only {numbers} are numbers")
+            return f"cannot format {field}: {exc} ({{{name}}} is {kind})"
+    try:
+        render_filename(template, _SAMPLE, ext="png", width=1024, height=576)
+    except FilenameTemplateError as exc:
+        return str(exc)
+    return None
+
+
+def _sanitise(text: str) -> str:
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return _UNSAFE.sub("_", text).strip("._")
+
+
+def _fit(part: str) -> str:
+    """A component cut to the length cap. Cutting must not make two names equal (the unique
+    placeholder may sit at the end) nor drop the extension, so a cut name keeps its extension
+    and gains a digest of the whole text."""
+    if len(part) <= _MAX_COMPONENT:
+        return part
+    stem, dot, ext = part.rpartition(".")
+    if not dot or len(ext) > 8:
+        stem, ext = part, ""
+    digest = hashlib.sha256(part.encode()).hexdigest()[:12]
+    tail = f"-{digest}" + (f".{ext}" if ext else "")
+    return stem[:_MAX_COMPONENT - len(tail)].rstrip("._") + tail

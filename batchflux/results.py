@@ -1,0 +1,102 @@
+"""Reading what a run directory holds: the one reader of ``results.jsonl`` that the post-run
+tools (``report``, ``merge``, ``export``, ``verify``) share.
+
+A line that cannot be read (blank, garbage, no item key, an unfinished last line) is skipped
+and reported as a :class:`~batchflux.store.BadLine` naming the file and line; every good line
+counts, whatever comes before or after it.
+
+For each item key one line counts: an ``ok`` line beats a failed one, and a later line an
+earlier one of the same kind (the rule a resumed run follows: an ok item is never redone, a
+failure retried later is replaced by its newer outcome).
+
+    >>> results = read_results("out")                       # doctest: +SKIP
+    >>> len(results.records), [str(b) for b in results.bad_lines]    # doctest: +SKIP
+    (120, ['out/results.jsonl:41: not valid JSON; line skipped'])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .store import RESULTS_NAME, BadLine, OnBadLine, iter_jsonl_numbered
+
+__all__ = ["RunResults", "choose", "iter_records", "read_results", "recorded_path", "sort_key"]
+
+IMAGES_DIR = "images"
+
+
+@dataclass(frozen=True, slots=True)
+class RunResults:
+    """The result that counts for each item of one run directory, and the lines skipped."""
+
+    out_dir: Path
+    records: Mapping[str, dict[str, Any]]  # item key -> its final result line
+    lines: int  # good lines read (an item retried has several)
+    bad_lines: tuple[BadLine, ...]
+
+    def ordered(self) -> list[dict[str, Any]]:
+        """The final records in manifest order (item index, then key)."""
+        return sorted(self.records.values(), key=sort_key)
+
+
+def sort_key(record: Mapping[str, Any]) -> tuple[int, str]:
+    """Manifest order for result lines (a hand-edited index that is not a number sorts first)."""
+    index = record.get("index")
+    return (index if isinstance(index, int) else 0, str(record.get("key")))
+
+
+def iter_records(out_dir: str | os.PathLike[str], on_bad_line: OnBadLine
+                 ) -> Iterator[dict[str, Any]]:
+    """Every good line of ``OUT/results.jsonl`` in file order; a line without a string ``key``
+    is reported to ``on_bad_line`` like an unreadable one."""
+    path = Path(out_dir) / RESULTS_NAME
+    for number, record in iter_jsonl_numbered(path, on_bad_line=on_bad_line):
+        if isinstance(record.get("key"), str) and record["key"]:
+            yield record
+        else:
+            on_bad_line(BadLine(str(path), number, "no item key"))
+
+
+def choose(chosen: dict[str, dict[str, Any]], record: dict[str, Any]) -> bool:
+    """Keep ``record`` in ``chosen`` if it beats what is there for its key. True when kept."""
+    current = chosen.get(record["key"])
+    if current is not None and current.get("status") == "ok" and record.get("status") != "ok":
+        return False
+    chosen[record["key"]] = record
+    return True
+
+
+def read_results(out_dir: str | os.PathLike[str], *,
+                 on_bad_line: OnBadLine | None = None) -> RunResults:
+    """The final result of every item in ``out_dir`` (see the module doc). Every skipped line
+    is in ``bad_lines``, and also passed to ``on_bad_line`` when given, as it is met."""
+    out = Path(out_dir)
+    bad: list[BadLine] = []
+
+    def skipped(line: BadLine) -> None:
+        bad.append(line)
+        if on_bad_line is not None:
+            on_bad_line(line)
+
+    chosen: dict[str, dict[str, Any]] = {}
+    lines = 0
+    for record in iter_records(out, skipped):
+        lines += 1
+        choose(chosen, record)
+    return RunResults(out_dir=out, records=chosen, lines=lines, bad_lines=tuple(bad))
+
+
+def recorded_path(out_dir: Path, rel: str) -> Path | None:
+    """``out_dir / rel`` for a file path taken from a result line, or None when it would lead
+    outside ``OUT/images/`` (``..``, an absolute path, a symlinked directory): a result line
+    is data, not trust."""
+    if not rel.startswith(f"{IMAGES_DIR}/"):
+        return None
+    target = (out_dir / rel).resolve()
+    if not target.is_relative_to((out_dir / IMAGES_DIR).resolve()):
+        return None
+    return out_dir / rel
