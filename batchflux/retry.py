@@ -364,11 +364,11 @@ def next_poll_delay(policy: PollPolicy, timings: JobTimings, sightings: Sequence
     if last.elapsed > started:
         spent = last.elapsed - started
         estimates.append((spent / f, (queue.sd / f) ** 2 + (spent * 0.025 / f ** 2) ** 2))
-    first = processing[0]
-    if first.progress is not None and last.progress is not None \
-            and last.progress > first.progress and last.elapsed > first.elapsed:
-        steps = last.progress - first.progress
-        own = 100.0 * (last.elapsed - first.elapsed) / steps
+    earliest = processing[0]
+    if earliest.progress is not None and last.progress is not None \
+            and last.progress > earliest.progress and last.elapsed > earliest.elapsed:
+        steps = last.progress - earliest.progress
+        own = 100.0 * (last.elapsed - earliest.elapsed) / steps
         error = own * (_PROGRESS_STEP / steps) / math.sqrt(3) * 1.5
         estimates.append((own, error ** 2))
     weight = sum(1.0 / max(v, 1e-9) for _, v in estimates)

@@ -182,6 +182,7 @@ class _Stats:
     by_status: Counter[str] = field(default_factory=Counter)
     by_category: Counter[str] = field(default_factory=Counter)
     latencies: array = field(default_factory=lambda: array("d"))
+    lags: array = field(default_factory=lambda: array("d"))  # job end -> seen done
     requests: Counter[str] = field(default_factory=Counter)
     checks: Counter[str] = field(default_factory=Counter)  # images by verification
     retries: int = 0
@@ -858,6 +859,10 @@ class Runner:
                 # What was seen of a re-attached job is not relative to its submit.
                 self.timings.observe(ctx.generating if reported is None else reported,
                                      () if ctx.was_attached else ctx.sightings)
+                if reported is not None and not ctx.was_attached:
+                    # How long after its end the job was seen done: polling's whole cost in
+                    # time (two durations, so no clock needs to agree with the server's).
+                    self.stats.lags.append(max(0.0, ctx.generating - reported))
         if state.status == "COMPLETED":
             self.inflight.on_success()
         created = _unix_time(getattr(state, "created_at", None))
@@ -1056,6 +1061,11 @@ class Runner:
             "latency_seconds": {
                 "p50": _round(percentile(stats.latencies, 0.5)),
                 "p95": _round(percentile(stats.latencies, 0.95)),
+            },
+            "completion_lag_seconds": {
+                "p50": _round(percentile(stats.lags, 0.5)),
+                "p95": _round(percentile(stats.lags, 0.95)),
+                "mean": _round(sum(stats.lags) / len(stats.lags)) if stats.lags else None,
             },
             "throughput": {
                 "items_per_minute": round((ok + failed) * 60.0 / elapsed, 2),
