@@ -3,7 +3,7 @@
 It is the honest baseline, not a strawman: one shared ``httpx.AsyncClient`` with keep-alive
 connections sized to the concurrency, a semaphore of N, the official SDK's polling schedule
 (poll once at once, then wait 2 s, x1.5 per poll, capped at 5 s), a 429 retried by the request
-that got it after exactly ``Retry-After`` seconds (as the SDK does), 5xx and connection errors
+that got it after exactly ``Retry-After`` seconds (as the SDK does), as often as it comes, 5xx and connection errors
 retried a few times, the image written to disk and one JSON line per item. What it does not do,
 because a short script does not: journal job ids before waiting, verify images, write
 atomically, resume, share a pause between workers, or adapt to the provider's limits.
@@ -40,12 +40,15 @@ class Peer:
         self.results = open(out / "results.jsonl", "a", encoding="utf-8")  # noqa: SIM115
 
     async def request(self, method: str, url: str, **kw: Any) -> httpx.Response:
-        """One request, retried on 429 (after Retry-After), 5xx and connection errors."""
-        for attempt in range(8):
+        """One request, retried on 429 (after Retry-After, for as long as it takes: the
+        request is fine, the provider is busy), 5xx and connection errors (8 attempts)."""
+        attempt = 0
+        while attempt < 8:
             try:
                 response = await self.client.request(method, url, **kw)
             except httpx.TransportError:
                 await asyncio.sleep(min(8.0, 0.25 * 2**attempt))
+                attempt += 1
                 continue
             if response.status_code == 429:
                 self.counts["429"] += 1
@@ -53,6 +56,7 @@ class Peer:
                 continue
             if response.status_code >= 500:
                 await asyncio.sleep(min(8.0, 0.25 * 2**attempt))
+                attempt += 1
                 continue
             response.raise_for_status()
             return response
