@@ -16,7 +16,10 @@
                                              <sample>.json          seed, params, key, ...
 
 A sample's name is the item key (plus ``_2``, ``_3``... for extra images of one item). Only
-items whose result is ``ok`` are exported. Each export is built in a temporary directory and
+items whose result is ``ok`` are exported; ``only`` (``--only accepted``, ``--only
+accepted,starred``) keeps the items in those review states (``batchflux review`` writes them
+to ``OUT/review.jsonl``: ``accepted``, ``rejected``, ``starred``, ``undecided``). Every row
+carries its review state as ``decision``. Each export is built in a temporary directory and
 swapped in at the end, so re-running it (after a resumed run added items) replaces the old
 export whole and a crash mid-export leaves the previous one in place.
 """
@@ -29,13 +32,14 @@ import json
 import os
 import shutil
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
 from .merge import final_records
+from .reviewapp.decisions import STATES, read_decisions, review_state
 from .store import RESULTS_NAME, STATE_DIR
 
 __all__ = ["FORMATS", "ExportResult", "dataset_rows", "export_dataset"]
@@ -66,12 +70,17 @@ class DatasetRow:
     metadata: Mapping[str, Any]
 
 
-def dataset_rows(out_dir: Path) -> Iterator[DatasetRow]:
-    """Every image of every ok item, in manifest order."""
+def dataset_rows(out_dir: Path, *, only: Collection[str] | None = None) -> Iterator[DatasetRow]:
+    """Every image of every ok item, in manifest order; with ``only``, of the items whose
+    review state is one of ``only``."""
     records = sorted(final_records(out_dir).values(),
                      key=lambda r: (r.get("index", 0), r["key"]))
+    decisions = read_decisions(out_dir)
     for record in records:
         if record.get("status") != "ok":
+            continue
+        decision = review_state(record["key"], decisions)
+        if only is not None and decision not in only:
             continue
         params = record.get("params") or {}
         for number, f in enumerate(record.get("files") or (), start=1):
@@ -95,14 +104,22 @@ def dataset_rows(out_dir: Path) -> Iterator[DatasetRow]:
                     "params": json.dumps(params, sort_keys=True, ensure_ascii=False),
                     "template": record.get("template"),
                     "job_id": record.get("job_id"),
+                    "decision": decision,
                 },
             )
 
 
 def export_dataset(out_dir: str | os.PathLike[str], fmt: str, *,
-                   shard_size: int = DEFAULT_SHARD_SIZE) -> ExportResult:
+                   shard_size: int = DEFAULT_SHARD_SIZE,
+                   only: Collection[str] | None = None) -> ExportResult:
     """Write (or rewrite) the ``fmt`` export of the run in ``out_dir``. See the module doc."""
     out = Path(out_dir)
+    if only is not None:
+        unknown = sorted(set(only) - set(STATES))
+        if unknown or not only:
+            raise UsageError(f"--only takes review states ({', '.join(STATES)}), "
+                             f"got {', '.join(unknown) or 'nothing'}")
+        only = frozenset(only)
     if fmt not in FORMATS:
         raise UsageError(f"--dataset takes one of {', '.join(FORMATS)}, got {fmt!r}")
     if not (out / RESULTS_NAME).is_file():
@@ -115,9 +132,12 @@ def export_dataset(out_dir: str | os.PathLike[str], fmt: str, *,
     work.mkdir(parents=True)
     try:
         if fmt == "hf":
-            rows, shards = _write_imagefolder(out, work), 0
+            rows, shards = _write_imagefolder(out, work, only), 0
         else:
-            rows, shards = _write_webdataset(out, work, shard_size)
+            rows, shards = _write_webdataset(out, work, shard_size, only)
+        if only is not None and rows == 0:
+            raise UsageError(f"nothing to export: no image is {' or '.join(sorted(only))} "
+                             f"(decide with: batchflux review {out})")
         _swap_in(work, final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -144,12 +164,12 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _write_imagefolder(out: Path, work: Path) -> int:
+def _write_imagefolder(out: Path, work: Path, only: Collection[str] | None) -> int:
     train = work / "train"
     train.mkdir()
     rows = 0
     with open(train / "metadata.jsonl", "w", encoding="utf-8") as meta:
-        for row in dataset_rows(out):
+        for row in dataset_rows(out, only=only):
             rel = row.image_path.removeprefix("images/")
             _link_or_copy(out / row.image_path, train / rel)
             line = {"file_name": rel, **row.metadata}
@@ -166,11 +186,12 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> No
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_webdataset(out: Path, work: Path, shard_size: int) -> tuple[int, int]:
+def _write_webdataset(out: Path, work: Path, shard_size: int,
+                      only: Collection[str] | None) -> tuple[int, int]:
     rows = shards = 0
     tar: tarfile.TarFile | None = None
     try:
-        for row in dataset_rows(out):
+        for row in dataset_rows(out, only=only):
             if rows % shard_size == 0:
                 if tar is not None:
                     tar.close()
