@@ -208,8 +208,12 @@ MEASURE = """view => {
     const r = img.getBoundingClientRect();
     return img.complete && img.naturalWidth > 0 && r.width > 0 && r.top < innerHeight;
   });
+  const distorted = seen.filter(img => {
+    const r = img.getBoundingClientRect();
+    return Math.abs(r.width / r.height - img.naturalWidth / img.naturalHeight) > 0.03;
+  }).map(img => img.src);
   return {span: right - left, width: document.documentElement.clientWidth,
-          images: seen.length};
+          images: seen.length, distorted: distorted};
 }"""
 
 
@@ -235,6 +239,7 @@ def test_each_view_opens_by_url_uses_the_width_and_shows_params_once(
     assert measured["width"] >= 1380, measured  # the 1,400 px window, less a scrollbar
     assert measured["span"] >= 0.9 * measured["width"], measured
     assert measured["images"] > 0
+    assert measured["distorted"] == [], measured  # pictures keep their aspect ratio
     # Params once per prompt: in its header, never on an image.
     heads = view.locator(".group-head")
     expect(heads).to_have_count(2)
@@ -269,6 +274,9 @@ def test_compare_view_shows_every_image_of_one_prompt_large(page: Page, app_url:
         assert natural == [record["files"][0]["width"], record["files"][0]["height"]]
         box = card(page, key).bounding_box()
         assert box is not None and box["width"] >= 400  # large: at most 3 across 1,400 px
+        shown = image.bounding_box()
+        assert shown is not None and abs(shown["width"] / shown["height"]
+                                         - natural[0] / natural[1]) < 0.03
     page.keyboard.press("j")
     page.keyboard.press("s")
     first = view.locator(".card:not(.failed)").first.get_attribute("data-key")
