@@ -116,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="thumbnail size for --html")
     p.set_defaults(handler=_report)
 
+    p = sub.add_parser("review", help="review a run in the browser: accept, reject, star",
+                       description="Serve a local web app over the run directory OUT: contact "
+                       "sheet, grids and compare view; Accept, Reject and Star each image "
+                       "(keys a, r, s; u undoes). Every decision is one line of "
+                       "OUT/review.jsonl.")
+    p.add_argument("out", metavar="OUT", help="a run directory")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=_port, default=None, metavar="P",
+                   help="port (default: 8765, or a free one when taken; 0: any free port)")
+    p.add_argument("--open", action="store_true", help="open the page in the web browser")
+    p.set_defaults(handler=_review)
+
     p = sub.add_parser("merge", help="combine run directories (shards) into one")
     p.add_argument("sources", nargs="+", metavar="OUT_N")
     p.add_argument("--into", required=True, metavar="OUT", help="the merged run directory")
@@ -128,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=("hf", "webdataset"), required=True)
     p.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N",
                    help="samples per webdataset tar shard")
+    p.add_argument("--only", type=_states, default=None, metavar="STATE[,STATE]",
+                   help="export only images in these review states (batchflux review): "
+                   "accepted, rejected, starred, undecided")
     p.set_defaults(handler=_export)
 
     p = sub.add_parser("verify", help="re-check every image of a run against its result line",
@@ -232,9 +248,10 @@ def _export(args: argparse.Namespace) -> int:
     from .dataset import export_dataset
 
     done = export_dataset(args.out, args.dataset, shard_size=args.shard_size,
-                          on_bad_line=_warn_skipped)
-    print(f"batchflux: dataset ({done.format}): {done.rows} images in {done.path}; every "
-          "file's sha256 checked")
+                          on_bad_line=_warn_skipped, only=args.only)
+    which = f" ({', '.join(args.only)} only)" if args.only else ""
+    print(f"batchflux: dataset ({done.format}): {done.rows} images{which} in {done.path}; "
+          "every file's sha256 checked")
     return 0
 
 
@@ -248,6 +265,30 @@ def _verify(args: argparse.Namespace) -> int:
                         on_bad_line=_warn_skipped)
     print(f"batchflux: verify {out}: {report.summary_line()}")
     return EXIT_OK if report.ok else EXIT_ITEMS_FAILED
+
+
+def _states(text: str) -> tuple[str, ...]:
+    from .reviewapp.decisions import STATES
+
+    states = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    wrong = [state for state in states if state not in STATES]
+    if wrong or not states:
+        raise argparse.ArgumentTypeError(
+            f"review states are {', '.join(STATES)}; got {text!r}")
+    return states
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {text}")
+    return value
+
+
+def _review(args: argparse.Namespace) -> int:
+    from .reviewapp.serve import review_command
+
+    return review_command(args.out, host=args.host, port=args.port, open_browser=args.open)
 
 
 def _positive_float(text: str) -> float:

@@ -16,7 +16,10 @@
                                              <sample>.json          seed, params, key, ...
 
 A sample's name is the item key (plus ``_2``, ``_3``... for extra images of one item). Only
-items whose result is ``ok`` are exported, and every image is checked against the sha256 on its
+items whose result is ``ok`` are exported; ``only`` (``--only accepted``, ``--only
+accepted,starred``) keeps the items in those review states (``batchflux review`` writes them
+to ``OUT/review.jsonl``: ``accepted``, ``rejected``, ``starred``, ``undecided``), and every
+row carries its review state as ``decision``. Every image is checked against the sha256 on its
 result line as it is linked, copied or read: a missing or different file stops the export with
 :class:`~batchflux.errors.IntegrityError` (exit 65) naming the item and the path, and the old
 export stays. A results line that cannot be read is skipped and reported
@@ -34,7 +37,7 @@ import json
 import os
 import shutil
 import tarfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ from .display import item_label
 from .errors import IntegrityError, UsageError
 from .fileutil import sha256_file
 from .results import read_results, recorded_path
+from .reviewapp.decisions import STATES, read_decisions, review_state
 from .store import RESULTS_NAME, STATE_DIR, BadLine, OnBadLine
 
 __all__ = ["FORMATS", "ExportResult", "dataset_rows", "export_dataset"]
@@ -76,12 +80,17 @@ class DatasetRow:
     label: str = ""  # how messages name the item
 
 
-def dataset_rows(out_dir: Path, *, on_bad_line: OnBadLine | None = None
-                 ) -> Iterator[DatasetRow]:
-    """Every image of every ok item, in manifest order. Unreadable results lines are passed
-    to ``on_bad_line`` (see :func:`batchflux.results.read_results`)."""
+def dataset_rows(out_dir: Path, *, on_bad_line: OnBadLine | None = None,
+                 only: Collection[str] | None = None) -> Iterator[DatasetRow]:
+    """Every image of every ok item, in manifest order; with ``only``, of the items whose
+    review state is one of ``only``. Unreadable results lines are passed to ``on_bad_line``
+    (see :func:`batchflux.results.read_results`)."""
+    decisions = read_decisions(out_dir)
     for record in read_results(out_dir, on_bad_line=on_bad_line).ordered():
         if record.get("status") != "ok":
+            continue
+        decision = review_state(record["key"], decisions)
+        if only is not None and decision not in only:
             continue
         params = record.get("params") or {}
         for number, f in enumerate(record.get("files") or (), start=1):
@@ -105,6 +114,7 @@ def dataset_rows(out_dir: Path, *, on_bad_line: OnBadLine | None = None
                     "params": json.dumps(params, sort_keys=True, ensure_ascii=False),
                     "template": record.get("template"),
                     "job_id": record.get("job_id"),
+                    "decision": decision,
                 },
                 sha256=str(f.get("sha256") or ""),
                 label=item_label(record),
@@ -113,13 +123,21 @@ def dataset_rows(out_dir: Path, *, on_bad_line: OnBadLine | None = None
 
 def export_dataset(out_dir: str | os.PathLike[str], fmt: str, *,
                    shard_size: int = DEFAULT_SHARD_SIZE,
-                   on_bad_line: OnBadLine | None = None) -> ExportResult:
+                   on_bad_line: OnBadLine | None = None,
+                   only: Collection[str] | None = None) -> ExportResult:
     """Write (or rewrite) the ``fmt`` export of the run in ``out_dir``. See the module doc.
 
     Raises :class:`~batchflux.errors.IntegrityError` when an image is missing or does not
-    match its sha256, :class:`~batchflux.errors.UsageError` for a bad format or directory.
+    match its sha256, :class:`~batchflux.errors.UsageError` for a bad format or directory, or
+    an ``only`` that keeps nothing.
     """
     out = Path(out_dir)
+    if only is not None:
+        unknown = sorted(set(only) - set(STATES))
+        if unknown or not only:
+            raise UsageError(f"--only takes review states ({', '.join(STATES)}), "
+                             f"got {', '.join(unknown) or 'nothing'}")
+        only = frozenset(only)
     if fmt not in FORMATS:
         raise UsageError(f"--dataset takes one of {', '.join(FORMATS)}, got {fmt!r}")
     if not (out / RESULTS_NAME).is_file():
@@ -133,7 +151,7 @@ def export_dataset(out_dir: str | os.PathLike[str], fmt: str, *,
         if on_bad_line is not None:
             on_bad_line(line)
 
-    rows_of = dataset_rows(out, on_bad_line=skipped)
+    rows_of = dataset_rows(out, on_bad_line=skipped, only=only)
     final = out / EXPORT_DIR / fmt
     work = out / STATE_DIR / f"export-{fmt}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
@@ -143,6 +161,9 @@ def export_dataset(out_dir: str | os.PathLike[str], fmt: str, *,
             rows, shards = _write_imagefolder(out, work, rows_of), 0
         else:
             rows, shards = _write_webdataset(out, work, shard_size, rows_of)
+        if only is not None and rows == 0:
+            raise UsageError(f"nothing to export: no image is {' or '.join(sorted(only))} "
+                             f"(decide with: batchflux review {out})")
         _swap_in(work, final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import jsonschema
@@ -15,6 +16,9 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from batchflux.sim import SimSettings, create_app, serve_in_thread
+
+if TYPE_CHECKING:
+    from playwright.sync_api import BrowserContext, Page
 
 DATA = Path(__file__).parent / "data"
 API_KEY = "afk_test_key_0001"
@@ -99,3 +103,61 @@ class OasValidator:
 @pytest.fixture(scope="session")
 def oas(openapi: dict[str, Any]) -> OasValidator:
     return OasValidator(openapi)
+
+
+# ---------------------------------------------------------------------------------------------
+# Browser: playwright driving Debian's chromium
+#
+# Playwright never downloads a browser here: it launches the system's chromium (the Debian
+# package, installed by .ci/run) by path. A browser test that cannot run fails; it never skips.
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage")
+VIEWPORT = {"width": 1400, "height": 900}
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    """The system chromium; the test fails (not skips) without it."""
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.fail("Debian's chromium is not installed, and browser tests do not skip: "
+                    "install it with `apt-get install -y chromium` (.ci/run does)",
+                    pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser_context(chromium_path: str,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext]:
+    """A chromium context at a 1,400 x 900 viewport, with a fresh profile directory."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the playwright package is missing: it is in the test extras "
+                    "(pip install -e '.[test]')", pytrace=False)
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(profile), executable_path=chromium_path, headless=True,
+            args=list(CHROMIUM_FLAGS), viewport=VIEWPORT, device_scale_factor=1,
+            locale="en-GB", timezone_id="UTC", color_scheme="dark")
+        context.set_default_timeout(15_000)
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture
+def page(browser_context: BrowserContext) -> Iterator[Page]:
+    """A new tab in :func:`browser_context`; JavaScript errors on it fail the test."""
+    tab = browser_context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        yield tab
+    finally:
+        tab.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"

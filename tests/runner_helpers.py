@@ -101,3 +101,82 @@ def line_count(path: Path) -> int:
         return path.read_bytes().count(b"\n")
     except FileNotFoundError:
         return 0
+
+
+# Runs in a child process so that the offline switches are in place before ``datasets`` is
+# imported (it reads them at import time) and nothing can reach the Hub.
+LOAD_HF = """
+import json, sys
+from datasets import load_dataset
+ds = load_dataset("imagefolder", data_dir=sys.argv[1], cache_dir=sys.argv[2], split="train")
+rows = []
+for row in ds:
+    image = row["image"]
+    rows.append({"text": row["text"], "seed": row["seed"], "key": row["key"],
+                 "params": row["params"], "size": list(image.size),
+                 "width": row["width"], "height": row["height"],
+                 "decision": row.get("decision")})
+print(json.dumps({"columns": ds.column_names, "rows": rows}))
+"""
+
+
+def offline_env(tmp_path: Path) -> dict[str, str]:
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf-home"), "HF_DATASETS_CACHE": str(tmp_path / "hf-cache"),
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        env.pop(name, None)
+    return env
+
+
+def load_imagefolder(data_dir: Path, tmp_path: Path) -> dict[str, Any]:
+    """``datasets.load_dataset("imagefolder", data_dir=...)`` in an offline child process:
+    ``{"columns": [...], "rows": [{"text", "seed", "key", "params", "size", ...}]}``."""
+    proc = subprocess.run([sys.executable, "-c", LOAD_HF, str(data_dir),
+                           str(tmp_path / "hf-load-cache")], env=offline_env(tmp_path),
+                          check=False, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return loaded
+
+
+REVIEW_MANIFEST = """\
+prompts:
+  - id: mug
+    text: a red ceramic mug on an oak table, studio photo
+  - id: vase
+    text: a blue glass vase on linen, studio photo
+defaults:
+  output_quality: 90
+grid:
+  seeds: [1, 2, 3]
+  aspect_ratio: ["1:1", "16:9"]
+"""
+
+
+def run_batch_in_thread(manifest: Path, **kwargs: Any) -> Any:
+    """``batch.run_batch`` in a thread of its own: a browser fixture (playwright's sync API)
+    keeps an event loop marked as running in the test's thread while it is open."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from batchflux import batch
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(batch.run_batch, manifest, **kwargs).result()
+
+
+def review_run(base: Path) -> Path:
+    """A finished simulator run to review: 2 prompts x 3 seeds x 2 aspect ratios, a few items
+    FAILED by content policy (not retried), the rest ok with real PNG files."""
+    from batchflux.sim import SimSettings
+
+    manifest = base / "manifest.yaml"
+    manifest.write_text(REVIEW_MANIFEST)
+    out = base / "run"
+    settings = SimSettings(job_seconds=0.2, queue_seconds=0.02, render_mode="full",
+                           fail_rate=0.3, fail_capacity_share=0.0, fault_seed=5)
+    result = run_batch_in_thread(manifest, out_dir=out, sim=settings, sim_job_seconds=0.2)
+    counts = result.summary["counts"]
+    assert counts["ok"] + counts["failed"] == 12
+    assert 0 < counts["failed"] < 12, counts  # fault_seed 5 gives both
+    return out

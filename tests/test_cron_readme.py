@@ -5,11 +5,17 @@ systemd and Kubernetes snippets match the files in jobs/deploy."""
 from __future__ import annotations
 
 import configparser
+import json
 import re
 import shlex
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -49,10 +55,39 @@ def in_jobs_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+def review_like_a_person(argv: list[str]) -> None:
+    """``batchflux review OUT`` as written (it serves until Ctrl-C; its default port falls back
+    to a free one when taken), then what a reviewer does through it: accept two images, reject
+    one; then Ctrl-C."""
+    proc = subprocess.Popen([sys.executable, "-m", "batchflux", *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = re.search(r"http://\S+/", proc.stdout.readline())
+        assert url, "batchflux review did not print its URL"
+        for _ in range(200):
+            try:
+                items = httpx.get(url.group(0) + "api/run", timeout=2).json()["items"]
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        ok = [item["key"] for item in items if not item["failed"]]
+        for key, decision in zip(ok, ("accept", "accept", "reject"), strict=False):
+            answer = httpx.post(url.group(0) + "api/decisions",
+                                json={"key": key, "decision": decision})
+            assert answer.status_code == 200, answer.text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else ""
+
+
 def run_readme_commands(title: str) -> list[list[str]]:
     argvs = commands(section(title))
     assert argvs, title
     for argv in argvs:
+        if argv[0] == "review":
+            review_like_a_person(argv)
+            continue
         # Short simulated jobs and no submit-rate cap: the same code path, less waiting.
         fast = (argv + ["--sim-job-seconds", "0.2", "-j", "16", "--rpm", "60000"]
                 if argv[0] == "run" else argv)
@@ -70,8 +105,16 @@ def test_scheduled_runs_example_runs_and_resumes(in_jobs_copy: Path) -> None:
 def test_reviewing_a_run_example_runs(in_jobs_copy: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     run_readme_commands("Reviewing a run")
-    assert (in_jobs_copy / "out" / "product-photos" / "review" / "index.html").is_file()
-    assert "latency p50 / p95" in capsys.readouterr().out
+    out = in_jobs_copy / "out" / "product-photos"
+    assert (out / "review" / "index.html").is_file()
+    printed = capsys.readouterr().out
+    assert "latency p50 / p95" in printed
+    assert "2 images (accepted only)" in printed  # export --only accepted: what was accepted
+    decisions = [json.loads(line)["decision"]
+                 for line in (out / "review.jsonl").read_text().splitlines()]
+    assert decisions == ["accept", "accept", "reject"]
+    rows = (out / "dataset" / "hf" / "train" / "metadata.jsonl").read_text().splitlines()
+    assert [json.loads(row)["decision"] for row in rows] == ["accepted", "accepted"]
 
 
 def test_datasets_example_runs(in_jobs_copy: Path) -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
-from runner_helpers import load_results, write_manifest
+from runner_helpers import LOAD_HF, load_results, offline_env, write_manifest
 
 from batchflux import batch
 from batchflux.cli import main
@@ -18,31 +17,6 @@ from batchflux.dataset import export_dataset
 from batchflux.sim import SimSettings
 
 FAST = SimSettings(job_seconds=0.2, queue_seconds=0.02, render_mode="fast", credits=100_000)
-
-# Runs in a child process so that the offline switches are in place before ``datasets`` is
-# imported (it reads them at import time) and nothing can reach the Hub.
-LOAD_HF = """
-import json, sys
-from datasets import load_dataset
-ds = load_dataset("imagefolder", data_dir=sys.argv[1], cache_dir=sys.argv[2], split="train")
-rows = []
-for row in ds:
-    image = row["image"]
-    rows.append({"text": row["text"], "seed": row["seed"], "key": row["key"],
-                 "params": row["params"], "size": list(image.size),
-                 "width": row["width"], "height": row["height"]})
-print(json.dumps({"columns": ds.column_names, "rows": rows}))
-"""
-
-
-def offline_env(tmp_path: Path) -> dict[str, str]:
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "HF_HOME": str(tmp_path / "hf-home"), "HF_DATASETS_CACHE": str(tmp_path / "hf-cache"),
-           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        env.pop(name, None)
-    return env
-
 
 @pytest.fixture
 def finished_run(tmp_path: Path) -> Path:

@@ -1,4 +1,5 @@
-"""batchflux report: the table, the JSON, and the offline HTML review page (checked in Chromium)."""
+"""batchflux report: the table, the JSON, and the offline HTML review page (checked in Chromium,
+driven by playwright: the fixtures are in conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,21 @@ import html
 import json
 import re
 import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from PIL import Image
-from runner_helpers import load_results
+from runner_helpers import load_results, run_batch_in_thread
 
-from batchflux import batch
 from batchflux.cli import main
 from batchflux.models import ErrorCategory
-from batchflux.review import build_report, cap_timeline, write_review
+from batchflux.review import build_report, cap_timeline, prompt_groups, write_review
 from batchflux.sim import SimSettings
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 HOSTILE = 'a mug <script>alert("x")</script> & <img src=x onerror=alert(1)> on oak'
 
@@ -28,25 +31,28 @@ prompts:
     text: {json.dumps(HOSTILE)}
   - id: vase
     text: a blue glass vase on linen, studio photo
+defaults:
+  output_quality: 90
 grid:
-  seeds: [1, 2, 3]
+  seeds: [1, 2, 3, 4]
   aspect_ratio: ["1:1", "16:9"]
 """
+ITEMS = 16
 
 
 @pytest.fixture(scope="module")
 def run_with_failures(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 items, a few FAILED by content policy (not retried), the rest ok."""
+    """16 items, a few FAILED by content policy (not retried), the rest ok."""
     base = tmp_path_factory.mktemp("review")
     manifest = base / "manifest.yaml"
     manifest.write_text(MANIFEST)
     out = base / "out"
     settings = SimSettings(job_seconds=0.2, queue_seconds=0.02, render_mode="full",
                            fail_rate=0.3, fail_capacity_share=0.0, fault_seed=5)
-    result = batch.run_batch(manifest, out_dir=out, sim=settings, sim_job_seconds=0.2)
+    result = run_batch_in_thread(manifest, out_dir=out, sim=settings, sim_job_seconds=0.2)
     counts = result.summary["counts"]
-    assert counts["ok"] + counts["failed"] == 12
-    assert 0 < counts["failed"] < 12, counts  # fault_seed 5 gives both
+    assert counts["ok"] + counts["failed"] == ITEMS
+    assert 0 < counts["failed"] < ITEMS, counts  # fault_seed 5 gives both
     return out
 
 
@@ -54,8 +60,8 @@ def test_report_counts_categories_credits_and_latencies(run_with_failures: Path)
     records = load_results(run_with_failures)
     report = build_report(run_with_failures)
     failed = sum(r["status"] == "failed" for r in records)
-    assert report["items"] == 12
-    assert report["by_status"] == {"failed": failed, "ok": 12 - failed}
+    assert report["items"] == ITEMS
+    assert report["by_status"] == {"failed": failed, "ok": ITEMS - failed}
     (row,) = report["by_category"]
     assert row == {"category": "generation_failed", "count": failed,
                    "explanation": ErrorCategory.GENERATION_FAILED.explanation}
@@ -64,7 +70,7 @@ def test_report_counts_categories_credits_and_latencies(run_with_failures: Path)
     assert totals[0] <= report["latency_seconds"]["p50"] <= report["latency_seconds"]["p95"]
     assert report["latency_seconds"]["p95"] <= totals[-1]
     assert report["inflight_cap"]["history"]  # the cap over time, from summary.json
-    assert report["images"] == 12 - failed
+    assert report["images"] == ITEMS - failed
 
 
 def test_report_command_prints_a_table_and_json(run_with_failures: Path,
@@ -77,7 +83,7 @@ def test_report_command_prints_a_table_and_json(run_with_failures: Path,
     assert "the job ended FAILED" in table  # the category's one-line explanation
     assert main(["report", str(run_with_failures), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["items"] == 12 and data["by_category"][0]["category"] == "generation_failed"
+    assert data["items"] == ITEMS and data["by_category"][0]["category"] == "generation_failed"
 
 
 def test_report_on_something_else_is_a_usage_error(tmp_path: Path) -> None:
@@ -144,8 +150,11 @@ def test_html_page_is_offline_escaped_and_thumbnailed(run_with_failures: Path) -
         assert html.escape(record["error"]["message"]) in text
     assert "seed 1 · 16:9" in text
     # Grids: prompt rows x seed columns and x aspect columns.
-    assert "<th>seed 1</th><th>seed 2</th><th>seed 3</th>" in text
-    assert "<th>aspect 1:1</th><th>aspect 16:9</th>" in text
+    assert ("<div class=colhead>seed 1</div><div class=colhead>seed 2</div>"
+            "<div class=colhead>seed 3</div><div class=colhead>seed 4</div>") in text
+    assert "<div class=colhead>aspect 1:1</div><div class=colhead>aspect 16:9</div>" in text
+    # Params common to a prompt's items are shown once per group and view, not per image.
+    assert text.count("<span>output_quality</span> 90") == 3 * 2  # 3 views x 2 prompts
 
 
 def test_html_page_is_rewritten_in_place(run_with_failures: Path) -> None:
@@ -158,36 +167,75 @@ def test_html_page_is_rewritten_in_place(run_with_failures: Path) -> None:
     assert not list(again.path.parent.glob(".*tmp"))
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
+VIEWS = ("sheet", "grid-seed", "grid-aspect")
+
+# In the shown view: the horizontal extent of the images and row headers, and how many images
+# are decoded and inside the viewport.
+MEASURE = """view => {
+  const parts = view.querySelectorAll('figure, .grid > .group-head');
+  let left = Infinity, right = -Infinity;
+  for (const el of parts) {
+    const r = el.getBoundingClientRect();
+    left = Math.min(left, r.left); right = Math.max(right, r.right);
+  }
+  const seen = [...view.querySelectorAll('img')].filter(img => {
+    const r = img.getBoundingClientRect();
+    return img.complete && img.naturalWidth > 0 && r.width > 0 && r.bottom > 0
+      && r.top < window.innerHeight;
+  });
+  return {span: right - left, width: document.documentElement.clientWidth,
+          visible_images: seen.length};
+}"""
 
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
-
-
-@pytest.mark.skipif(_chromium() is None,
-                    reason="headless Chromium is not installed (Debian package 'chromium'; "
-                    ".ci/run installs it when apt-get is available)")
-def test_every_image_loads_in_headless_chromium(run_with_failures: Path,
-                                                tmp_path: Path) -> None:
-    page = write_review(run_with_failures)
+def test_every_image_loads_in_chromium_from_a_copy(run_with_failures: Path, tmp_path: Path,
+                                                   page: Page) -> None:
+    review = write_review(run_with_failures)
     # The page must work from anywhere: review it from a copy of the output directory.
     copy = tmp_path / "copied-run"
     shutil.copytree(run_with_failures, copy)
-    target = (copy / "review" / "index.html").as_uri()
-    proc = subprocess.run(
-        [str(_chromium()), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-         "--virtual-time-budget=10000", "--dump-dom", target],
-        check=False, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    dom = proc.stdout
-    total = re.search(r'data-images-total="(\d+)"', dom)
-    loaded = re.search(r'data-images-loaded="(\d+)"', dom)
-    assert total and loaded, "the page's load check did not run"
-    expected = page.path.read_text().count("<img ")
-    assert int(total.group(1)) == expected > 0
-    assert int(loaded.group(1)) == expected, re.findall(r'<img[^>]*data-loaded="no"[^>]*>', dom)
-    widths = [int(w) for w in re.findall(r'data-natural-width="(\d+)"', dom)]
+    page.goto((copy / "review" / "index.html").as_uri())
+    page.wait_for_function("document.body.hasAttribute('data-images-loaded')")
+    expected = review.path.read_text().count("<img ")
+    assert expected > 0
+    assert page.locator("body").get_attribute("data-images-total") == str(expected)
+    assert page.locator("body").get_attribute("data-images-loaded") == str(expected), (
+        page.locator("img[data-loaded=no]").evaluate_all("els => els.map(e => e.src)"))
+    widths = page.locator("img").evaluate_all("els => els.map(e => e.naturalWidth)")
     assert len(widths) == expected and all(0 < w <= 256 for w in widths)
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_each_view_opened_by_url_shows_its_images_across_the_window(
+        run_with_failures: Path, page: Page, view: str) -> None:
+    review = write_review(run_with_failures)
+    page.goto(f"{review.path.as_uri()}#{view}")
+    page.wait_for_function("document.body.hasAttribute('data-images-loaded')")
+    shown = page.locator("section.view:visible")
+    assert shown.evaluate_all("els => els.map(e => e.id)") == [view]
+    measured = shown.evaluate(MEASURE)
+    assert measured["width"] >= 1380  # the 1,400 px viewport, less a scrollbar
+    assert measured["span"] >= 0.9 * measured["width"], measured
+    assert measured["visible_images"] > 0, measured
+
+
+def test_no_image_repeats_the_params_of_its_prompt(run_with_failures: Path, page: Page) -> None:
+    review = write_review(run_with_failures)
+    records = load_results(run_with_failures)
+    groups = prompt_groups(records)
+    common = {name for group in groups for name, _ in group.common}
+    assert {"output_quality", "output_format"} <= common
+    group_of = {r["key"]: group for group in groups for r in group.records}
+    for view in VIEWS:
+        page.goto(f"{review.path.as_uri()}#{view}")
+        shown = page.locator(f"#{view}")
+        figures = shown.locator("figure")
+        assert figures.count() == len(records)
+        for figure in figures.all():
+            text = figure.inner_text()
+            group = group_of[str(figure.get_attribute("data-key"))]
+            assert "seed " in text
+            for name, _ in group.common:
+                assert name not in text, (view, text)
+        # ...and each group's header shows them once.
+        assert shown.inner_text().count("output_quality") == len(groups)
