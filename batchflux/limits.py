@@ -19,14 +19,17 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
 import anyio
 
-__all__ = ["AdaptiveLimit", "Clock", "Cooldown", "Sleep", "SubmitRateLearner", "TokenBucket"]
+__all__ = ["AdaptiveLimit", "Clock", "Cooldown", "Sleep", "SubmitRateLearner", "TokenBucket",
+           "Verdict"]
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+#: What a submit's 429 told :class:`SubmitRateLearner` (see its ``on_rate_limited``).
+Verdict = Literal["measured", "same", "unmeasured"]
 
 
 class TokenBucket:
@@ -331,6 +334,7 @@ class SubmitRateLearner:
         self._episode_at = -math.inf
         self._base_rate: float | None = None
         self._base_time = 0.0
+        self._accepted_at: deque[float] = deque(maxlen=4096)
         #: ``(clock time, learned rate)`` at each 429 episode, for the run report.
         self.history: list[tuple[float, float]] = []
 
@@ -349,22 +353,36 @@ class SubmitRateLearner:
 
     def on_accepted(self) -> None:
         self._accepted += 1
+        self._accepted_at.append(self._clock())
 
-    def on_rate_limited(self, *, sent_at: float, pause: float) -> bool:
-        """A submit sent at ``sent_at`` was answered 429 and everyone pauses ``pause`` s.
-        True when this started a new episode (and the rate was re-estimated)."""
+    def on_rate_limited(self, *, sent_at: float, pause: float) -> Verdict:
+        """A submit sent at ``sent_at`` was answered 429 with ``Retry-After: pause``.
+
+        ``"measured"``: a new episode, and the rate was re-estimated (pace to it: the provider
+        limits a rate). ``"same"``: it answers a submit sent before the latest adjustment.
+        ``"unmeasured"``: too few submits got through since the last 429 to tell a rate (a
+        storm, an outage): honour the pause, and measure again from when submits resume.
+        """
         if sent_at < self._episode_at:
-            return False
+            return "same"
         now = self._clock()
         if self._accepted < self.min_samples:
-            # Too few submits got through since the last 429 to measure a rate (a storm, an
-            # outage, or the first burst): pacing to that number would crawl. Honour the
-            # pause only, and measure again from when submits resume: a pause the provider
-            # asked for without its bucket being the reason (a storm) says nothing of its rate.
+            # Pacing to that number would crawl. A pause the provider asked for without its
+            # bucket being the reason (a storm) says nothing of its rate either: the next
+            # window starts when submits resume.
             self._window_start, self._accepted, self._episode_at = now + max(0.0, pause), 0, now
-            return False
+            return "unmeasured"
         start = self._window_start if self._window_start is not None else now
         observed = self._accepted / max(self.min_window, now - start)
+        if not self.history:
+            # The first episode's window began at the first submit, before the run sent
+            # as fast as the provider allows (its cap was still growing): the trailing
+            # seconds before this 429 show the rate the provider let through at full speed.
+            # It errs high by what is left of the provider's burst; the next episode, between
+            # two empty buckets, is exact.
+            span = 2 * self.min_window
+            recent = sum(1 for t in self._accepted_at if t >= now - span)
+            observed = max(observed, recent / span)
         current = self.bucket.rate
         rate = observed if current is None else min(current, observed)
         rate = max(rate, 1.0 / 60.0)
@@ -377,7 +395,7 @@ class SubmitRateLearner:
         self._accepted = 0
         self._episode_at = now
         self.history.append((now, rate))
-        return True
+        return "measured"
 
     def restore(self, rate: float | None) -> None:
         """Undo the last estimate (the 429 turned out to come from another limit)."""

@@ -152,7 +152,8 @@ class RetryPolicy:
 class PollPolicy:
     """How :func:`next_poll_delay` schedules polls of one job.
 
-    - ``initial``: first wait when nothing is known about job times yet (the SDK's 2 s).
+    - ``initial``: first wait when nothing is known about job times yet (the first jobs of a
+      run); each later wait is then as long as the job has taken so far, until a job ends.
     - ``min_interval`` / ``max_interval``: clamp of every wait.
     - ``growth``: geometric factor when there is nothing better to go on (a job stuck at one
       progress figure, or past every prediction).
@@ -166,7 +167,7 @@ class PollPolicy:
       recent jobs took about the same time): the first poll then comes just after it.
     """
 
-    initial: float = 2.0
+    initial: float = 0.5
     min_interval: float = 0.05
     max_interval: float = 10.0
     growth: float = 1.5
@@ -207,6 +208,33 @@ def _fraction(progress: int | None) -> float:
     """How far through its run a PROCESSING job is, as a fraction (middle of its step)."""
     p = 0.0 if progress is None else float(progress)
     return min(0.99, (p + _PROGRESS_STEP / 2) / 100.0)
+
+
+def _own_speed(sightings: Sequence[Sighting]) -> tuple[float, float] | None:
+    """A job's own run time from two PROCESSING sightings with different progress, and the
+    standard deviation of that estimate (progress is rounded to whole steps)."""
+    processing = [s for s in sightings if s.status == "PROCESSING" and s.progress is not None]
+    if len(processing) < 2:
+        return None
+    earliest, last = processing[0], processing[-1]
+    assert earliest.progress is not None and last.progress is not None
+    if last.progress <= earliest.progress or last.elapsed <= earliest.elapsed:
+        return None
+    steps = last.progress - earliest.progress
+    own = 100.0 * (last.elapsed - earliest.elapsed) / steps
+    return own, own * (_PROGRESS_STEP / steps) / math.sqrt(3) * 1.5
+
+
+def _anchor(sightings: Sequence[Sighting]) -> float:
+    """Since when the job has shown its latest progress figure: the first sighting of it in a
+    row (the job was at that figure then already, not just at the last sighting)."""
+    last = sightings[-1]
+    anchor = last.elapsed
+    for sighting in reversed(sightings):
+        if sighting.status != last.status or sighting.progress != last.progress:
+            break
+        anchor = sighting.elapsed
+    return anchor
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,10 +336,13 @@ def next_poll_delay(policy: PollPolicy, timings: JobTimings, sightings: Sequence
 
     ``sightings`` are this job's answers (oldest first; none before the first poll),
     ``elapsed`` the seconds since its submit, ``timings`` what recent jobs taught, and
-    ``expected`` a guess of the duration before any job finished (None: ``policy.initial``).
+    ``expected`` a guess of the duration before any job finished.
 
     Reasoning, in order:
 
+    0. Nothing known (no job ended yet, no guess): poll after ``policy.initial``, then each
+       time after as long as the job has taken so far (0.5, 1, 2, 4, 8 s...): few polls
+       for slow jobs, little lag for quick ones, until the first job that ends teaches more.
     1. First poll. Predictable jobs (all recent ones took the same time): just after that
        time. Otherwise at ``typical queue + probe x typical run``: late enough that the job
        usually runs, with a progress figure to predict from; early enough to be before its end.
@@ -333,17 +364,27 @@ def next_poll_delay(policy: PollPolicy, timings: JobTimings, sightings: Sequence
     simulates queue and run times side by side with the official SDK's 2 s x1.5 schedule).
     """
     queue, run, duration = timings.queue, timings.run, timings.duration
+    guess = duration.median if duration is not None else expected
+    if guess is None:
+        # Nothing known yet (the first jobs of a run): look early, then each time after as
+        # long again as the job has taken so far, until its progress shows its own speed
+        # or the first job that ends teaches more.
+        if sightings and sightings[-1].status in TERMINAL_STATUSES:
+            return 0.0
+        speed = _own_speed(sightings)
+        if speed is not None:
+            run_time, error = speed
+            last = sightings[-1]
+            f = _fraction(last.progress)
+            left = _anchor(sightings) + (1.0 - f) * run_time - elapsed
+            if left > 0:
+                return policy.clamp(left + policy.confidence * (1.0 - f) * error)
+        return policy.clamp(max(policy.initial, elapsed) - (elapsed if not sightings else 0.0))
     if queue is None or run is None:
-        guess = duration.median if duration is not None else expected
-        if guess is None:
-            queue, run = Spread(0.0, 1.0), Spread(policy.initial, policy.initial)
-        else:
-            queue, run = Spread(0.0, 0.5 * guess), Spread(guess, 0.5 * guess)
+        queue, run = Spread(0.0, 0.5 * guess), Spread(guess, 0.5 * guess)
     if not sightings:
         if duration is not None and timings.is_predictable:
             return max(0.0, duration.median - elapsed) + policy.exact_margin
-        if duration is None and expected is None:
-            return policy.clamp(policy.initial - elapsed)
         first = queue.median + policy.probe * run.median
         if first < policy.min_interval:
             return max(0.0, first - elapsed)  # jobs faster than the shortest wait
@@ -364,23 +405,13 @@ def next_poll_delay(policy: PollPolicy, timings: JobTimings, sightings: Sequence
     if last.elapsed > started:
         spent = last.elapsed - started
         estimates.append((spent / f, (queue.sd / f) ** 2 + (spent * 0.025 / f ** 2) ** 2))
-    earliest = processing[0]
-    if earliest.progress is not None and last.progress is not None \
-            and last.progress > earliest.progress and last.elapsed > earliest.elapsed:
-        steps = last.progress - earliest.progress
-        own = 100.0 * (last.elapsed - earliest.elapsed) / steps
-        error = own * (_PROGRESS_STEP / steps) / math.sqrt(3) * 1.5
-        estimates.append((own, error ** 2))
+    speed = _own_speed(sightings)
+    if speed is not None:
+        estimates.append((speed[0], speed[1] ** 2))
     weight = sum(1.0 / max(v, 1e-9) for _, v in estimates)
     run_time = sum(m / max(v, 1e-9) for m, v in estimates) / weight
     spread = math.sqrt(1.0 / weight)
-    # The job was at this figure since the first sighting that showed it (not since the last).
-    anchor = last.elapsed
-    for sighting in reversed(processing):
-        if sighting.progress != last.progress:
-            break
-        anchor = sighting.elapsed
-    left = anchor + (1.0 - f) * run_time - elapsed
+    left = _anchor(sightings) + (1.0 - f) * run_time - elapsed
     uncertainty = (1.0 - f) * spread + 0.025 * run_time / 2
     if left <= 0:
         # Past the predicted end and not done: it is late. While its progress moves, look

@@ -186,6 +186,7 @@ class _Stats:
     requests: Counter[str] = field(default_factory=Counter)
     checks: Counter[str] = field(default_factory=Counter)  # images by verification
     retries: int = 0
+    submit_429: int = 0  # submits answered 429
     resubmissions: int = 0
     attached: int = 0
     new: int = 0
@@ -724,8 +725,9 @@ class Runner:
         if exc.category is ErrorCategory.RATE_LIMITED:
             pause = exc.retry_after if exc.retry_after is not None else 1.0
             if route == "submit":
-                self.submit_cooldown.trigger(pause)
-                self._on_submit_rate_limited(sent_at, pause)
+                self.stats.submit_429 += 1
+                if self._on_submit_rate_limited(sent_at, pause):
+                    self.submit_cooldown.trigger(pause)
             else:
                 self.cooldown.trigger(pause)
                 self.inflight.on_rate_limited()
@@ -741,23 +743,36 @@ class Runner:
             self.stop("out of credits (402)", fatal=fatal)
             raise _NotStarted from exc
 
-    def _on_submit_rate_limited(self, sent_at: float, pause: float) -> None:
+    def _on_submit_rate_limited(self, sent_at: float, pause: float) -> bool:
         """Tell a submit-rate limit from an in-flight cap; both answer 429 + Retry-After.
+        True when every submit should wait out ``pause``.
+
+        A rate limit is paced, not paused for: the submit bucket learns the rate the provider
+        accepted (SubmitRateLearner) and the request that met the 429 waits its Retry-After,
+        as the official SDK's would, while the others go on at the learned rate (a provider's
+        Retry-After rounds the time to its next token up to whole seconds: a pause of all
+        submits for it would waste a second of the provider's rate each time). A 429 that
+        says nothing of a rate (a storm, an outage) pauses every submit.
 
         A cap shows as 429s at the same number of open jobs, twice running, and never below
         a number the server already accepted (a cap cannot be lower than that). Then the cap
-        is pinned there, and the rate estimate this 429 made is undone. Anything else is a
-        rate limit: the submit bucket learns the accepted rate (SubmitRateLearner).
+        is pinned there, the rate estimate this 429 made is undone, and submits wait for a
+        job to end (the pause).
         """
         before = self.bucket.rate
-        if not self.submit_rate.on_rate_limited(sent_at=sent_at, pause=pause):
-            return  # same episode as an earlier 429
+        verdict = self.submit_rate.on_rate_limited(sent_at=sent_at, pause=pause)
+        if verdict == "same":
+            return False  # an earlier 429 of this episode decided
+        if verdict == "unmeasured":
+            return True
         open_now, previous = self._jobs_open, self._last_429_open
         self._last_429_open = open_now
         if (previous is not None and open_now > 0 and abs(open_now - previous) <= 1
                 and open_now >= self._peak_open_accepted - 1):
             self.submit_rate.restore(before)
             self.inflight.pin(max(open_now, self._peak_open_accepted))
+            return True
+        return False
 
     async def _throttle_submit(self) -> None:
         while True:
@@ -1087,7 +1102,8 @@ class Runner:
                 "final": None if self.bucket.rate is None else round(self.bucket.rate, 3),
                 "history": [[round(max(0.0, t - self.state.started), 3), round(r, 3)]
                             for t, r in self.submit_rate.history[-256:]],
-                "rate_limited": self.submit_cooldown.triggers,
+                "rate_limited": stats.submit_429,
+                "paused": self.submit_cooldown.triggers,
             },
             "stop_reason": self.state.stop_reason,
         }

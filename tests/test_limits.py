@@ -409,10 +409,10 @@ def test_submit_rate_learner_sets_the_rate_the_provider_accepted() -> None:
         learner.on_sent()
         learner.on_accepted()
         t.now += 0.04
-    assert learner.on_rate_limited(sent_at=t.now, pause=1.0)
+    assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "measured"
     assert bucket.rate == pytest.approx(25.0)
     # A 429 answering a request sent before the adjustment is the same episode.
-    assert not learner.on_rate_limited(sent_at=t.now - 0.5, pause=1.0)
+    assert learner.on_rate_limited(sent_at=t.now - 0.5, pause=1.0) == "same"
     assert bucket.rate == pytest.approx(25.0)
     assert [rate for _, rate in learner.history] == [pytest.approx(25.0)]
 
@@ -443,7 +443,7 @@ def test_submit_rate_learner_restore_undoes_a_wrong_guess() -> None:
         learner.on_sent()
         learner.on_accepted()
     t.now += 2.0
-    assert learner.on_rate_limited(sent_at=t.now, pause=1.0)
+    assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "measured"
     assert bucket.rate == pytest.approx(5.0)
     learner.restore(None)  # the 429 came from the in-flight cap, not the rate limit
     assert bucket.is_unlimited and learner.history == []
@@ -466,7 +466,7 @@ def test_submit_rate_learner_ignores_a_429_that_says_nothing_about_a_rate() -> N
     learner = SubmitRateLearner(bucket, clock=t.clock)
     learner.on_sent()
     t.now += 0.5
-    assert not learner.on_rate_limited(sent_at=t.now, pause=2.0)
+    assert learner.on_rate_limited(sent_at=t.now, pause=2.0) == "unmeasured"
     assert bucket.is_unlimited and learner.history == []
 
 
@@ -477,7 +477,7 @@ def test_a_storm_pause_does_not_count_against_the_learned_rate() -> None:
     bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
     learner = SubmitRateLearner(bucket, clock=t.clock)
     learner.on_sent()
-    assert not learner.on_rate_limited(sent_at=t.now, pause=5.0)  # the storm
+    assert learner.on_rate_limited(sent_at=t.now, pause=5.0) == "unmeasured"  # the storm
     t.now += 5.0
     for _ in range(5):  # the provider's full bucket after the storm...
         learner.on_sent()
@@ -486,7 +486,7 @@ def test_a_storm_pause_does_not_count_against_the_learned_rate() -> None:
         t.now += 0.2
         learner.on_sent()
         learner.on_accepted()
-    assert learner.on_rate_limited(sent_at=t.now, pause=1.0)
+    assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "measured"
     assert 5.0 <= bucket.rate <= 8.0  # errs high (the burst), never a crawl
 
 

@@ -129,9 +129,42 @@ def _timings(jobs: list[tuple[float, float]], *, progress_at: float = 0.5) -> Jo
     return timings
 
 
-def test_first_poll_without_any_history_is_the_sdk_wait() -> None:
-    assert next_poll_delay(P, JobTimings(), [], elapsed=0.0) == 2.0
+def test_without_any_history_polls_double_their_spacing() -> None:
+    """The first jobs of a run: 0.5 s, then as long again as the job has taken so far."""
+    nothing = JobTimings()
+    assert next_poll_delay(P, nothing, [], elapsed=0.0) == 0.5
+    times, sightings, t = [], [], 0.0
+    while t < 20.0:
+        t += next_poll_delay(P, nothing, sightings, elapsed=t)
+        times.append(t)
+        sightings.append(Sighting(t, "PROCESSING", 10))
+    assert times[:6] == pytest.approx([0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
     assert next_poll_delay(P, JobTimings(), [], elapsed=0.0, expected=10.0) == 5.0
+
+
+def _cold(low: float, high: float) -> tuple[float, float, float, float]:
+    rng = random.Random(3)
+    ours, sdk = [], []
+    for _ in range(300):
+        run = rng.uniform(low, high)
+        ours.append(_poll_ours(JobTimings(), 0.0, run))  # nothing learned, every time
+        sdk.append(_poll_sdk(0.0, run))
+    return (statistics.mean(p for p, _ in ours), statistics.mean(lag for _, lag in ours),
+            statistics.mean(p for p, _ in sdk), statistics.mean(lag for _, lag in sdk))
+
+
+@pytest.mark.parametrize(("low", "high"), [(5.0, 15.0), (10.0, 30.0)])
+def test_cold_start_on_slow_jobs_beats_the_sdk(low: float, high: float) -> None:
+    """Before any job ended, a slow job costs fewer polls than on the SDK's schedule and is
+    seen sooner: its progress at two early polls gives its own speed."""
+    polls, lag, sdk_polls, sdk_lag = _cold(low, high)
+    assert polls < sdk_polls and lag < 0.7 * sdk_lag
+
+
+def test_cold_start_on_quick_jobs_sees_them_end_at_once() -> None:
+    """1-3 s jobs: seen within a fifth of the SDK's lag, for at most one more poll."""
+    polls, lag, sdk_polls, sdk_lag = _cold(1.0, 3.0)
+    assert lag < 0.2 * sdk_lag and polls <= sdk_polls + 1
 
 
 def test_first_poll_comes_when_a_typical_job_is_half_way_through_its_run() -> None:
