@@ -524,7 +524,7 @@ def test_the_review_examples_in_the_readme_and_docs_work(run: Path,
             build_parser().parse_args(args)
         else:
             assert main(args) == 0, command
-    assert seen == {"run", "review", "export", "report"}
+    assert seen == {"run", "review", "export", "report", "verify"}
     assert "review decisions" in capsys.readouterr().out
 
     validator = jsonschema.Draft202012Validator(REVIEW_SCHEMA,
