@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse grids larger than N items (overrides the manifest)")
     p.add_argument("--cost-per-image", type=float, default=None, metavar="CREDITS",
                    help="credits per image for the estimate")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="the run directory to compare with (default: the manifest's "
+                   "run.out_dir, else out); read only")
+    p.add_argument("--retry-failed", nargs="?", const="retryable", default=None,
+                   choices=("retryable", "all"),
+                   help="count earlier failures as `run --retry-failed` would: those whose "
+                   "error is retryable (the default), or all")
     p.set_defaults(handler=_plan)
 
     p = sub.add_parser("run", help="run every item of a manifest (resumes by default)",
@@ -170,6 +177,8 @@ def _plan(args: argparse.Namespace) -> int:
         cost_per_image=args.cost_per_image,
         out=sys.stdout,
         err=sys.stderr,
+        out_dir=args.out,
+        retry_failed=args.retry_failed,
     )
 
 
