@@ -161,7 +161,8 @@ def make_plan(
     out_dir_exists: bool = False,
     retry_failed: str | None = None,
 ) -> Plan:
-    """Count, preview and check ``spec`` in bounded memory.
+    """Count, preview and check ``spec``, streaming its items (memory: 8 bytes an item still
+    to run, as in a run).
 
     ``index`` is what the run directory ``out_dir`` holds (None: nothing yet); each item is
     classified as ``batchflux run --retry-failed=retry_failed`` would classify it, and the
