@@ -32,6 +32,7 @@ from . import __version__
 from .errors import ApiError, ConfigError
 from .models import ErrorCategory
 from .retry import TERMINAL_STATUSES, parse_retry_after
+from .wording import LIBRARY, Wording
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -153,6 +154,8 @@ class ApiframeClient:
       allows any http(s) host. Always allowed: the base URL's own scheme and host, and https
       on ``*.apiframe.ai``.
     - ``allow_insecure``: permit a plain-http base URL on a non-loopback host.
+    - ``wording``: how messages name the settings to change (:data:`~batchflux.wording.LIBRARY`,
+      keyword arguments, unless the caller is the command line).
 
     Raises :class:`~batchflux.errors.ConfigError` for a missing/malformed key or a bad base URL.
     """
@@ -168,6 +171,7 @@ class ApiframeClient:
         user_agent: str = f"batchflux/{__version__}",
         allowed_download_hosts: Collection[str] | None = None,
         allow_insecure: bool = False,
+        wording: Wording = LIBRARY,
     ) -> None:
         if not api_key or not api_key.strip():
             raise ConfigError("no API key given (set APIFRAME_API_KEY)")
@@ -186,7 +190,7 @@ class ApiframeClient:
         if base.scheme == "http" and not (is_local or allow_insecure):
             raise ConfigError(
                 f"refusing plain-http API base URL {base_url!r}: the API key would travel "
-                "unencrypted (use https, a loopback host, or allow_insecure=True)"
+                f"unencrypted (use https, a loopback host, or {wording.allow_insecure})"
             )
         if max_connections < 1:
             raise ConfigError("max_connections must be at least 1")
@@ -195,6 +199,7 @@ class ApiframeClient:
         allowed = frozenset(h.lower() for h in (allowed_download_hosts or ()))
         self._allow_any_download_host = "*" in allowed
         self._allowed_download_hosts = allowed - {"*"}
+        self._wording = wording
         self._auth = {"X-API-Key": api_key}
         self._auth_json = {**self._auth, "Content-Type": "application/json"}
         # httpcore's pool does O(connections^2) bookkeeping on every request and response,
@@ -401,7 +406,7 @@ class ApiframeClient:
             return target
         raise ApiError(
             f"refusing to download from {scheme}://{host or '?'} (not the API host, not "
-            "https on *.apiframe.ai, not in allowed_download_hosts)",
+            f"https on *.apiframe.ai; {self._wording.allow_download_host} allows a host)",
             category=ErrorCategory.DOWNLOAD_FAILED, retryable=False,
         )
 

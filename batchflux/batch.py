@@ -41,6 +41,7 @@ from .retry import RetryPolicy
 from .runner import Reporter, Runner, RunSettings, scan_items, workers_for
 from .shard import Shard, filter_items
 from .store import RunStore
+from .wording import LIBRARY, Wording
 
 DEFAULT_BASE_URL = "https://api.apiframe.ai"
 SIM_BASE_URL = "http://simulator.batchflux.local"
@@ -138,6 +139,7 @@ async def run_batch_async(
     reporter: Reporter | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     allow_insecure: bool = False,
+    wording: Wording = LIBRARY,
     allowed_download_hosts: tuple[str, ...] = (),
     timeouts: Timeouts | None = None,
     on_runner: Callable[[Runner], None] | None = None,
@@ -195,6 +197,7 @@ async def run_batch_async(
         api_key=api_key, base_url=base_url, transport=transport,
         max_connections=workers_for(probe) + 4,
         allow_insecure=allow_insecure, allowed_download_hosts=allowed_download_hosts,
+        wording=wording,
         timeouts=timeouts or Timeouts(),
     )
     async with client:

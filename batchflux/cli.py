@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .display import plural
 from .errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_SOFTWARE, EXIT_USAGE, BatchfluxError
 
 
@@ -21,25 +22,44 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("validate", help="check manifests without spending anything")
-    p.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    p = sub.add_parser("validate", help="check manifests without spending anything",
+                       description="Load and check each MANIFEST against the manifest language "
+                       "(schemas, templates, reference images, file-name template) without "
+                       "contacting the API. Every problem is printed at once as "
+                       "FILE:LINE:COL: field: message; exit 0 when all are valid, 65 otherwise.")
+    p.add_argument("manifests", nargs="+", metavar="MANIFEST",
+                   help="a manifest file: YAML (.yaml, .yml) or JSONL (.jsonl)")
     p.set_defaults(handler=_validate)
 
-    p = sub.add_parser("plan", help="show the items a manifest expands to, and their cost")
-    p.add_argument("manifest", metavar="MANIFEST")
+    p = sub.add_parser("plan", help="show the items a manifest expands to, and their cost",
+                       description="Show what MANIFEST expands to (items, axes, a preview) and "
+                       "what a run would do with it: the run directory is read (never "
+                       "created or locked) and each item counted as done, failed or to run, "
+                       "as `batchflux run` counts it; the estimated cost is that of the items "
+                       "to run. Nothing is spent.")
+    p.add_argument("manifest", metavar="MANIFEST",
+                   help="a manifest file: YAML (.yaml, .yml) or JSONL (.jsonl)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--limit", type=int, default=10, metavar="K", help="items to preview")
     p.add_argument("--max-items", type=int, default=None, metavar="N",
                    help="refuse grids larger than N items (overrides the manifest)")
     p.add_argument("--cost-per-image", type=float, default=None, metavar="CREDITS",
                    help="credits per image for the estimate")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="the run directory to compare with (default: the manifest's "
+                   "run.out_dir, else out); read only")
+    p.add_argument("--retry-failed", nargs="?", const="retryable", default=None,
+                   choices=("retryable", "all"),
+                   help="count earlier failures as `run --retry-failed` would: those whose "
+                   "error is retryable (the default), or all")
     p.set_defaults(handler=_plan)
 
     p = sub.add_parser("run", help="run every item of a manifest (resumes by default)",
                        description="Submit, poll, download and record every item of MANIFEST. "
                        "Re-running the same command resumes: finished items are skipped, "
                        "journaled jobs re-attached, only the rest submitted.")
-    p.add_argument("manifest", metavar="MANIFEST")
+    p.add_argument("manifest", metavar="MANIFEST",
+                   help="a manifest file: YAML (.yaml, .yml) or JSONL (.jsonl)")
     where = p.add_argument_group("where to send requests")
     where.add_argument("--sim", action="store_true",
                        help="use the built-in simulator in-process (no key, no network)")
@@ -107,8 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="when stderr is not a terminal, print a progress line every 10 s")
     p.set_defaults(handler=_run)
 
-    p = sub.add_parser("report", help="what a run did: table, JSON, or an HTML review page")
-    p.add_argument("out", metavar="OUT", help="a run directory")
+    p = sub.add_parser("report", help="what a run did: table, JSON, or an HTML review page",
+                       description="Summarise the run directory OUT: counts by status, error "
+                       "categories explained, credits, latencies and throughput, as a table, "
+                       "as JSON (--json), or as an offline HTML review page (--html).")
+    p.add_argument("out", metavar="OUT", help="a run directory (the --out of a run)")
     p.add_argument("--json", action="store_true", help="machine-readable report on stdout")
     p.add_argument("--html", action="store_true",
                    help="write OUT/review/index.html (contact sheet and grids, offline)")
@@ -129,16 +152,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--open", action="store_true", help="open the page in the web browser")
     p.set_defaults(handler=_review)
 
-    p = sub.add_parser("merge", help="combine run directories (shards) into one")
-    p.add_argument("sources", nargs="+", metavar="OUT_N")
+    p = sub.add_parser("merge", help="combine run directories (shards) into one",
+                       description="Combine the run directories OUT (shards of one manifest, "
+                       "run with --shard I/N) into the run directory given by --into: result "
+                       "lines deduplicated by item key, every image checked by sha256 and "
+                       "hard-linked or copied. Exit 65 when an image is missing or differs.")
+    p.add_argument("sources", nargs="+", metavar="OUT",
+                   help="a run directory to merge: each shard's --out")
     p.add_argument("--into", required=True, metavar="OUT", help="the merged run directory")
     p.add_argument("--force", action="store_true",
                    help="merge runs of different manifests")
     p.set_defaults(handler=_merge)
 
-    p = sub.add_parser("export", help="export a finished run as a dataset")
-    p.add_argument("out", metavar="OUT", help="a run directory")
-    p.add_argument("--dataset", choices=("hf", "webdataset"), required=True)
+    p = sub.add_parser("export", help="export a finished run as a dataset",
+                       description="Export the ok images of the run directory OUT as a "
+                       "dataset: hf writes OUT/dataset/hf (a Hugging Face ImageFolder with "
+                       "metadata.jsonl), webdataset writes tar shards to "
+                       "OUT/dataset/webdataset. Every image's sha256 is checked first.")
+    p.add_argument("out", metavar="OUT", help="a run directory (the --out of a run)")
+    p.add_argument("--dataset", choices=("hf", "webdataset"), required=True,
+                   help="the layout: hf (Hugging Face ImageFolder) or webdataset (tar shards)")
     p.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N",
                    help="samples per webdataset tar shard")
     p.add_argument("--only", type=_states, default=None, metavar="STATE[,STATE]",
@@ -151,16 +184,24 @@ def build_parser() -> argparse.ArgumentParser:
                        "it must exist with its recorded size and sha256 and decode whole. "
                        "Prints each problem with the item and the path, and a total; exit 0 "
                        "when every file matches, 1 otherwise.")
-    p.add_argument("out", metavar="OUT", help="a run directory")
+    p.add_argument("out", metavar="OUT", help="a run directory (the --out of a run)")
     p.add_argument("--fix", action="store_true",
                    help="move each bad file into OUT/.batchflux/quarantine/ (same relative "
                    "path) so that the next `batchflux run` fetches it again")
     p.set_defaults(handler=_verify)
 
-    p = sub.add_parser("sim", help="the built-in Apiframe v2 simulator")
+    p = sub.add_parser("sim", help="the built-in Apiframe v2 simulator",
+                       description="The built-in Apiframe v2 simulator: the same routes, "
+                       "answers and images as the real API (simulated), with faults on "
+                       "demand. `batchflux run --sim` runs it in-process; `sim serve` on a "
+                       "port.")
     sim_sub = p.add_subparsers(dest="sim_command", metavar="SIM_COMMAND")
     sim_sub.required = True
-    serve = sim_sub.add_parser("serve", help="serve the simulator on a real port (uvicorn)")
+    serve = sim_sub.add_parser("serve", help="serve the simulator on a real port (uvicorn)",
+                               description="Serve the Apiframe v2 simulator over HTTP on "
+                               "--host:--port until interrupted. Point batchflux (or any "
+                               "client) at it with --base-url http://HOST:PORT and any key "
+                               "starting with afk_. Access logs are off unless --access-log.")
     from .sim import serve as sim_serve
 
     sim_serve.add_arguments(serve)
@@ -186,6 +227,8 @@ def _plan(args: argparse.Namespace) -> int:
         cost_per_image=args.cost_per_image,
         out=sys.stdout,
         err=sys.stderr,
+        out_dir=args.out,
+        retry_failed=args.retry_failed,
     )
 
 
@@ -221,8 +264,9 @@ def _report(args: argparse.Namespace) -> int:
 
     if args.html:
         page = write_review(args.out, thumb_size=args.thumb_size)
-        print(f"batchflux: review page: {page.path} ({page.thumbnails} images, "
-              f"{page.failures} failures)", file=sys.stderr if args.json else sys.stdout)
+        print(f"batchflux: review page: {page.path} ({plural(page.thumbnails, 'image')}, "
+              f"{plural(page.failures, 'failure')})",
+              file=sys.stderr if args.json else sys.stdout)
     report = build_report(args.out)
     for bad in report["bad_lines"]:
         _warn_skipped(BadLine(**bad))
@@ -237,8 +281,9 @@ def _merge(args: argparse.Namespace) -> int:
     from .merge import merge_runs
 
     done = merge_runs(args.sources, args.into, force=args.force, on_bad_line=_warn_skipped)
-    print(f"batchflux: merged {len(done.sources)} runs into {done.into}: {done.items} items "
-          f"({done.ok} ok, {done.failed} failed), files {done.files_linked} linked, "
+    print(f"batchflux: merged {plural(len(done.sources), 'run')} into {done.into}: "
+          f"{plural(done.items, 'item')} ({done.ok} ok, {done.failed} failed), "
+          f"files {done.files_linked} linked, "
           f"{done.files_copied} copied, {done.files_present} already there; every file's "
           "sha256 checked")
     return 0
@@ -250,8 +295,8 @@ def _export(args: argparse.Namespace) -> int:
     done = export_dataset(args.out, args.dataset, shard_size=args.shard_size,
                           on_bad_line=_warn_skipped, only=args.only)
     which = f" ({', '.join(args.only)} only)" if args.only else ""
-    print(f"batchflux: dataset ({done.format}): {done.rows} images{which} in {done.path}; "
-          "every file's sha256 checked")
+    print(f"batchflux: dataset ({done.format}): {plural(done.rows, 'image')}{which} in "
+          f"{done.path}; every file's sha256 checked")
     return 0
 
 

@@ -9,7 +9,7 @@ import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["escape_controls", "item_label"]
+__all__ = ["escape_controls", "item_label", "plural"]
 
 #: Unicode categories that move the cursor, reorder or hide text on a terminal: control
 #: characters (Cc: newline, escape...), format characters (Cf: U+202E right-to-left override,
@@ -35,6 +35,20 @@ def escape_controls(text: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def plural(count: float, noun: str, plural_noun: str | None = None) -> str:
+    """``count`` with ``noun``, singular for exactly one (``plural_noun``, else ``noun`` + s,
+    for every other count). Integers get thousands separators.
+
+    >>> plural(1, "item"), plural(0, "item"), plural(1500, "image"), plural(2.5, "credit")
+    ('1 item', '0 items', '1,500 images', '2.5 credits')
+    >>> plural(1, "entry", "entries"), plural(3, "entry", "entries")
+    ('1 entry', '3 entries')
+    """
+    number = f"{count:,}" if isinstance(count, int) else f"{count:,.10g}"
+    word = noun if count == 1 else (plural_noun or noun + "s")
+    return f"{number} {word}"
 
 
 def _short(value: Any) -> str:

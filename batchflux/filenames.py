@@ -16,11 +16,14 @@ placeholder    type  value
 ``{ext}``      str   the file extension (``webp``, ``png``, ``jpg``)
 ``{format}``   str   the same as ``{ext}``
 ``{model}``    str   the model (``flux-2-dev``)
+``{vars.NAME}`` str  the value of the prompt template variable ``NAME`` (``{vars.background}``);
+                     empty for an item whose prompt has no such variable
 =============  ====  ==================================================================
 
 ``{index:04d}`` and ``{seed:08d}`` zero-pad; strings take string specs (``{prompt_id:.20}``).
 Every string value is made a safe path component before formatting and every rendered
-component again after it, so no value or template can reach outside ``images/``.
+component again after it, so no value or template can reach outside ``images/``. A component
+that renders empty (a ``{vars.NAME}`` the item's prompt does not have) is left out.
 
 A template must contain ``{key}`` or ``{key12}``: file names must stay unique when the
 manifest changes, and ``{index}`` alone does not (insert a prompt and every later index
@@ -33,13 +36,16 @@ import hashlib
 import re
 import string
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import replace
 from typing import Any
 
+from .expand import format_value
 from .models import WorkItem
 
-__all__ = ["FILENAME_PLACEHOLDERS", "FilenameTemplateError", "check_filename_template",
-           "render_filename", "safe_component"]
+__all__ = ["FILENAME_PLACEHOLDERS", "VARS_PLACEHOLDER", "FilenameTemplateError",
+           "check_filename_template", "render_filename", "safe_component",
+           "template_variables"]
 
 #: Every placeholder a file-name template may use.
 FILENAME_PLACEHOLDERS = frozenset(
@@ -49,6 +55,10 @@ FILENAME_PLACEHOLDERS = frozenset(
 IDENTITY_PLACEHOLDERS = frozenset({"key", "key12"})
 #: The placeholders that are integers (format specs such as ``04d`` apply); the rest are text.
 NUMBER_PLACEHOLDERS = ("index", "seed", "w", "h")
+#: The prefix of a template-variable placeholder: ``{vars.background}`` is the item's value of
+#: the prompt template variable ``background`` (text, sanitised like every other value).
+VARS_PLACEHOLDER = "vars."
+_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 _MAX_COMPONENT = 120  # bytes per path component, well under every filesystem's 255
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -62,6 +72,19 @@ _SAMPLE = WorkItem(index=0, key="0123456789abcdef" * 4, prompt_id="p0001", promp
 
 class FilenameTemplateError(ValueError):
     """A file-name template cannot render a name."""
+
+
+class _Formatter(string.Formatter):
+    """``str.format`` where a field ``vars.NAME`` is looked up as one name (never as an
+    attribute of an object): a variable the item lacks is empty."""
+
+    def get_field(self, field_name: str, args: Any, kwargs: Any) -> Any:
+        if field_name.startswith(VARS_PLACEHOLDER):
+            return kwargs.get(field_name, ""), field_name
+        return super().get_field(field_name, args, kwargs)
+
+
+_FORMATTER = _Formatter()
 
 
 def safe_component(text: str) -> str:
@@ -87,7 +110,20 @@ def _values(item: WorkItem, ext: str, width: int | None, height: int | None
     values: dict[str, Any] = {name: safe_component(value) for name, value in strings.items()}
     values.update(index=int(item.index), seed=int(item.seed),
                   w=int(width or 0), h=int(height or 0))
+    for name, value in item.vars.items():
+        values[VARS_PLACEHOLDER + name] = safe_component(format_value(value))
     return values
+
+
+def template_variables(template: str) -> tuple[str, ...]:
+    """The template variables a file-name template names (``{vars.NAME}``), in order, once
+    each; empty when the template does not parse."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    except ValueError:
+        return ()
+    return tuple(dict.fromkeys(name[len(VARS_PLACEHOLDER):] for name in fields
+                               if name.startswith(VARS_PLACEHOLDER)))
 
 
 def render_filename(template: str, item: WorkItem, *, ext: str, image_number: int = 1,
@@ -104,7 +140,7 @@ def render_filename(template: str, item: WorkItem, *, ext: str, image_number: in
     'mug/0007_abababababab_00000042.png'
     """
     try:
-        rendered = template.format_map(_values(item, ext, width, height))
+        rendered = _FORMATTER.vformat(template, (), _values(item, ext, width, height))
     except _FORMAT_ERRORS as exc:
         raise FilenameTemplateError(f"bad file-name template {template!r}: {exc}") from exc
     parts = [_sanitise(part) for part in rendered.replace("\\", "/").split("/") if part]
@@ -117,23 +153,40 @@ def render_filename(template: str, item: WorkItem, *, ext: str, image_number: in
     return "/".join(_fit(part) for part in parts)
 
 
-def check_filename_template(template: str, *, relative_only: bool = True) -> str | None:
+def check_filename_template(template: str, *, relative_only: bool = True,
+                            variables: Collection[str] | None = None) -> str | None:
     """Why ``template`` is not a usable file-name template, or None when it is.
 
-    It must parse, use only :data:`FILENAME_PLACEHOLDERS`, contain ``{key}`` or ``{key12}``,
-    and render a sample item (so a format spec that cannot format, such as ``{prompt_id:04d}``,
-    is refused here, before anything is paid). ``relative_only`` also refuses absolute paths
-    and ``..`` (a manifest; a library caller's template is only sanitised).
+    It must parse, use only :data:`FILENAME_PLACEHOLDERS` and ``{vars.NAME}``, contain
+    ``{key}`` or ``{key12}``, and render a sample item (so a format spec that cannot format,
+    such as ``{prompt_id:04d}``, is refused here, before anything is paid). ``relative_only``
+    also refuses absolute paths and ``..`` (a manifest; a library caller's template is only
+    sanitised). ``variables``, when given, are the template variables the manifest's prompts
+    use: a ``{vars.NAME}`` naming another is refused.
     """
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(template)
                   if name is not None]
     except ValueError as exc:
         return f"invalid template: {exc}"
-    unknown = [name for name in fields if name not in FILENAME_PLACEHOLDERS]
+    unknown = [name for name in fields if name not in FILENAME_PLACEHOLDERS
+               and not name.startswith(VARS_PLACEHOLDER)]
     if unknown:
-        known = " ".join("{" + n + "}" for n in sorted(FILENAME_PLACEHOLDERS))
+        known = " ".join(["{" + n + "}" for n in sorted(FILENAME_PLACEHOLDERS)]
+                         + ["{" + VARS_PLACEHOLDER + "NAME}"])
         return f"unknown placeholder {{{unknown[0]}}} (known: {known})"
+    for field_name in fields:
+        if field_name.startswith(VARS_PLACEHOLDER) and not _VAR_NAME.fullmatch(
+                field_name[len(VARS_PLACEHOLDER):]):
+            return (f"invalid placeholder {{{field_name}}}: write {{{VARS_PLACEHOLDER}NAME}} "
+                    "with the name of a template variable")
+    if variables is not None:
+        for var in template_variables(template):
+            if var not in variables:
+                listing = (f"variables: {', '.join(sorted(variables))}" if variables
+                           else "the prompts use no template variables")
+                return (f"unknown placeholder {{{VARS_PLACEHOLDER}{var}}}: no prompt uses a "
+                        f"template variable {var!r} ({listing})")
     if relative_only and (template.startswith(("/", "\\"))
                           or ".." in re.split(r"[\\/]", template)):
         return "must be a relative path without '..'"
@@ -143,21 +196,22 @@ def check_filename_template(template: str, *, relative_only: bool = True) -> str
                     "inserted or removed, and a new item would then overwrite another item's "
                     "image")
         return "must contain {key} or {key12} so that every item has its own file name"
-    values = _values(_SAMPLE, "png", 1024, 576)
+    sample = replace(_SAMPLE, vars={name: "sample" for name in template_variables(template)})
+    values = _values(sample, "png", 1024, 576)
     for _, name, spec, conversion in string.Formatter().parse(template):
         if name is None:
             continue
         field = "{" + name + (f"!{conversion}" if conversion else "") + \
             (f":{spec}" if spec else "") + "}"
         try:
-            field.format_map(values)
+            _FORMATTER.vformat(field, (), values)
         except _FORMAT_ERRORS as exc:
             numbers = " ".join("{" + n + "}" for n in NUMBER_PLACEHOLDERS)
             kind = ("a number" if name in NUMBER_PLACEHOLDERS
                     else f"text; only {numbers} are numbers")
             return f"cannot format {field}: {exc} ({{{name}}} is {kind})"
     try:
-        render_filename(template, _SAMPLE, ext="png", width=1024, height=576)
+        render_filename(template, sample, ext="png", width=1024, height=576)
     except FilenameTemplateError as exc:
         return str(exc)
     return None

@@ -903,7 +903,10 @@ def load_job(path: str | os.PathLike[str], *, max_items: int | None = None) -> J
             raise ManifestError(ctx.diagnostics)
         bad_entries = {_entry_index(d.field) for d in schema_diags}
         raws = list(_yaml_job(document, doc, ctx, bad_entries))
-        options = _run_options(document.get("run", {}), doc, ctx)
+        # Which template variables the prompts use, for {vars.NAME} in file names; unknown
+        # while other entries are in error (a prompt that failed may be the one using it).
+        used = None if ctx.diagnostics else _used_variables(raws)
+        options = _run_options(document.get("run", {}), doc, ctx, variables=used)
         spec_format = "yaml"
         size_doc = (doc, ("grid",) if "grid" in document else
                     ("prompts",) if "prompts" in document else ("prompts_file",))
@@ -973,11 +976,24 @@ def _yaml_job(document: Mapping[str, Any], doc: _Doc, ctx: _Context,
         yield from _file_entries(document["prompts_file"], doc, ctx)
 
 
-def _run_options(run: Mapping[str, Any], doc: _Doc, ctx: _Context) -> RunOptions:
+def _used_variables(raws: list[_RawEntry]) -> set[str] | None:
+    """The template variables the prompts use (None when a template does not parse)."""
+    used: set[str] = set()
+    for raw in raws:
+        if raw.is_template:
+            parts, problem = _parse_template(raw.text)
+            if problem:
+                return None
+            used.update(name for _, name in parts if name is not None)
+    return used
+
+
+def _run_options(run: Mapping[str, Any], doc: _Doc, ctx: _Context, *,
+                 variables: set[str] | None = None) -> RunOptions:
     values: dict[str, Any] = {k: (float(v) if k in _RUN_FLOATS else v) for k, v in run.items()}
     template = values.get("filename_template")
     if template is not None:
-        problem = check_filename_template(str(template))
+        problem = check_filename_template(str(template), variables=variables)
         if problem:
             ctx.error(doc, ("run", "filename_template"), problem)
     return RunOptions(**values)

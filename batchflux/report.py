@@ -36,7 +36,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from .display import escape_controls, item_label
+from .display import escape_controls, item_label, plural
 from .runner import RunState
 
 
@@ -144,7 +144,7 @@ class LogReporter:
         if self.banner:
             self._emit(self.banner)
         if self.interval is not None:
-            self._emit(f"starting: {total if total is not None else '?'} items")
+            self._emit(f"starting: {plural(total, 'item') if total is not None else '? items'}")
 
     def result(self, record: Mapping[str, Any]) -> None:
         if record.get("status") != "ok" and self.interval is not None:
@@ -230,7 +230,7 @@ def summary_line(summary: Mapping[str, Any], out_dir: Path, *, simulated: bool) 
     credits = summary.get("credits_spent", 0)
     head = "SIMULATED run" if simulated else "run"
     line = (f"batchflux: {head}: {', '.join(parts)} in {summary.get('elapsed_seconds', 0):.1f} s, "
-            f"{credits:g} credits. images: {out_dir / 'images'}  results: "
+            f"{plural(credits, 'credit')}. images: {out_dir / 'images'}  results: "
             f"{out_dir / 'results.jsonl'}  summary: {out_dir / 'summary.json'}")
     if summary.get("stop_reason"):
         line += f"  (stopped: {summary['stop_reason']})"

@@ -16,6 +16,7 @@ from .models import RunOptions
 from .report import JsonReporter, LogReporter, RichReporter, summary_line
 from .runner import Runner
 from .shard import parse_shard
+from .wording import COMMAND_LINE
 
 SIM_BANNER = ("SIMULATED: images come from batchflux's built-in Apiframe simulator, not from "
               "flux-2-dev. Nothing is paid. Set APIFRAME_API_KEY and drop --sim for real images.")
@@ -103,6 +104,7 @@ def run_command(args: argparse.Namespace) -> int:
                 fresh=args.fresh,
                 reporter=reporter,
                 allow_insecure=args.insecure_http,
+                wording=COMMAND_LINE,
                 allowed_download_hosts=tuple(args.allow_download_host),
                 on_runner=runner_box.append,
                 on_message=reporter.message,

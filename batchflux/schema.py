@@ -23,6 +23,7 @@ from typing import Any
 import jsonschema
 from jsonschema.exceptions import ValidationError
 
+from .display import plural
 from .errors import Diagnostic
 
 #: ``locate(path, key)`` returns the 1-based (line, col) of the value at ``path`` (or of its
@@ -180,16 +181,18 @@ def _translate(
         message = f"must be greater than {error.validator_value}; got {_show(value)}"
     elif v == "minLength":
         message = "must not be empty" if error.validator_value == 1 else (
-            f"must be at least {error.validator_value} characters")
+            f"must be at least {plural(error.validator_value, 'character')}")
     elif v == "maxLength":
-        message = f"must be at most {error.validator_value} characters; got {len(value)}"
+        message = (f"must be at most {plural(error.validator_value, 'character')}; "
+                   f"got {len(value)}")
     elif v == "minItems":
         message = "must not be an empty list" if error.validator_value == 1 else (
-            f"must have at least {error.validator_value} entries")
+            f"must have at least {plural(error.validator_value, 'entry', 'entries')}")
     elif v == "maxItems":
-        message = f"must have at most {error.validator_value} entries; got {len(value)}"
+        message = (f"must have at most {plural(error.validator_value, 'entry', 'entries')}; "
+                   f"got {len(value)}")
     elif v == "minProperties":
-        message = f"must have at least {error.validator_value} keys"
+        message = f"must have at least {plural(error.validator_value, 'key')}"
     elif v == "pattern":
         description = sch.get("description")
         message = f"invalid value {_show(value)}" + (f": {description}" if description else "")

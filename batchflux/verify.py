@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from .display import escape_controls, item_label
+from .display import escape_controls, item_label, plural
 from .errors import UsageError
 from .fileutil import sha256_file
 from .imagecheck import ImageCheckError, inspect_image
@@ -102,14 +102,14 @@ class VerifyReport:
 
     def summary_line(self) -> str:
         """One line: what was checked and what was found."""
-        head = f"{self.items} items, {self.files} files checked"
+        head = f"{plural(self.items, 'item')}, {plural(self.files, 'file')} checked"
         if self.ok:
             return f"{head}: every file matches its result line"
         by_kind = ", ".join(f"{n} {PROBLEM_TEXT[k]}" for k, n in sorted(self.counts.items()))
-        line = f"{head}: {len(self.problems)} problems ({by_kind})"
+        line = f"{head}: {plural(len(self.problems), 'problem')} ({by_kind})"
         if self.fixed:
             moved = len(self.quarantined)
-            line += (f"; {moved} file{'' if moved == 1 else 's'} moved to "
+            line += (f"; {plural(moved, 'file')} moved to "
                      f"{self.out_dir / QUARANTINE_DIR}; `batchflux run` on {self.out_dir} "
                      "fetches every missing file again")
         else:

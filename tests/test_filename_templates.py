@@ -8,15 +8,18 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import shutil
 from pathlib import Path
 
 import anyio
 import pytest
+import yaml
 from runner_helpers import API_KEY, check_run_directory, load_results, write_manifest
 
 from batchflux import batch
 from batchflux.cli import main
 from batchflux.errors import UsageError
+from batchflux.expand import expand_job
 from batchflux.filenames import FILENAME_PLACEHOLDERS, render_filename
 from batchflux.manifest import check_filename_template, load_job
 from batchflux.models import WorkItem
@@ -25,6 +28,7 @@ from batchflux.sim import SimSettings, serve_in_thread
 from batchflux.store import FilenameTemplateError, RunStore
 from batchflux.verify import verify_run
 
+ROOT = Path(__file__).resolve().parent.parent
 FAST = SimSettings(job_seconds=0.05, queue_seconds=0.01, render_mode="fast", credits=100_000)
 
 
@@ -178,6 +182,7 @@ def test_the_docs_list_every_placeholder() -> None:
     doc = (Path(__file__).resolve().parent.parent / "docs" / "manifest.md").read_text()
     for name in FILENAME_PLACEHOLDERS:
         assert f"`{{{name}}}`" in doc, name
+    assert "`{vars.NAME}`" in doc  # the template-variable placeholder
     examples = re.findall(r'filename_template: "([^"]+)"', doc)
     assert "{prompt_id}/{index:04d}_{key12}_{seed:08d}.{ext}" in examples
     for template in examples:  # every template the docs show is one validate accepts
@@ -191,3 +196,102 @@ def test_the_schema_examples_and_default_are_valid_templates() -> None:
     spec = load_schema("job")["properties"]["run"]["properties"]["filename_template"]
     for template in [spec["default"], *spec["examples"]]:
         assert check_filename_template(template) is None, template
+
+
+# --------------------------------------------------------------------------------------------
+# Template variables in file names (issue 13, point 6)
+
+
+def test_the_readme_product_photos_template_puts_each_background_in_its_own_folder(
+        tmp_path: Path) -> None:
+    """Issue 13.6: `{prompt_id}/{aspect}/{key12}_{seed}.{ext}` put both backgrounds in one
+    folder, told apart only by a hash. The README's example now names the background."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (snippet,) = [block for block in re.findall(r"```yaml\n(.*?)```", readme, re.DOTALL)
+                  if "filename_template" in block and "background" in block]
+    shutil.copytree(ROOT / "jobs", tmp_path / "jobs")
+    manifest = tmp_path / "jobs" / "readme-product-photos.yaml"
+    manifest.write_text(snippet, encoding="utf-8")
+    spec = load_job(manifest)
+    template = spec.options.filename_template
+    assert template is not None and "{vars.background}" in template
+    folders: dict[tuple[str, str], set[str]] = {}
+    for it in expand_job(spec):
+        path = render_filename(template, it, ext="png")
+        group = (it.prompt_id, str(it.params["aspect_ratio"]))
+        folders.setdefault(group, set()).add(path.rsplit("/", 1)[0])
+    backgrounds = yaml.safe_load(snippet)["vars"]["background"]
+    assert len(backgrounds) == 2
+    for group, dirs in folders.items():
+        assert len(dirs) == 2, (group, dirs)  # one folder per background
+    assert {d.split("/")[1] for dirs in folders.values() for d in dirs} == {
+        "a_seamless_white_studio_backdrop", "a_warm_oak_kitchen_counter"}
+
+
+def test_the_product_photos_job_uses_a_vars_placeholder() -> None:
+    spec = load_job(ROOT / "jobs" / "product-photos.yaml")
+    assert "{vars.background}" in (spec.options.filename_template or "")
+    dirs = {render_filename(spec.options.filename_template or "", it, ext="png").split("/")[1]
+            for it in expand_job(spec)}
+    assert len(dirs) == 2
+
+
+def test_a_vars_placeholder_is_sanitised_and_empty_for_a_prompt_without_it() -> None:
+    it = WorkItem(index=0, key="ab" * 32, prompt_id="mug", prompt="x",
+                  params={"seed": 1, "aspect_ratio": "1:1"},
+                  vars={"background": "../../etc/a caf\u00e9 \u202e/bench", "n": 3})
+    assert render_filename("{vars.background}/{vars.n}_{key12}.{ext}", it, ext="png") == \
+        "etc_a_cafe_bench/3_abababababab.png"
+    assert render_filename("{vars.background:.6}/{key12}.{ext}", it, ext="png") == \
+        "etc_a/abababababab.png"
+    plain = WorkItem(index=1, key="cd" * 32, prompt_id="p0002", prompt="x",
+                     params={"seed": 1, "aspect_ratio": "1:1"})
+    assert render_filename("{prompt_id}/{vars.background}/{key12}.{ext}", plain,
+                           ext="png") == "p0002/cdcdcdcdcdcd.png"
+
+
+@pytest.mark.parametrize("template, problem", [
+    ("{vars.colour}/{key12}.{ext}", ("unknown placeholder {vars.colour}: no prompt uses a "
+                                     "template variable 'colour' (variables: background)")),
+    ("{vars}/{key12}.{ext}", "unknown placeholder {vars} (known: "),
+    ("{vars.a.b}/{key12}.{ext}", "invalid placeholder {vars.a.b}: write {vars.NAME} "),
+    ("{vars.background:d}/{key12}.{ext}", "cannot format {vars.background:d}: "),
+])
+def test_a_bad_vars_placeholder_is_refused_with_the_reason(template: str, problem: str) -> None:
+    found = check_filename_template(template, variables={"background"})
+    assert found is not None and found.startswith(problem), found
+
+
+def test_validate_refuses_a_vars_placeholder_that_no_prompt_uses(tmp_path: Path) -> None:
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(
+        "vars: {background: [white, oak]}\n"
+        "prompts:\n  - a plain prompt\n  - text: \"a mug on {background}\"\n"
+        "run:\n  filename_template: \"{vars.colour}/{key12}.{ext}\"\n", encoding="utf-8")
+    out, err = io.StringIO(), io.StringIO()
+    assert validate_command([str(manifest)], out=out, err=err) == 65
+    assert err.getvalue() == (
+        f"{manifest}:6:22: run.filename_template: unknown placeholder {{vars.colour}}: no "
+        "prompt uses a template variable 'colour' (variables: background)\n")
+    manifest.write_text(manifest.read_text().replace("vars.colour", "vars.background"))
+    assert validate_command([str(manifest)], out=out, err=err) == 0
+
+
+def test_a_run_writes_each_variant_into_its_variable_folder(tmp_path: Path) -> None:
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(
+        "vars: {background: [white studio, oak counter]}\n"
+        "grid: {seeds: [1, 2]}\n"
+        "prompts:\n  - {id: mug, text: \"a mug on a {background}\"}\n"
+        "run:\n  filename_template: \"{prompt_id}/{vars.background}/{key12}_{seed}.{ext}\"\n",
+        encoding="utf-8")
+    out = tmp_path / "out"
+    with serve_in_thread(FAST) as base_url:
+        result = batch.run_batch(manifest, out_dir=out, base_url=base_url, api_key=API_KEY)
+    assert result.exit_code == 0
+    records = check_run_directory(out, expected_items=4)
+    for record in records:
+        (f,) = record["files"]
+        folder = record["vars"]["background"].replace(" ", "_")
+        assert f["path"] == (f"images/mug/{folder}/{record['key'][:12]}_{record['seed']}"
+                             ".webp")

@@ -20,7 +20,8 @@ def write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
 
 def run_plan(path: Path, **kwargs) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    options = {"as_json": True, "limit": 3, "max_items": None, "cost_per_image": None}
+    options = {"as_json": True, "limit": 3, "max_items": None, "cost_per_image": None,
+               "out_dir": str(path.parent / "out")}
     options.update(kwargs)
     status = plan_command(str(path), out=out, err=err, **options)
     return status, out.getvalue(), err.getvalue()
@@ -85,7 +86,8 @@ def test_budget_warning(tmp_path):
     assert any("over run.budget" in w for w in plan.warnings)
 
 
-def test_plan_text_output_through_the_cli(tmp_path, capsys):
+def test_plan_text_output_through_the_cli(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default run directory, ./out, does not exist
     path = write(tmp_path, """\
         vars: {c: [red, blue]}
         prompts:
@@ -97,8 +99,9 @@ def test_plan_text_output_through_the_cli(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"{path}: 5 items, model flux-2-dev"
     assert out[1] == "axes: prompts 2 x vars.c 2* x aspect_ratio 3*"
-    assert "estimated cost: 7.50 credits (1.5 per image)" in out
-    assert out[5].startswith("  #0 p0001 ") and out[6].strip() == "a red fox"
+    assert out[3] == "run directory out: none yet, every item is to run"
+    assert out[4] == "estimated cost: 7.50 credits for 5 items to run (1.5 per image)"
+    assert out[6].startswith("  #0 p0001 ") and out[7].strip() == "a red fox"
 
 
 def test_plan_text_escapes_control_and_format_characters(tmp_path):
