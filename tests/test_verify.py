@@ -133,7 +133,10 @@ def test_fix_moves_bad_files_to_the_quarantine_and_deletes_nothing(run_dir: Path
 
 
 def test_a_file_two_items_claim_is_not_moved_when_one_matches(run_dir: Path) -> None:
-    first, second = ok_records(run_dir)[:2]
+    records = ok_records(run_dir)
+    first = records[0]
+    second = next(r for r in records[1:]  # an item whose own image differs from first's
+                  if r["files"][0]["sha256"] != first["files"][0]["sha256"])
     # Defect 5's damage: a later item written over an earlier item's image.
     rewrite_line(run_dir, second["key"], path=first["files"][0]["path"])
     report = verify_run(run_dir, fix=True)
@@ -165,8 +168,14 @@ def test_verify_of_something_else_is_a_usage_error(tmp_path: Path,
 
 
 def swap_in_another_image(out: Path) -> dict[str, Any]:
-    """Replace one ok image by another valid image (of another item): it still decodes."""
-    victim, other = ok_records(out)[:2]
+    """Replace one ok image by another valid image (of another item): it still decodes.
+
+    The simulator's flat images repeat for items of one size and seed, so the other item is
+    one whose image differs (a copy of identical bytes would change nothing)."""
+    records = ok_records(out)
+    victim = records[0]
+    other = next(r for r in records[1:]
+                 if r["files"][0]["sha256"] != victim["files"][0]["sha256"])
     shutil.copyfile(out / other["files"][0]["path"], out / victim["files"][0]["path"])
     with Image.open(out / victim["files"][0]["path"]) as im:
         im.load()
