@@ -29,7 +29,7 @@ __all__ = ["AdaptiveLimit", "Clock", "Cooldown", "Sleep", "SubmitRateLearner", "
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 #: What a submit's 429 told :class:`SubmitRateLearner` (see its ``on_rate_limited``).
-Verdict = Literal["measured", "same", "unmeasured"]
+Verdict = Literal["first", "measured", "same", "unmeasured"]
 
 
 class TokenBucket:
@@ -47,7 +47,8 @@ class TokenBucket:
     >>> await bucket.acquire()                     # doctest: +SKIP
     """
 
-    __slots__ = ("_burst_span", "_clock", "_interval", "_next_due", "_sleep", "rate")
+    __slots__ = ("_burst_span", "_clock", "_generation", "_interval", "_next_due", "_sleep",
+                 "rate")
 
     def __init__(
         self,
@@ -69,21 +70,33 @@ class TokenBucket:
         # How far ahead of "now" the schedule may run before callers must wait.
         self._burst_span = (burst - 1.0) * self._interval
         self._next_due: float | None = None
+        self._generation = 0  # bumped when the rate falls: waiting callers book again
 
     @property
     def is_unlimited(self) -> bool:
         return self._interval == 0.0
 
     def set_rate(self, rate_per_second: float | None) -> None:
-        """Change the rate from now on (None: unlimited). Slots already booked stay booked."""
+        """Change the rate from now on (None: unlimited).
+
+        Slots already booked stay booked when the rate rises or barely falls. When it falls
+        by more than 5 % (a provider's 429 told us its rate), the schedule starts again from
+        now and callers already waiting book again at the new rate (each notices within
+        ``max(0.25 s, 4 intervals)``): slots booked at the old rate would go on sending too
+        fast for as long as the queue of waiters lasts.
+        """
         if rate_per_second is not None and not rate_per_second > 0:
             raise ValueError("rate_per_second must be positive (or None for unlimited)")
         burst = 1.0 + (self._burst_span / self._interval if self._interval else 0.0)
+        old_interval = self._interval
         self.rate = rate_per_second
         unlimited = rate_per_second is None or math.isinf(rate_per_second)
         self._interval = 0.0 if unlimited else 1.0 / rate_per_second  # type: ignore[operator]
         self._burst_span = (burst - 1.0) * self._interval
         if unlimited:
+            self._next_due = None
+        elif self._interval > old_interval * 1.05:
+            self._generation += 1
             self._next_due = None
 
     def reserve(self) -> float:
@@ -97,20 +110,29 @@ class TokenBucket:
 
     async def acquire(self) -> None:
         """Wait for a token."""
-        if self._interval == 0.0:
-            return
-        wait = self.reserve()
-        if wait <= 0.0:
-            return
-        booked = self._next_due
-        try:
-            await self._sleep(wait)
-        except BaseException:
-            # Cancelled (or the sleep failed) before using the slot: hand it back, unless
-            # someone booked after us (their slot time is already promised).
-            if self._next_due == booked and booked is not None:
-                self._next_due = booked - self._interval
-            raise
+        while True:
+            if self._interval == 0.0:
+                return
+            generation = self._generation
+            wait = self.reserve()
+            if wait <= 0.0:
+                return
+            booked = self._next_due
+            due = self._clock() + wait
+            try:
+                while self._generation == generation:
+                    left = due - self._clock()
+                    if left <= 0.0:
+                        return
+                    await self._sleep(min(left, max(0.25, 4.0 * self._interval)))
+            except BaseException:
+                # Cancelled (or the sleep failed) before using the slot: hand it back, unless
+                # someone booked after us (their slot time is already promised).
+                if self._generation == generation and self._next_due == booked \
+                        and booked is not None:
+                    self._next_due = booked - self._interval
+                raise
+            # The rate fell while we waited: the slot was booked at the old one; book again.
 
 
 class Cooldown:
@@ -309,28 +331,38 @@ class AdaptiveLimit:
 class SubmitRateLearner:
     """Learns a provider's submit rate from its 429s and paces a :class:`TokenBucket` to it.
 
-    Until the first 429 the bucket stays as configured (unlimited by default). At a 429 the
-    rate becomes the rate of submits accepted since the previous 429 (over at least
-    ``min_window``; the first window starts at the first submit, so it holds the provider's
-    burst and errs high). Between two 429s the provider's bucket went from empty to empty,
-    so what it accepted over that span, pause included, is its rate. The
-    rate never rises at a 429; between 429s it grows by ``growth`` per second, so a limit
-    that was raised is found again. It never exceeds a configured rate.
+    Until the first 429 the bucket stays as configured (unlimited by default). A 429 means the
+    provider's bucket is empty, so between two 429s it accepted exactly what it refilled:
+    the submits accepted since an earlier 429, over the time since, *is* its rate, however
+    fast or slow we sent meanwhile (only a bucket left full for long loses tokens). Each
+    measured 429 (at least ``min_window`` after the previous one) takes that rate over the
+    longest span of such marks within ``horizon`` seconds, so the estimate gets more exact as
+    the run goes on and follows a provider that changes its limit.
 
-    429s answering requests sent before the latest adjustment belong to the same episode
-    and change nothing (:meth:`on_rate_limited` returns False for them).
+    The first 429 has no earlier mark: the rate becomes what was accepted in the trailing
+    seconds before it (what the provider let through at full speed; it errs high by what was
+    left of the provider's burst), and every submit waits out that first ``Retry-After``. The
+    next 429, a second or more later, is exact. Between 429s the rate grows by ``growth`` per
+    second, so a limit that was raised is found again; it never exceeds a configured rate.
+
+    429s answering requests sent before the latest adjustment, or within ``min_window`` of
+    it, belong to the same episode and change nothing.
     """
 
     def __init__(self, bucket: TokenBucket, *, clock: Clock = time.monotonic,
-                 growth: float = 0.01, min_window: float = 1.0, min_samples: int = 4) -> None:
+                 growth: float = 0.01, min_window: float = 1.0, min_samples: int = 4,
+                 horizon: float = 30.0) -> None:
         self.bucket = bucket
         self.min_samples = min_samples
         self.ceiling = bucket.rate  # a configured rate is never exceeded
         self.growth = growth
         self.min_window = min_window
+        self.horizon = horizon
         self._clock = clock
-        self._window_start: float | None = None  # first submit, or end of the last pause
-        self._accepted = 0
+        self._window_start: float | None = None  # first submit, or when submits resumed
+        self._accepted = 0  # accepted since _window_start (before the first mark)
+        self._total = 0  # accepted in all
+        self._marks: deque[tuple[float, int]] = deque()  # (time of a 429, _total then)
         self._episode_at = -math.inf
         self._base_rate: float | None = None
         self._base_time = 0.0
@@ -353,49 +385,52 @@ class SubmitRateLearner:
 
     def on_accepted(self) -> None:
         self._accepted += 1
+        self._total += 1
         self._accepted_at.append(self._clock())
 
     def on_rate_limited(self, *, sent_at: float, pause: float) -> Verdict:
         """A submit sent at ``sent_at`` was answered 429 with ``Retry-After: pause``.
 
-        ``"measured"``: a new episode, and the rate was re-estimated (pace to it: the provider
-        limits a rate). ``"same"``: it answers a submit sent before the latest adjustment.
-        ``"unmeasured"``: too few submits got through since the last 429 to tell a rate (a
-        storm, an outage): honour the pause, and measure again from when submits resume.
+        ``"first"``: the first measured 429: the rate was set, and every submit should wait
+        out ``pause``. ``"measured"``: the rate was re-measured; pace to it (the submit that
+        met the 429 waits its own ``Retry-After``). ``"same"``: part of an episode already
+        handled. ``"unmeasured"``: too few submits got through since the last 429 to tell a
+        rate (a storm, an outage): every submit should wait out ``pause``.
         """
         if sent_at < self._episode_at:
             return "same"
         now = self._clock()
-        if self._accepted < self.min_samples:
+        if self._marks and now - self._marks[-1][0] < self.min_window:
+            return "same"
+        since_last = self._total - self._marks[-1][1] if self._marks else self._accepted
+        if since_last < self.min_samples:
             # Pacing to that number would crawl. A pause the provider asked for without its
-            # bucket being the reason (a storm) says nothing of its rate either: the next
-            # window starts when submits resume.
+            # bucket being the reason (a storm) says nothing of its rate either: start over,
+            # measuring from when submits resume.
+            self._marks.clear()
             self._window_start, self._accepted, self._episode_at = now + max(0.0, pause), 0, now
             return "unmeasured"
-        start = self._window_start if self._window_start is not None else now
-        observed = self._accepted / max(self.min_window, now - start)
-        if not self.history:
-            # The first episode's window began at the first submit, before the run sent
-            # as fast as the provider allows (its cap was still growing): the trailing
-            # seconds before this 429 show the rate the provider let through at full speed.
-            # It errs high by what is left of the provider's burst; the next episode, between
-            # two empty buckets, is exact.
+        if not self._marks:
             span = 2 * self.min_window
             recent = sum(1 for t in self._accepted_at if t >= now - span)
-            observed = max(observed, recent / span)
-        current = self.bucket.rate
-        rate = observed if current is None else min(current, observed)
+            start = self._window_start if self._window_start is not None else now
+            rate = max(self._accepted / max(self.min_window, now - start), recent / span)
+            verdict: Verdict = "first"
+        else:
+            while len(self._marks) > 1 and now - self._marks[1][0] >= self.horizon:
+                self._marks.popleft()
+            since, count = self._marks[0]
+            rate = (self._total - count) / (now - since)
+            verdict = "measured"
+        if self.ceiling is not None:
+            rate = min(rate, self.ceiling)
         rate = max(rate, 1.0 / 60.0)
         self.bucket.set_rate(rate)
-        self._base_rate, self._base_time = rate, now + pause
-        # The next window starts now, when the provider's bucket is empty, and spans the
-        # pause: what it refills meanwhile is what it lets through after, so the window's
-        # rate is the provider's, not ours plus its burst.
-        self._window_start = now
-        self._accepted = 0
+        self._base_rate, self._base_time = rate, now + (pause if verdict == "first" else 0.0)
+        self._marks.append((now, self._total))
         self._episode_at = now
         self.history.append((now, rate))
-        return "measured"
+        return verdict
 
     def restore(self, rate: float | None) -> None:
         """Undo the last estimate (the 429 turned out to come from another limit)."""
@@ -403,3 +438,5 @@ class SubmitRateLearner:
         self._base_rate = rate
         if self.history:
             self.history.pop()
+        if self._marks:
+            self._marks.pop()

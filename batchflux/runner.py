@@ -132,7 +132,7 @@ class RunSettings:
     #: Jobs in flight (submitted, not yet finished): the ceiling of the adaptive cap, and
     #: what ``-j`` sets. Workers, connections and buffers follow from it.
     max_inflight: int = 32
-    #: Where slow start begins (None: ``min(max_inflight, SLOW_START_INITIAL)``).
+    #: Where slow start begins (None: :func:`initial_inflight`).
     initial_inflight: int | None = None
     #: Workers (each carries one item from submit to its result line); None: the jobs in
     #: flight plus room for the downloads of jobs that just finished.
@@ -232,9 +232,15 @@ UPLOAD_MARGIN = 15 * 60.0
 REPLAY_SLACK = 2.0
 
 
-#: The in-flight cap's first value: moderate, so that a provider with a low cap meets few
-#: 429s; slow start doubles it every job round trip until the provider pushes back.
-SLOW_START_INITIAL = 32
+#: The in-flight cap's first value is half of ``-j`` (at least this many, or all of ``-j``
+#: when it is smaller): moderate, so that a provider with a low cap meets few 429s, and one
+#: job round trip of slow start (which doubles it) from the ceiling.
+SLOW_START_INITIAL = 16
+
+
+def initial_inflight(max_inflight: int) -> int:
+    """Where slow start begins for a ceiling of ``max_inflight`` jobs in flight."""
+    return max(min(max_inflight, SLOW_START_INITIAL), max_inflight // 2)
 
 
 def workers_for(settings: RunSettings) -> int:
@@ -353,7 +359,7 @@ class Runner:
         # provider's capacity, and holding them back would waste it.
         self.submit_cooldown = Cooldown(clock=clock, sleep=sleep)
         self.submit_rate = SubmitRateLearner(self.bucket, clock=clock)
-        initial = settings.initial_inflight or min(settings.max_inflight, SLOW_START_INITIAL)
+        initial = settings.initial_inflight or initial_inflight(settings.max_inflight)
         self.inflight = AdaptiveLimit(initial, maximum=settings.max_inflight, clock=clock,
                                       slow_start=initial < settings.max_inflight)
         self._jobs_open = 0  # jobs accepted (or re-attached) and not yet seen finished
@@ -772,7 +778,7 @@ class Runner:
             self.submit_rate.restore(before)
             self.inflight.pin(max(open_now, self._peak_open_accepted))
             return True
-        return False
+        return verdict == "first"
 
     async def _throttle_submit(self) -> None:
         while True:

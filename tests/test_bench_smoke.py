@@ -19,7 +19,8 @@ TIMED = ("inflight-user", "rate-user", "rate-bound", "inflight-bound", "polling"
 EXPECTED_TARGETS = {
     *((f"{name} ({timing})", "wall / ideal") for name in TIMED[:4]
       for timing in ("queue", "no-queue")),
-    *((f"inflight-user ({timing})", "wall / plain's wall") for timing in ("queue", "no-queue")),
+    ("inflight-user (queue)", "wall / plain's wall"),
+    ("rate-user (queue)", "wall / plain's wall"),
     *((f"rate-user ({timing})", "429 answers / submits") for timing in ("queue", "no-queue")),
     *((f"rate-bound ({timing})", "achieved submits/s / limit")
       for timing in ("queue", "no-queue")),

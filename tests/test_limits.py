@@ -137,6 +137,35 @@ async def test_token_bucket_serves_concurrent_callers_in_arrival_order() -> None
     assert [at for _, at in served] == pytest.approx([i / 4 for i in range(8)])
 
 
+async def test_callers_waiting_when_the_rate_falls_book_again_at_the_new_rate() -> None:
+    """50 callers booked at 100/s; at 0.05 s a 429 says the provider takes 10/s. Slots booked
+    at the old rate would send 45 more in the next 0.45 s; they book again instead."""
+    vt = VirtualTime()
+    bucket = TokenBucket(100.0, clock=vt.clock, sleep=vt.sleep)
+    served: list[float] = []
+
+    async def caller() -> None:
+        await bucket.acquire()
+        served.append(vt.now)
+
+    async def lower() -> None:
+        await vt.sleep(0.05)
+        bucket.set_rate(10.0)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(50):
+            tg.start_soon(caller)
+        tg.start_soon(lower)
+        tg.start_soon(vt.drive)
+    assert len(served) == 50
+    # Those booked within the first check (a quarter second) still go; then 10/s.
+    early = [t for t in served if t < 1.0]
+    assert len(early) <= 25 + 10
+    late = sorted(t for t in served if t >= 1.0)
+    gaps = [b - a for a, b in zip(late, late[1:])]
+    assert gaps and min(gaps) == pytest.approx(0.1)
+
+
 async def test_token_bucket_cancelled_waiter_gives_its_slot_back() -> None:
     vt = VirtualTime()
     bucket = TokenBucket(1.0, clock=vt.clock, sleep=vt.sleep)
@@ -409,12 +438,36 @@ def test_submit_rate_learner_sets_the_rate_the_provider_accepted() -> None:
         learner.on_sent()
         learner.on_accepted()
         t.now += 0.04
-    assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "measured"
+    assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "first"
     assert bucket.rate == pytest.approx(25.0)
-    # A 429 answering a request sent before the adjustment is the same episode.
+    # A 429 answering a request sent before the adjustment is the same episode, and so is
+    # one within a second of it (too short a span to measure).
     assert learner.on_rate_limited(sent_at=t.now - 0.5, pause=1.0) == "same"
+    t.now += 0.5
+    assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "same"
     assert bucket.rate == pytest.approx(25.0)
     assert [rate for _, rate in learner.history] == [pytest.approx(25.0)]
+
+
+def test_between_two_429s_the_provider_accepted_exactly_its_rate() -> None:
+    """The first estimate errs high (the provider's burst); the second, measured between two
+    empty buckets, is the provider's rate whatever we sent meanwhile; later ones take the
+    longest span, so they get more exact."""
+    t = SteppingTime()
+    bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
+    learner = SubmitRateLearner(bucket, clock=t.clock)
+    for _ in range(60):  # a burst of 40 and then 20/s for a second: 60 in 1 s
+        learner.on_sent()
+        learner.on_accepted()
+        t.now += 1 / 60
+    assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "first"
+    assert bucket.rate > 30.0  # errs high
+    for _ in range(3):
+        for _ in range(40):  # 2 s at the provider's 20/s
+            t.now += 0.05
+            learner.on_accepted()
+        assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "measured"
+        assert bucket.rate == pytest.approx(20.0)
 
 
 def test_submit_rate_learner_probes_upward_but_never_past_a_configured_rate() -> None:
@@ -443,7 +496,7 @@ def test_submit_rate_learner_restore_undoes_a_wrong_guess() -> None:
         learner.on_sent()
         learner.on_accepted()
     t.now += 2.0
-    assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "measured"
+    assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "first"
     assert bucket.rate == pytest.approx(5.0)
     learner.restore(None)  # the 429 came from the in-flight cap, not the rate limit
     assert bucket.is_unlimited and learner.history == []
@@ -486,7 +539,7 @@ def test_a_storm_pause_does_not_count_against_the_learned_rate() -> None:
         t.now += 0.2
         learner.on_sent()
         learner.on_accepted()
-    assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "measured"
+    assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "first"
     assert 5.0 <= bucket.rate <= 8.0  # errs high (the burst), never a crawl
 
 
