@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .display import escape_controls, plural
-from .errors import EXIT_DATAERR, EXIT_OK, Diagnostic, ManifestError, UsageError
+from .errors import EXIT_DATAERR, EXIT_OK, ManifestError, UsageError
 from .expand import axis_summaries, count_items, expand_job
-from .manifest import JobSpec, load_job
-from .models import DEFAULT_RUN_OPTIONS, WorkItem
+from .manifest import load_job
+from .models import DEFAULT_RUN_OPTIONS, Diagnostic, JobSpec, WorkItem
 from .runner import scan_items, skip_reason
 from .store import ResumeIndex
 

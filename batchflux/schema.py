@@ -1,7 +1,7 @@
 """Find, load and apply the JSON Schemas shipped in ``batchflux/schemas/``.
 
 jsonschema lives here and nowhere else. Its errors are translated into
-:class:`~batchflux.errors.Diagnostic` values placed at the exact source position of the
+:class:`~batchflux.models.Diagnostic` values placed at the exact source position of the
 offending key or value, through a ``locate`` callback supplied by the loader (which knows
 the YAML or JSONL positions).
 
@@ -24,7 +24,7 @@ import jsonschema
 from jsonschema.exceptions import ValidationError
 
 from .display import plural
-from .errors import Diagnostic
+from .models import Diagnostic
 
 #: ``locate(path, key)`` returns the 1-based (line, col) of the value at ``path`` (or of its
 #: key in the parent mapping when ``key`` is true), falling back to the nearest ancestor.
