@@ -14,7 +14,9 @@ Identity: ``key`` is the sha256 of the canonical JSON (sorted keys, no spaces) o
 ``{"model", "prompt", "params"}``, with local input image paths replaced by
 ``"sha256:<content hash>"``. A seed the manifest does not fix is derived the same way from
 the request without its seed plus the repeat number, so the same manifest line always asks
-for the same image, and appending prompts never changes the keys of existing ones.
+for the same image, and appending prompts never changes the keys of existing ones. An
+entry's ``meta`` is copied onto each of its items but is not part of the request, so it is
+in neither the key nor the derived seed.
 """
 
 from __future__ import annotations
@@ -158,6 +160,7 @@ def expand_entry(
                 template=entry.text if entry.is_template else None,
                 vars=variables if entry.is_template else {},
                 source=entry.source,
+                meta=entry.meta,
             )
             index += 1
 

@@ -134,6 +134,9 @@ class WorkItem:
     template: str | None = None
     vars: Mapping[str, Any] = field(default_factory=dict)
     source: str | None = None  # "FILE:LINE" of the manifest entry, for messages
+    #: Metadata the manifest attached to the prompt (CSV/TSV ``meta_columns``, or ``meta`` on a
+    #: JSONL item or YAML entry): column name -> text. Not part of the request, so not of ``key``.
+    meta: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def seed(self) -> int:
@@ -260,7 +263,8 @@ class PromptEntry:
 
     ``parts`` is the parsed template: (literal text, variable name or None) pairs; a literal
     prompt is a single part. ``params`` holds the fixed fluxParams (local input images as
-    absolute paths); ``vars`` the fixed template variables the template uses.
+    absolute paths); ``vars`` the fixed template variables the template uses; ``meta`` the
+    entry's metadata (column name -> text), copied onto each of its items.
     """
 
     prompt_id: str
@@ -272,6 +276,7 @@ class PromptEntry:
     axes: tuple[Axis, ...] = ()
     repeat: int = 1
     source: str | None = None
+    meta: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def size(self) -> int:

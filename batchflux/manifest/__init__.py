@@ -23,7 +23,7 @@ The package is split by job, each module using only the ones above it:
 ``images``             local reference images: resolved, then identified and hashed once
                        (Pillow lives here only)
 ``settings``           one level (defaults, grid, entry, JSONL line) -> settings and axes
-``sources``            the prompts: a YAML list, JSONL lines, CSV/TSV rows
+``sources``            the prompts: a YAML list, JSONL lines, CSV/TSV rows (with ``meta``)
 ``resolve``            raw entries -> ``PromptEntry``: precedence, variables, axes, checks
 ``load``               ``load_job``: the orchestration, the ``run:`` block, the size guard
 =====================  ====================================================================

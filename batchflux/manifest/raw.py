@@ -71,6 +71,7 @@ class RawEntry:
     settings: Mapping[str, Setting] = field(default_factory=dict)
     zips: tuple[Zip, ...] | None = None  # None: inherit the grid's
     vars: Mapping[str, VarSetting] = field(default_factory=dict)
+    meta: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def prompt_id(self) -> str:

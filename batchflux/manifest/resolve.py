@@ -102,6 +102,7 @@ def build_entry(raw: RawEntry, ctx: Context) -> PromptEntry | None:
         axes=tuple(axes),
         repeat=repeat,
         source=f"{raw.doc.file}:{raw.doc.line_of(raw.path)}",
+        meta=MappingProxyType(dict(raw.meta)),
     )
 
 
@@ -322,7 +323,8 @@ def check_ids(raws: Sequence[RawEntry], ctx: Context) -> None:
 
 def duplicate_entries(entries: Sequence[PromptEntry]) -> Iterator[Diagnostic]:
     """Warnings for entries that ask for exactly the same requests as an earlier one (found
-    cheaply, by entry)."""
+    cheaply, by entry). ``meta`` is not part of a request: entries that differ only in it
+    still ask for the same images, which are generated once."""
     seen: dict[str, PromptEntry] = {}
     for entry in entries:
         shape = canonical_json({

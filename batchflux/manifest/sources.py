@@ -5,9 +5,11 @@ with a :class:`~batchflux.manifest.positions.Doc` that places its diagnostics in
 prompt was written in (a JSONL line, a CSV row: not the manifest that names the file).
 
 ``prompts_file`` names a JSONL, CSV or TSV file relative to the manifest. A CSV/TSV file has
-a header row; ``text_column`` names the prompt column and ``id_column`` an optional id
-column. Text and id cells are trimmed of leading and trailing whitespace; a row whose cells
-are all blank is skipped.
+a header row; ``text_column`` names the prompt column, ``id_column`` an optional id column and
+``meta_columns`` the columns (a list, or ``all``: every named column but the text column)
+copied into each item's ``meta``. Text, id and meta cells are trimmed of leading and trailing
+whitespace; a row whose cells are all blank is skipped. A JSONL item (or a YAML entry)
+carries its own ``meta`` object instead.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ __all__ = ["JsonlLine", "file_entries", "jsonl_entries", "parse_jsonl", "table_e
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _FORMATS_BY_SUFFIX = {".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv"}
+#: The value of ``meta_columns`` that takes every named column except the text column.
+ALL_COLUMNS = "all"
 
 
 # --------------------------------------------------------------------------- YAML prompts
@@ -56,7 +60,8 @@ def yaml_entries(prompts: list[Any], doc: Doc, ctx: Context,
             else None
         yield RawEntry(doc, path, item["text"], path + ("text",), True, item.get("id"),
                        path + ("id",), i + 1, settings, zips,
-                       read_vars(item.get("vars", {}), doc, path + ("vars",), ctx))
+                       read_vars(item.get("vars", {}), doc, path + ("vars",), ctx),
+                       item.get("meta", {}))
 
 
 # --------------------------------------------------------------------------- JSONL
@@ -120,7 +125,7 @@ def _jsonl_entry(obj: Mapping[str, Any], doc: Doc, position: int, ctx: Context) 
     has_zip_vars = any(k not in FLUX_PARAM_NAMES for g in obj.get("zip", []) for k in g)
     return RawEntry(doc, (), obj["prompt"], ("prompt",), "vars" in obj or has_zip_vars,
                     obj.get("id"), ("id",), position, settings, zips,
-                    read_vars(obj.get("vars", {}), doc, ("vars",), ctx))
+                    read_vars(obj.get("vars", {}), doc, ("vars",), ctx), obj.get("meta", {}))
 
 
 def jsonl_entries(text: str, display: str, file_dir: Path, ctx: Context, *,
@@ -157,6 +162,7 @@ class _Table:
     columns: dict[str, int]  # header name -> index (the last one, for a repeated name)
     text_column: str
     id_column: str | None
+    meta: tuple[tuple[str, int], ...]  # meta name -> index
 
 
 def _reader(text: str, fmt: str) -> Any:
@@ -167,6 +173,32 @@ def _reader(text: str, fmt: str) -> Any:
 
 def _no_column(display: str, header: Sequence[str], column: str) -> str:
     return f"no column {column!r} in {display} (columns: {', '.join(header)})"
+
+
+def _meta_columns(spec: Mapping[str, Any], header: list[str], display: str, text_column: str,
+                  doc: Doc, spec_path: FieldPath, ctx: Context) -> tuple[tuple[str, int], ...]:
+    """The ``meta_columns`` of ``spec`` as (name, index) pairs; an unknown or repeated
+    column is a diagnostic at the name that asked for it."""
+    wanted = spec.get("meta_columns")
+    if wanted is None:
+        return ()
+    path = spec_path + ("meta_columns",)
+    if wanted == ALL_COLUMNS:
+        names = [(name, path) for name in dict.fromkeys(header)
+                 if name.strip() and name != text_column]
+    else:
+        names = [(name, path + (k,)) for k, name in enumerate(wanted)]
+    out: list[tuple[str, int]] = []
+    for name, at in names:
+        found = [i for i, column in enumerate(header) if column == name]
+        if not found:
+            ctx.error(doc, at, _no_column(display, header, name))
+        elif len(found) > 1:
+            ctx.error(doc, at, f"column {name!r} appears {len(found)} times in the header of "
+                      f"{display}: a meta column needs a header of its own")
+        else:
+            out.append((name, found[0]))
+    return tuple(out)
 
 
 def _table(reader: Any, display: str, spec: Mapping[str, Any], doc: Doc,
@@ -184,9 +216,12 @@ def _table(reader: Any, display: str, spec: Mapping[str, Any], doc: Doc,
         if column is not None and column not in columns:
             at = spec_path + (key,) if key in spec else spec_path
             ctx.error(doc, at, _no_column(display, header, column))
-    if text_column not in columns or (id_column is not None and id_column not in columns):
+    errors = len(ctx.diagnostics)
+    meta = _meta_columns(spec, header, display, text_column, doc, spec_path, ctx)
+    if text_column not in columns or (id_column is not None and id_column not in columns) \
+            or ctx.errors_since(errors):
         return None
-    return _Table(display, header, columns, text_column, id_column)
+    return _Table(display, header, columns, text_column, id_column, meta)
 
 
 def _cell_locator(table: _Table, line: int, raw_line: str, row: list[str]) -> Locator:
@@ -226,8 +261,9 @@ def _row_entry(table: _Table, row: list[str], row_doc: Doc, position: int,
             ctx.error(row_doc, (id_column,), f"invalid id {row_id!r}: 1-64 letters, digits, "
                       "'.', '_' or '-', starting with a letter or digit")
             return None
+    meta = {name: _cell(row, index) for name, index in table.meta}
     return RawEntry(row_doc, (text_column,), prompt, (text_column,), False, row_id,
-                    (id_column or text_column,), position)
+                    (id_column or text_column,), position, meta=meta)
 
 
 def table_entries(text: str, display: str, file_dir: Path, spec: Mapping[str, Any],
@@ -271,7 +307,8 @@ def table_entries(text: str, display: str, file_dir: Path, spec: Mapping[str, An
 
 def file_entries(spec: Any, doc: Doc, ctx: Context) -> Iterator[RawEntry]:
     """The entries of the ``prompts_file`` of a YAML manifest (a path, or a mapping with
-    ``path``, ``format``, ``text_column``, ``id_column``, ``skip``, ``limit``)."""
+    ``path``, ``format``, ``text_column``, ``id_column``, ``meta_columns``, ``skip``,
+    ``limit``)."""
     path: FieldPath = ("prompts_file",)
     if isinstance(spec, str):
         spec = {"path": spec}
@@ -285,6 +322,10 @@ def file_entries(spec: Any, doc: Doc, ctx: Context) -> Iterator[RawEntry]:
         return
     if fmt == "jsonl" and ("text_column" in spec or "id_column" in spec):
         ctx.error(doc, path, "text_column and id_column are for CSV/TSV files")
+        return
+    if fmt == "jsonl" and "meta_columns" in spec:
+        ctx.error(doc, path + ("meta_columns",), "meta_columns is for CSV/TSV files "
+                  "(a JSONL item carries its own \"meta\")", key=True)
         return
     try:
         text = read_text(target, display)
