@@ -137,6 +137,10 @@ def hand_made_run(out: Path, items: list[tuple[str, str, dict[str, str] | None]]
     """A finished run directory written by hand: one ok item per (prompt id, prompt, meta),
     each with a real PNG; meta None writes a line without "meta" (as older runs did)."""
     import hashlib
+    import uuid
+
+    import jsonschema
+    from runner_helpers import RESULT_SCHEMA
 
     lines = []
     for index, (prompt_id, prompt, meta) in enumerate(items):
@@ -150,10 +154,15 @@ def hand_made_run(out: Path, items: list[tuple[str, str, dict[str, str] | None]]
             "prompt_id": prompt_id, "status": "ok", "model": "flux-2-dev", "prompt": prompt,
             "template": None, "seed": 100 + index,
             "params": {"aspect_ratio": "4:3", "seed": 100 + index, "output_format": "png"},
-            "job_id": f"job-{index}", "credit_cost": 2, "error": None,
+            "job_id": str(uuid.UUID(int=index + 1)), "submission": 0, "jobs": 1, "polls": 2,
+            "credit_cost": 2, "error": None,
             "files": [{"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "width": 64,
                        "height": 48, "bytes": len(data), "format": "png"}],
+            "timings": {"generating": 1.5, "downloading": 0.1, "total": 1.6},
+            "started_at": "2026-11-28T14:41:05.031Z", "finished_at": "2026-11-28T14:41:06.631Z",
         }
+        # A real result line in every other respect (the schema gains "meta" with the writer).
+        jsonschema.validate(record, RESULT_SCHEMA, format_checker=jsonschema.FormatChecker())
         if meta is not None:
             record["meta"] = meta
         lines.append(json.dumps(record) + "\n")
