@@ -21,7 +21,7 @@ _EXPORTS = {
     "run_batch_async": "batchflux.batch",
     "RunResult": "batchflux.batch",
     "load_job": "batchflux.manifest",
-    "JobSpec": "batchflux.manifest",
+    "JobSpec": "batchflux.models",
     "expand_job": "batchflux.expand",
     "count_items": "batchflux.expand",
     "WorkItem": "batchflux.models",
@@ -86,9 +86,9 @@ if TYPE_CHECKING:  # pragma: no cover
         RunAborted,
     )
     from .expand import count_items, expand_job
-    from .manifest import JobSpec, load_job
+    from .manifest import load_job
     from .merge import merge_runs
-    from .models import ErrorCategory, RunOptions, WorkItem
+    from .models import ErrorCategory, JobSpec, RunOptions, WorkItem
     from .results import read_results
     from .review import build_report, write_review
     from .shard import Shard

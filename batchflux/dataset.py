@@ -5,7 +5,9 @@
 
     OUT/dataset/hf/train/metadata.jsonl      one row per image: file_name, text (the prompt),
                                              seed, prompt_id, key, aspect_ratio, width,
-                                             height, output_format, model, params (JSON text)
+                                             height, output_format, model, params (JSON text),
+                                             template, job_id, decision, and one column per
+                                             meta name (sku, category, ...)
     OUT/dataset/hf/train/<prompt id>/...     the images (hard links into images/ when possible)
 
 ``webdataset`` writes tar shards of at most ``shard_size`` samples, readable by the
@@ -14,6 +16,13 @@
     OUT/dataset/webdataset/shard-000000.tar  <sample>.jpg|png|webp  the image
                                              <sample>.txt           the prompt
                                              <sample>.json          seed, params, key, ...
+
+Each item's ``meta`` (from the manifest's ``meta_columns`` or ``meta``; ``"meta"`` on its
+result line) becomes columns of their own, in both formats: every meta name of the exported
+items is a column of every row (null where an item lacks it), so the Arrow schema is the same
+for all rows. A meta name that is already one of the columns above is written as
+``meta_<name>`` (``meta_seed``), so a catalogue's own ``model`` column never replaces the
+model that made the image.
 
 A sample's name is the item key (plus ``_2``, ``_3``... for extra images of one item). Only
 items whose result is ``ok`` are exported; ``only`` (``--only accepted``, ``--only
@@ -49,9 +58,16 @@ from .results import read_results, recorded_path
 from .reviewapp.decisions import STATES, read_decisions, review_state
 from .store import RESULTS_NAME, STATE_DIR, BadLine, OnBadLine
 
-__all__ = ["FORMATS", "ExportResult", "dataset_rows", "export_dataset"]
+__all__ = ["FORMATS", "OWN_COLUMNS", "ExportResult", "dataset_rows", "export_dataset",
+           "meta_columns"]
 
 FORMATS = ("hf", "webdataset")
+#: The columns every exported row has (``file_name`` in ``hf`` only); meta columns of the same
+#: name are renamed ``meta_<name>``.
+OWN_COLUMNS = frozenset({"file_name", "text", "seed", "prompt_id", "key", "aspect_ratio", "width",
+                         "height", "output_format", "model", "params", "template", "job_id",
+                         "decision"})
+META_PREFIX = "meta_"
 EXPORT_DIR = "dataset"
 DEFAULT_SHARD_SIZE = 1000
 _EXTENSIONS = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp"}
@@ -86,39 +102,85 @@ def dataset_rows(out_dir: Path, *, on_bad_line: OnBadLine | None = None,
     review state is one of ``only``. Unreadable results lines are passed to ``on_bad_line``
     (see :func:`batchflux.results.read_results`)."""
     decisions = read_decisions(out_dir)
+    exported: list[tuple[dict[str, Any], str]] = []
     for record in read_results(out_dir, on_bad_line=on_bad_line).ordered():
         if record.get("status") != "ok":
             continue
         decision = review_state(record["key"], decisions)
         if only is not None and decision not in only:
             continue
-        params = record.get("params") or {}
-        for number, f in enumerate(record.get("files") or (), start=1):
-            name = record["key"] if number == 1 else f"{record['key']}_{number}"
-            yield DatasetRow(
-                name=name,
-                image_path=str(f["path"]),
-                text=str(record.get("prompt", "")),
-                metadata={
-                    "text": str(record.get("prompt", "")),
-                    "seed": record.get("seed"),
-                    "prompt_id": record.get("prompt_id"),
-                    "key": record["key"],
-                    "aspect_ratio": params.get("aspect_ratio"),
-                    "width": f.get("width"),
-                    "height": f.get("height"),
-                    "output_format": f.get("format"),
-                    "model": record.get("model"),
-                    # JSON text: params differ in shape between items, and Arrow columns
-                    # must not (input_images lists, width/height only with custom sizes).
-                    "params": json.dumps(params, sort_keys=True, ensure_ascii=False),
-                    "template": record.get("template"),
-                    "job_id": record.get("job_id"),
-                    "decision": decision,
-                },
-                sha256=str(f.get("sha256") or ""),
-                label=item_label(record),
-            )
+        exported.append((record, decision))
+    columns = meta_columns(record for record, _ in exported)
+    for record, decision in exported:
+        yield from _rows_of(record, decision, columns)
+
+
+def _record_meta(record: Mapping[str, Any]) -> dict[str, str]:
+    """The ``"meta"`` of a result line (absent on lines written before meta existed: empty);
+    a value that is not text (a hand-edited line) is kept as its JSON text."""
+    meta = record.get("meta")
+    if not isinstance(meta, dict):
+        return {}
+    return {str(name): value if isinstance(value, str)
+            else json.dumps(value, sort_keys=True, ensure_ascii=False)
+            for name, value in meta.items()}
+
+
+def meta_columns(records: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """Every meta name of ``records``, in order of first use, mapped to its column name (the
+    name itself, or ``meta_<name>`` when that is taken by a column of our own or by another
+    meta name).
+
+    >>> meta_columns([{"meta": {"sku": "A1", "seed": "x"}}, {"meta": {"category": "mugs"}}])
+    {'sku': 'sku', 'seed': 'meta_seed', 'category': 'category'}
+    """
+    names: dict[str, None] = {}
+    for record in records:
+        names.update(dict.fromkeys(_record_meta(record)))
+    taken = set(OWN_COLUMNS) | set(names)
+    columns: dict[str, str] = {}
+    for name in names:
+        column = name
+        while column in OWN_COLUMNS or (column != name and column in taken):
+            column = META_PREFIX + column
+        taken.add(column)
+        columns[name] = column
+    return columns
+
+
+def _rows_of(record: dict[str, Any], decision: str,
+             columns: Mapping[str, str]) -> Iterator[DatasetRow]:
+    """The rows of one ok item: one per image file, each with every meta column."""
+    meta = _record_meta(record)
+    meta_row = {column: meta.get(name) for name, column in columns.items()}
+    params = record.get("params") or {}
+    for number, f in enumerate(record.get("files") or (), start=1):
+        name = record["key"] if number == 1 else f"{record['key']}_{number}"
+        yield DatasetRow(
+            name=name,
+            image_path=str(f["path"]),
+            text=str(record.get("prompt", "")),
+            metadata={
+                "text": str(record.get("prompt", "")),
+                "seed": record.get("seed"),
+                "prompt_id": record.get("prompt_id"),
+                "key": record["key"],
+                "aspect_ratio": params.get("aspect_ratio"),
+                "width": f.get("width"),
+                "height": f.get("height"),
+                "output_format": f.get("format"),
+                "model": record.get("model"),
+                # JSON text: params differ in shape between items, and Arrow columns
+                # must not (input_images lists, width/height only with custom sizes).
+                "params": json.dumps(params, sort_keys=True, ensure_ascii=False),
+                "template": record.get("template"),
+                "job_id": record.get("job_id"),
+                "decision": decision,
+                **meta_row,
+            },
+            sha256=str(f.get("sha256") or ""),
+            label=item_label(record),
+        )
 
 
 def export_dataset(out_dir: str | os.PathLike[str], fmt: str, *,

@@ -22,9 +22,8 @@ result line), never exceptions that escape the runner.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
-from .models import ErrorCategory
+from .models import Diagnostic, ErrorCategory
 
 EXIT_OK = 0
 EXIT_ITEMS_FAILED = 1
@@ -62,25 +61,6 @@ class IntegrityError(BatchfluxError):
     moves such files aside so that the next ``batchflux run`` fetches them again."""
 
     exit_code = EXIT_DATAERR
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class Diagnostic:
-    """One problem in a manifest, located exactly: ``FILE:LINE:COL: field.path: message``.
-
-    ``line`` and ``col`` are 1-based; 0 means "the whole file" (e.g. an empty file).
-    Sorting diagnostics sorts them by file, then position, then field.
-    """
-
-    file: str
-    line: int
-    col: int
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        field = self.field or "(root)"
-        return f"{self.file}:{self.line}:{self.col}: {field}: {self.message}"
 
 
 class ManifestError(BatchfluxError):

@@ -14,7 +14,9 @@ Identity: ``key`` is the sha256 of the canonical JSON (sorted keys, no spaces) o
 ``{"model", "prompt", "params"}``, with local input image paths replaced by
 ``"sha256:<content hash>"``. A seed the manifest does not fix is derived the same way from
 the request without its seed plus the repeat number, so the same manifest line always asks
-for the same image, and appending prompts never changes the keys of existing ones.
+for the same image, and appending prompts never changes the keys of existing ones. An
+entry's ``meta`` is copied onto each of its items but is not part of the request, so it is
+in neither the key nor the derived seed.
 """
 
 from __future__ import annotations
@@ -22,59 +24,25 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .models import FLUX_DEFAULTS, FLUX_PARAM_NAMES, WorkItem, is_remote_ref
+from .models import (
+    FLUX_DEFAULTS,
+    FLUX_PARAM_NAMES,
+    JobSpec,
+    PromptEntry,
+    WorkItem,
+    is_remote_ref,
+)
 
-if TYPE_CHECKING:
-    from .manifest import JobSpec
+__all__ = ["MAX_SEED", "VAR_PREFIX", "AxisSummary", "axis_sizes", "axis_summaries",
+           "canonical_json", "count_items", "derive_seed", "expand_entry", "expand_job",
+           "finalize_params", "format_value", "render", "request_key"]
 
 MAX_SEED = 2**31 - 1
 VAR_PREFIX = "vars."
-
-
-@dataclass(frozen=True, slots=True)
-class Axis:
-    """One axis of an entry's grid: one or more zipped columns of equal length.
-
-    A field is a fluxParam name or ``"vars.<name>"`` for a template variable. Columns may be
-    ``range`` objects, so a seed range of a million values costs nothing.
-    """
-
-    name: str
-    fields: tuple[str, ...]
-    columns: tuple[Sequence[Any], ...]
-
-    def __len__(self) -> int:
-        return len(self.columns[0])
-
-
-@dataclass(frozen=True, slots=True)
-class PromptEntry:
-    """One prompt of the manifest with everything fixed or varied for it, already resolved.
-
-    ``parts`` is the parsed template: (literal text, variable name or None) pairs; a literal
-    prompt is a single part. ``params`` holds the fixed fluxParams (local input images as
-    absolute paths); ``vars`` the fixed template variables the template uses.
-    """
-
-    prompt_id: str
-    text: str
-    parts: tuple[tuple[str, str | None], ...]
-    is_template: bool
-    vars: Mapping[str, Any]
-    params: Mapping[str, Any]
-    axes: tuple[Axis, ...] = ()
-    repeat: int = 1
-    source: str | None = None
-
-    @property
-    def size(self) -> int:
-        """The number of items this entry expands to."""
-        return math.prod(len(axis) for axis in self.axes) * self.repeat
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +160,7 @@ def expand_entry(
                 template=entry.text if entry.is_template else None,
                 vars=variables if entry.is_template else {},
                 source=entry.source,
+                meta=entry.meta,
             )
             index += 1
 

@@ -134,6 +134,9 @@ class WorkItem:
     template: str | None = None
     vars: Mapping[str, Any] = field(default_factory=dict)
     source: str | None = None  # "FILE:LINE" of the manifest entry, for messages
+    #: Metadata the manifest attached to the prompt (CSV/TSV ``meta_columns``, or ``meta`` on a
+    #: JSONL item or YAML entry): column name -> text. Not part of the request, so not of ``key``.
+    meta: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def seed(self) -> int:
@@ -200,3 +203,104 @@ DEFAULT_RUN_OPTIONS = RunOptions(
     job_timeout=600.0,
     cost_per_image=2.0,
 )
+
+
+# ============================================================================= manifest values
+# The values a manifest is read into (batchflux.manifest) and expanded from (batchflux.expand).
+# They live here, not beside their readers, so that expand and plan depend on values only and
+# the readers depend on expand, never the other way round. (This section was appended whole so
+# that the rest of this module could change at the same time; its imports can join the ones at
+# the top.)
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Diagnostic:
+    """One problem in a manifest, located exactly: ``FILE:LINE:COL: field.path: message``.
+
+    ``line`` and ``col`` are 1-based; 0 means "the whole file" (e.g. an empty file).
+    Sorting diagnostics sorts them by file, then position, then field.
+
+    >>> str(Diagnostic("job.yaml", 3, 9, "grid.seeds", "empty seed range"))
+    'job.yaml:3:9: grid.seeds: empty seed range'
+    """
+
+    file: str
+    line: int
+    col: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        field = self.field or "(root)"
+        return f"{self.file}:{self.line}:{self.col}: {field}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class Axis:
+    """One axis of an entry's grid: one or more zipped columns of equal length.
+
+    A field is a fluxParam name or ``"vars.<name>"`` for a template variable. Columns may be
+    ``range`` objects, so a seed range of a million values costs nothing.
+
+    >>> len(Axis("seed", ("seed",), (range(1, 101),)))
+    100
+    """
+
+    name: str
+    fields: tuple[str, ...]
+    columns: tuple[Sequence[Any], ...]
+
+    def __len__(self) -> int:
+        return len(self.columns[0])
+
+
+@dataclass(frozen=True, slots=True)
+class PromptEntry:
+    """One prompt of the manifest with everything fixed or varied for it, already resolved.
+
+    ``parts`` is the parsed template: (literal text, variable name or None) pairs; a literal
+    prompt is a single part. ``params`` holds the fixed fluxParams (local input images as
+    absolute paths); ``vars`` the fixed template variables the template uses; ``meta`` the
+    entry's metadata (column name -> text), copied onto each of its items.
+    """
+
+    prompt_id: str
+    text: str
+    parts: tuple[tuple[str, str | None], ...]
+    is_template: bool
+    vars: Mapping[str, Any]
+    params: Mapping[str, Any]
+    axes: tuple[Axis, ...] = ()
+    repeat: int = 1
+    source: str | None = None
+    meta: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        """The number of items this entry expands to."""
+        size = self.repeat
+        for axis in self.axes:
+            size *= len(axis)
+        return size
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """A validated manifest, ready to expand (``batchflux.expand.expand_job``).
+
+    ``options`` holds only what the manifest's ``run:`` block set (unset fields are None);
+    merge with ``DEFAULT_RUN_OPTIONS.merged(spec.options).merged(cli_options)``.
+    ``image_hashes`` maps each local reference image (absolute path) to
+    ``"sha256:<hex>"`` of its content; ``warnings`` are non-fatal findings for ``plan``.
+    """
+
+    path: Path
+    model: str
+    options: RunOptions
+    entries: tuple[PromptEntry, ...]
+    image_hashes: Mapping[str, str] = field(default_factory=dict)
+    warnings: tuple[Diagnostic, ...] = ()
+    format: str = "yaml"

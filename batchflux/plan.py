@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .display import escape_controls, plural
-from .errors import EXIT_DATAERR, EXIT_OK, Diagnostic, ManifestError, UsageError
+from .errors import EXIT_DATAERR, EXIT_OK, ManifestError, UsageError
 from .expand import axis_summaries, count_items, expand_job
-from .manifest import JobSpec, load_job
-from .models import DEFAULT_RUN_OPTIONS, WorkItem
+from .manifest import load_job
+from .models import DEFAULT_RUN_OPTIONS, Diagnostic, JobSpec, WorkItem
 from .runner import scan_items, skip_reason
 from .store import ResumeIndex
 
@@ -100,6 +100,7 @@ def item_to_json(item: WorkItem) -> dict[str, Any]:
         "model": item.model,
         "params": dict(item.params),
         "source": item.source,
+        "meta": dict(item.meta),
     }
 
 
@@ -312,6 +313,8 @@ def _text_lines(plan: Plan) -> Iterator[str]:
                               if k not in ("seed",))
             yield f"  #{item.index} {item.prompt_id} {item.key[:12]} seed={item.seed} {params}"
             yield f"      {_short(item.prompt, 100)}"
+            if item.meta:
+                yield "      meta: " + " ".join(f"{k}={_short(v)}" for k, v in item.meta.items())
     for warning in plan.warnings:
         yield f"warning: {warning}"
 

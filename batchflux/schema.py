@@ -1,7 +1,7 @@
 """Find, load and apply the JSON Schemas shipped in ``batchflux/schemas/``.
 
 jsonschema lives here and nowhere else. Its errors are translated into
-:class:`~batchflux.errors.Diagnostic` values placed at the exact source position of the
+:class:`~batchflux.models.Diagnostic` values placed at the exact source position of the
 offending key or value, through a ``locate`` callback supplied by the loader (which knows
 the YAML or JSONL positions).
 
@@ -24,7 +24,7 @@ import jsonschema
 from jsonschema.exceptions import ValidationError
 
 from .display import plural
-from .errors import Diagnostic
+from .models import Diagnostic
 
 #: ``locate(path, key)`` returns the 1-based (line, col) of the value at ``path`` (or of its
 #: key in the parent mapping when ``key`` is true), falling back to the nearest ancestor.
@@ -146,6 +146,9 @@ def _translate(
         return Diagnostic(file, line, col, format_path(base_path + p), message)
 
     if "propertyNames" in error.absolute_schema_path and isinstance(value, str):
+        if v == "minLength":
+            yield at(path + (value,), "a name must not be empty", key=True)
+            return
         yield at(path + (value,), f"invalid name {_show(value)}: use letters, digits and _ "
                  "(not starting with a digit)", key=True)
         return
@@ -191,6 +194,9 @@ def _translate(
     elif v == "maxItems":
         message = (f"must have at most {plural(error.validator_value, 'entry', 'entries')}; "
                    f"got {len(value)}")
+    elif v == "uniqueItems":
+        repeated = next((x for i, x in enumerate(value) if x in value[:i]), None)
+        message = f"lists {_show(repeated)} more than once"
     elif v == "minProperties":
         message = f"must have at least {plural(error.validator_value, 'key')}"
     elif v == "pattern":
@@ -214,6 +220,9 @@ def _pattern_message(path: tuple[str | int, ...], value: Any, schema: dict[str, 
     if last == "aspect_ratio":
         return (f"invalid aspect ratio {_show(value)}: use \"W:H\" (e.g. \"16:9\"), "
                 "\"match_input_image\" or \"custom\"")
+    if last == "meta_columns":
+        return (f"invalid meta_columns {_show(value)}: give a list of column headers "
+                "([sku, category]) or \"all\"")
     if last == "seeds":
         return f"invalid seed range {_show(value)}: use \"A-B\" (e.g. \"1-100\")"
     if last == "id" or (len(path) >= 2 and path[-1] == "id"):

@@ -119,3 +119,115 @@ def test_run_dataset_flag_and_export_command(tmp_path: Path,
     assert "2 images" in capsys.readouterr().out
     assert (out / "dataset" / "hf" / "train" / "metadata.jsonl").is_file()
     assert main(["export", str(tmp_path), "--dataset", "hf"]) == 2  # not a run directory
+
+
+# ------------------------------------------------------------------ meta columns (issue 13.7)
+
+LOAD_HF_META = """
+import json, sys
+from datasets import load_dataset
+ds = load_dataset("imagefolder", data_dir=sys.argv[1], cache_dir=sys.argv[2], split="train")
+rows = [{k: v for k, v in row.items() if k != "image"} | {"size": list(row["image"].size)}
+        for row in ds]
+print(json.dumps({"columns": ds.column_names, "rows": rows}))
+"""
+
+
+def hand_made_run(out: Path, items: list[tuple[str, str, dict[str, str] | None]]) -> Path:
+    """A finished run directory written by hand: one ok item per (prompt id, prompt, meta),
+    each with a real PNG; meta None writes a line without "meta" (as older runs did)."""
+    import hashlib
+    import uuid
+
+    import jsonschema
+    from runner_helpers import RESULT_SCHEMA
+
+    lines = []
+    for index, (prompt_id, prompt, meta) in enumerate(items):
+        rel = f"images/{prompt_id}/{index}.png"
+        image_path = out / rel
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (64, 48), (40 * index, 120, 200)).save(image_path)
+        data = image_path.read_bytes()
+        record = {
+            "key": hashlib.sha256(prompt.encode()).hexdigest(), "index": index,
+            "prompt_id": prompt_id, "status": "ok", "model": "flux-2-dev", "prompt": prompt,
+            "template": None, "seed": 100 + index,
+            "params": {"aspect_ratio": "4:3", "seed": 100 + index, "output_format": "png"},
+            "job_id": str(uuid.UUID(int=index + 1)), "submission": 0, "jobs": 1, "polls": 2,
+            "credit_cost": 2, "error": None,
+            "files": [{"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "width": 64,
+                       "height": 48, "bytes": len(data), "format": "png"}],
+            "timings": {"generating": 1.5, "downloading": 0.1, "total": 1.6},
+            "started_at": "2026-11-28T14:41:05.031Z", "finished_at": "2026-11-28T14:41:06.631Z",
+        }
+        # A real result line in every other respect (the schema gains "meta" with the writer).
+        jsonschema.validate(record, RESULT_SCHEMA, format_checker=jsonschema.FormatChecker())
+        if meta is not None:
+            record["meta"] = meta
+        lines.append(json.dumps(record) + "\n")
+    (out / "results.jsonl").write_text("".join(lines), encoding="utf-8")
+    return out
+
+
+CATALOGUE_ITEMS = [
+    ("MUG-001", "a red ceramic mug on an oak table", {"sku": "MUG-001", "category": "kitchen"}),
+    ("SNK-002", "a white canvas sneaker on concrete", {"sku": "SNK-002", "category": "shoes"}),
+    ("p0003", "a lighthouse at dusk", None),  # a line from before meta existed
+]
+
+
+def test_hf_export_has_a_column_per_meta_name_and_loads_with_datasets(tmp_path: Path) -> None:
+    pytest.importorskip("datasets", reason="the test extra 'datasets' is not installed")
+    run = hand_made_run(tmp_path / "run", CATALOGUE_ITEMS)
+    exported = export_dataset(run, "hf")
+    assert exported.rows == 3
+    proc = subprocess.run([sys.executable, "-c", LOAD_HF_META, str(exported.path),
+                           str(tmp_path / "cache")], env=offline_env(tmp_path), check=False,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"image", "text", "seed", "sku", "category"} <= set(loaded["columns"])
+    got = [(row["prompt_id"], row["text"], row["seed"], row["sku"], row["category"],
+            row["size"]) for row in loaded["rows"]]
+    assert got == [
+        ("MUG-001", "a red ceramic mug on an oak table", 100, "MUG-001", "kitchen", [64, 48]),
+        ("SNK-002", "a white canvas sneaker on concrete", 101, "SNK-002", "shoes", [64, 48]),
+        ("p0003", "a lighthouse at dusk", 102, None, None, [64, 48]),
+    ]
+
+
+def test_webdataset_json_has_a_field_per_meta_name(tmp_path: Path) -> None:
+    wds = pytest.importorskip("webdataset",
+                              reason="the test extra 'webdataset' is not installed")
+    run = hand_made_run(tmp_path / "run", CATALOGUE_ITEMS)
+    exported = export_dataset(run, "webdataset")
+    urls = [str(t) for t in sorted(exported.path.glob("shard-*.tar"))]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+    got = [(s["json"]["prompt_id"], s["json"]["sku"], s["json"]["category"], s["txt"])
+           for s in samples]
+    assert got == [("MUG-001", "MUG-001", "kitchen", "a red ceramic mug on an oak table"),
+                   ("SNK-002", "SNK-002", "shoes", "a white canvas sneaker on concrete"),
+                   ("p0003", None, None, "a lighthouse at dusk")]
+
+
+def test_a_meta_name_that_is_an_export_column_is_renamed_not_overwritten(tmp_path: Path) -> None:
+    run = hand_made_run(tmp_path / "run", [
+        ("MUG-001", "a red mug", {"model": "Classic 350 ml", "seed": "s-17", "sku": "MUG-001"}),
+    ])
+    exported = export_dataset(run, "hf")
+    (row,) = [json.loads(line) for line in
+              (exported.path / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert (row["model"], row["seed"]) == ("flux-2-dev", 100)  # ours, untouched
+    assert (row["meta_model"], row["meta_seed"], row["sku"]) == ("Classic 350 ml", "s-17",
+                                                                 "MUG-001")
+
+
+def test_an_export_without_meta_has_exactly_the_columns_it_had(tmp_path: Path) -> None:
+    from batchflux.dataset import OWN_COLUMNS
+
+    run = hand_made_run(tmp_path / "run", [("p0001", "a fox", None), ("p0002", "an owl", {})])
+    exported = export_dataset(run, "hf")
+    rows = [json.loads(line) for line in
+            (exported.path / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert [set(row) for row in rows] == [set(OWN_COLUMNS)] * 2

@@ -54,6 +54,7 @@ def test_dataset_uses_20_partiprompts_and_the_tsv_variant_maps_columns():
     assert count_items(load_job(JOBS / "dataset.yaml")) == 80
     parti = list(expand_job(load_job(JOBS / "dataset-parti.yaml")))
     assert len(parti) == 400 and parti[0].prompt == "bond" and parti[0].prompt_id == "p0001"
+    assert parti[0].meta == {"Category": "Abstract", "Challenge": "Basic"}
     assert (JOBS / "data" / "PartiPrompts.LICENSE").exists()
 
 
