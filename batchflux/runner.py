@@ -315,6 +315,7 @@ def duplicate_record(item: WorkItem, original: Mapping[str, Any]) -> dict[str, A
         "started_at": now,
         "finished_at": now,
         "source": item.source,
+        "meta": dict(item.meta),
     })
     return record
 
@@ -1011,6 +1012,7 @@ class Runner:
             "started_at": ctx.started_at,
             "finished_at": utc_now(),
             "source": item.source,
+            "meta": dict(item.meta),
         }
 
     def _account(self, record: Mapping[str, Any]) -> None:

@@ -214,3 +214,27 @@ def test_rows_that_differ_only_in_meta_are_flagged_as_the_same_requests(tmp_path
     first, second = expand_job(spec)
     assert first.key == second.key and (first.meta, second.meta) == ({"sku": "A-1"},
                                                                      {"sku": "A-2"})
+
+
+async def test_a_run_writes_each_items_meta_on_its_result_line(tmp_path: Path) -> None:
+    """The CSV's extra columns reach results.jsonl (and from there the dataset exports)."""
+    import httpx
+    from runner_helpers import API_KEY, load_results
+
+    from batchflux import batch
+    from batchflux.sim import SimSettings, create_app
+
+    (tmp_path / "catalogue.csv").write_text(
+        "sku,caption,category\nMUG-1,a red mug,kitchen\nLAMP-2,a brass lamp,lighting\n")
+    manifest = tmp_path / "catalogue.yaml"
+    manifest.write_text("prompts_file: {path: catalogue.csv, text_column: caption, "
+                        "id_column: sku, meta_columns: [sku, category]}\n"
+                        "grid: {seeds: [1]}\n")
+    app = create_app(SimSettings(job_seconds=0.05, queue_seconds=0.0, render_mode="fast"))
+    result = await batch.run_batch_async(manifest, out_dir=tmp_path / "out", api_key=API_KEY,
+                                         base_url="http://sim.local",
+                                         transport=httpx.ASGITransport(app=app))
+    assert result.exit_code == 0
+    metas = sorted((r["meta"]["sku"], r["meta"]["category"])
+                   for r in load_results(tmp_path / "out"))
+    assert metas == [("LAMP-2", "lighting"), ("MUG-1", "kitchen")]
