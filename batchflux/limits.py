@@ -23,8 +23,8 @@ from typing import Literal, Self
 
 import anyio
 
-__all__ = ["AdaptiveLimit", "Clock", "Cooldown", "Sleep", "SubmitRateLearner", "TokenBucket",
-           "Verdict"]
+__all__ = ["AdaptiveLimit", "CapDetector", "Clock", "Cooldown", "Sleep", "SubmitRateLearner",
+           "TokenBucket", "Verdict"]
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -215,6 +215,8 @@ class AdaptiveLimit:
         self.increase_after = increase_after
         self._clock = clock
         self.slow_start = slow_start
+        #: The cap a provider revealed (:meth:`pin`), or None.
+        self.pinned: int | None = None
         self._in_use = 0
         self._waiters: deque[anyio.Event] = deque()
         self._successes = 0
@@ -292,6 +294,7 @@ class AdaptiveLimit:
         True if the limit changed."""
         limit = max(self.minimum, min(self.maximum, limit))
         self.maximum = limit
+        self.pinned = limit
         self.slow_start = False
         self._successes = 0
         return self._set(limit)
@@ -432,6 +435,14 @@ class SubmitRateLearner:
         self.history.append((now, rate))
         return verdict
 
+    def forget(self) -> None:
+        """The 429s came from another limit (an in-flight cap): back to the configured rate,
+        and measure afresh if a rate limit shows later."""
+        self.bucket.set_rate(self.ceiling)
+        self._base_rate = None
+        self._marks.clear()
+        self._window_start, self._accepted = self._clock(), 0
+
     def restore(self, rate: float | None) -> None:
         """Undo the last estimate (the 429 turned out to come from another limit)."""
         self.bucket.set_rate(rate)
@@ -440,3 +451,61 @@ class SubmitRateLearner:
             self.history.pop()
         if self._marks:
             self._marks.pop()
+
+
+class CapDetector:
+    """Tells a provider's in-flight cap from its rate limit, after the fact.
+
+    Both answer a submit with 429, and in a steady state both look alike from outside (jobs in
+    flight = rate x duration). What differs is the provider's own count of running jobs at
+    the moment of each 429: under a cap it is the cap every time. That count is known exactly
+    once the jobs running then have ended: the jobs whose span (submit to the provider's
+    end) contains the moment. :meth:`cap` counts it for the latest 429s old enough to be
+    settled, and reports a cap when ``agree`` of them in a row found the same number.
+
+    >>> caps = CapDetector()
+    >>> caps.limited(10.0); caps.job(8.0, 12.0)             # doctest: +SKIP
+    """
+
+    def __init__(self, *, agree: int = 3, gap: float = 1.0, size: int = 4096) -> None:
+        if agree < 2:
+            raise ValueError("agree must be at least 2")
+        self.agree = agree
+        self.gap = gap
+        self._limited_last: float | None = None
+        self._spans: deque[tuple[float, float]] = deque(maxlen=size)
+        self._open: dict[int, float] = {}  # jobs submitted and not yet ended: token -> start
+        self._limited: deque[float] = deque(maxlen=64)
+        self._counts: deque[int] = deque(maxlen=agree)
+        self._longest = 0.0
+
+    def started(self, token: int, at: float) -> None:
+        """A job was accepted at ``at`` (``token`` names it until :meth:`ended`)."""
+        self._open[token] = at
+
+    def ended(self, token: int, end: float | None) -> None:
+        """The job ended at ``end`` on our clock (None: unknown, e.g. lost or abandoned)."""
+        start = self._open.pop(token, None)
+        if start is not None and end is not None and end >= start:
+            self._spans.append((start, end))
+            self._longest = max(self._longest, end - start)
+
+    def limited(self, at: float) -> None:
+        """A submit was answered 429 at ``at``. Only one 429 a ``gap`` counts: the 429s of
+        one burst all meet the same count, which says nothing of a cap."""
+        if self._limited_last is None or at - self._limited_last >= self.gap:
+            self._limited.append(at)
+            self._limited_last = at
+
+    def cap(self, now: float) -> int | None:
+        """The provider's cap, when the settled 429s agree on one; else None."""
+        settle = 1.5 * self._longest + 0.5
+        while self._limited and self._limited[0] <= now - settle:
+            moment = self._limited.popleft()
+            running = sum(1 for start, end in self._spans if start <= moment < end)
+            running += sum(1 for start in self._open.values() if start <= moment)
+            self._counts.append(running)
+        if len(self._counts) == self.agree and len(set(self._counts)) == 1 \
+                and self._counts[0] > 0:
+            return self._counts[0]
+        return None

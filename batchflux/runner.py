@@ -17,6 +17,7 @@ through the Protocols below; ``cli`` wires the concrete ones.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import random
 import time
@@ -39,7 +40,7 @@ from .imagecheck import (
     inspect_container,
     inspect_image,
 )
-from .limits import AdaptiveLimit, Cooldown, SubmitRateLearner, TokenBucket
+from .limits import AdaptiveLimit, CapDetector, Cooldown, SubmitRateLearner, TokenBucket
 from .models import ErrorCategory, ErrorInfo, WorkItem, is_remote_ref
 from .retry import (
     TERMINAL_STATUSES,
@@ -364,8 +365,8 @@ class Runner:
         self.inflight = AdaptiveLimit(initial, maximum=settings.max_inflight, clock=clock,
                                       slow_start=initial < settings.max_inflight)
         self._jobs_open = 0  # jobs accepted (or re-attached) and not yet seen finished
-        self._peak_open_accepted = 0
-        self._last_429_open: int | None = None
+        self.caps = CapDetector()
+        self._job_tokens = itertools.count()
         self.timings = JobTimings()
         self.state = RunState(inflight_cap=settings.max_inflight)
         self.stats = _Stats()
@@ -751,35 +752,31 @@ class Runner:
             raise _NotStarted from exc
 
     def _on_submit_rate_limited(self, sent_at: float, pause: float) -> bool:
-        """Tell a submit-rate limit from an in-flight cap; both answer 429 + Retry-After.
-        True when every submit should wait out ``pause``.
+        """A submit was answered 429. True when every submit should wait out ``pause``.
 
         A rate limit is paced, not paused for: the submit bucket learns the rate the provider
         accepted (SubmitRateLearner) and the request that met the 429 waits its Retry-After,
         as the official SDK's would, while the others go on at the learned rate (a provider's
         Retry-After rounds the time to its next token up to whole seconds: a pause of all
-        submits for it would waste a second of the provider's rate each time). A 429 that
-        says nothing of a rate (a storm, an outage) pauses every submit.
+        submits for it would waste a second of the provider's rate each time). The first 429
+        of a run, and one that says nothing of a rate (a storm, an outage), pause every submit.
 
-        A cap shows as 429s at the same number of open jobs, twice running, and never below
-        a number the server already accepted (a cap cannot be lower than that). Then the cap
-        is pinned there, the rate estimate this 429 made is undone, and submits wait for a
-        job to end (the pause).
+        An in-flight cap answers 429 too; :class:`~batchflux.limits.CapDetector` tells it
+        apart once the jobs running at these 429s have ended (see :meth:`_check_cap`).
         """
-        before = self.bucket.rate
+        self.caps.limited(self.clock())
+        pinned = self.inflight.pinned
+        if pinned is not None and self._jobs_open >= pinned - 1:
+            return False  # the revealed cap's own 429 (a job ended later than we saw): no rate
         verdict = self.submit_rate.on_rate_limited(sent_at=sent_at, pause=pause)
-        if verdict == "same":
-            return False  # an earlier 429 of this episode decided
-        if verdict == "unmeasured":
-            return True
-        open_now, previous = self._jobs_open, self._last_429_open
-        self._last_429_open = open_now
-        if (previous is not None and open_now > 0 and abs(open_now - previous) <= 1
-                and open_now >= self._peak_open_accepted - 1):
-            self.submit_rate.restore(before)
-            self.inflight.pin(max(open_now, self._peak_open_accepted))
-            return True
-        return verdict == "first"
+        return verdict in ("first", "unmeasured")
+
+    def _check_cap(self) -> None:
+        """Pin the in-flight cap when the provider revealed one; its 429s were no rate."""
+        cap = self.caps.cap(self.clock())
+        if cap is not None and (self.inflight.maximum != cap or self.inflight.limit != cap):
+            self.inflight.pin(cap)
+            self.submit_rate.forget()
 
     async def _throttle_submit(self) -> None:
         while True:
@@ -820,23 +817,34 @@ class Runner:
             self._committed_credits -= cost
             raise
         self.submit_rate.on_accepted()
-        self._peak_open_accepted = max(self._peak_open_accepted, self._jobs_open + 1)
         # A replay answers with a job that may be past QUEUED; one still QUEUED is told apart
         # by its creation time once we see it (see _note_job).
         ctx.replayed = bool(getattr(accepted, "replayed", False)) or accepted.status != "QUEUED"
         ctx.job_id = accepted.job_id
         ctx.jobs_created += 1
         ctx.submitted = self.clock()
+        ctx.cap_token = next(self._job_tokens)
+        self.caps.started(ctx.cap_token, ctx.submitted)
         self.store.journal_job(item, ctx.submission, accepted.job_id)
 
     async def _wait(self, ctx: _ItemContext) -> Any:
         """Poll until the job is terminal or its deadline passes. None: the API does not
         know the job (:attr:`ErrorCategory.LOST`)."""
         self._jobs_open += 1
+        state = None
         try:
-            return await self._poll_until_done(ctx)
+            state = await self._poll_until_done(ctx)
+            return state
         finally:
             self._jobs_open -= 1
+            if ctx.cap_token is not None:
+                # The job's span at the provider: our submit + its own duration.
+                duration = None if state is None else _job_seconds(state)
+                end = None if duration is None or ctx.submitted is None else (
+                    ctx.submitted + duration)
+                self.caps.ended(ctx.cap_token, end)
+                ctx.cap_token = None
+                self._check_cap()
 
     async def _poll_until_done(self, ctx: _ItemContext) -> Any:
         assert ctx.job_id is not None
@@ -1137,6 +1145,7 @@ class _ItemContext:
     replayed: bool = False  # the API answered with a job this run did not create
     first_sent_wall: float | None = None  # Unix time of this run's first submit of the item
     sightings: list[Sighting] = field(default_factory=list)  # the current job's answers
+    cap_token: int | None = None  # names the current job to the CapDetector
 
 
 def _round(value: float | None) -> float | None:

@@ -572,3 +572,48 @@ def test_slow_start_ends_at_the_first_push_back_then_growth_is_additive() -> Non
     pinned = AdaptiveLimit(8, maximum=64, slow_start=True)
     pinned.pin(12)  # the provider revealed its cap
     assert not pinned.slow_start and pinned.limit == 12
+
+
+def test_the_cap_detector_finds_a_cap_from_the_jobs_running_at_each_429() -> None:
+    """A provider capped at 3: its 429s come while exactly 3 of our jobs run there."""
+    from batchflux.limits import CapDetector
+
+    caps = CapDetector(agree=3)
+    token = itertools.count()
+    for start in range(0, 20, 2):  # jobs of 6 s every 2 s: three at a time
+        n = next(token)
+        caps.started(n, float(start))
+        caps.ended(n, start + 6.0)
+    for moment in (7.0, 9.5, 13.0):
+        caps.limited(moment)
+    assert caps.cap(now=9.0) is None  # not settled yet: jobs running then may not have ended
+    assert caps.cap(now=40.0) == 3
+
+
+def test_the_429s_of_one_burst_count_once() -> None:
+    """64 submits at once against a bucket of 40: 24 429s meet the same 40 running jobs."""
+    from batchflux.limits import CapDetector
+
+    caps = CapDetector(agree=3)
+    for n in range(40):
+        caps.started(n, 0.0)
+        caps.ended(n, 2.0)
+    for _ in range(24):
+        caps.limited(0.01)
+    assert caps.cap(now=60.0) is None
+
+
+def test_the_cap_detector_sees_no_cap_in_a_rate_limit() -> None:
+    """429s of a rate limit come at whatever number of jobs happens to be running."""
+    from batchflux.limits import CapDetector
+
+    caps = CapDetector(agree=3)
+    token = itertools.count()
+    for start, length in ((0.0, 5.0), (0.5, 1.0), (1.0, 8.0), (2.0, 1.0), (2.2, 0.5)):
+        n = next(token)
+        caps.started(n, start)
+        caps.ended(n, start + length)
+    caps.gap = 0.0
+    for moment in (1.2, 2.1, 2.4):  # 3, 3 and 4 jobs running
+        caps.limited(moment)
+    assert caps.cap(now=60.0) is None
