@@ -1,7 +1,8 @@
 """batchflux: run many flux-2-dev generations through Apiframe's v2 API, safely and fast.
 
->>> from batchflux import run_batch
->>> result = run_batch("jobs/nightly.yaml", sim=True)        # doctest: +SKIP
+>>> from batchflux import RunOptions, Simulator, run_batch
+>>> result = run_batch("jobs/nightly.yaml", RunOptions(out_dir="out/x"),
+...                    target=Simulator())                     # doctest: +SKIP
 >>> result.exit_code, result.summary["counts"]["ok"]          # doctest: +SKIP
 (0, 12)
 
@@ -20,6 +21,13 @@ _EXPORTS = {
     "run_batch": "batchflux.batch",
     "run_batch_async": "batchflux.batch",
     "RunResult": "batchflux.batch",
+    "Simulator": "batchflux.config",
+    "Api": "batchflux.config",
+    "RunConfig": "batchflux.config",
+    "resolve_config": "batchflux.config",
+    "Result": "batchflux.models",
+    "FileRecord": "batchflux.models",
+    "ErrorInfo": "batchflux.models",
     "load_job": "batchflux.manifest",
     "JobSpec": "batchflux.models",
     "expand_job": "batchflux.expand",
@@ -45,18 +53,24 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "Api",
     "ApiError",
     "BatchfluxError",
     "ConfigError",
     "ErrorCategory",
+    "ErrorInfo",
+    "FileRecord",
     "IntegrityError",
     "JobSpec",
     "ManifestError",
     "OutputLockedError",
+    "Result",
     "RunAborted",
+    "RunConfig",
     "RunOptions",
     "RunResult",
     "Shard",
+    "Simulator",
     "VerifyReport",
     "WorkItem",
     "__version__",
@@ -67,6 +81,7 @@ __all__ = [
     "load_job",
     "merge_runs",
     "read_results",
+    "resolve_config",
     "run_batch",
     "run_batch_async",
     "verify_run",

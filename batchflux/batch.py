@@ -1,22 +1,25 @@
-"""The library entry point: :func:`run_batch` wires a manifest, a client, a store and a runner.
+"""The library entry point: :func:`run_batch` runs a manifest against a target.
 
->>> from batchflux import run_batch
->>> result = run_batch("jobs/product-photos.yaml", sim=True, out_dir="out")   # doctest: +SKIP
->>> result.summary["counts"]["ok"], result.exit_code                          # doctest: +SKIP
-(48, 0)
+>>> from batchflux import RunOptions, Simulator, run_batch
+>>> result = run_batch("jobs/nightly.yaml", RunOptions(out_dir="out/nightly"),
+...                    target=Simulator())                          # doctest: +SKIP
+>>> result.exit_code, result.summary["counts"]["ok"]                   # doctest: +SKIP
+(0, 2)
 
-``sim=True`` runs against the built-in simulator in-process (no key, no network); otherwise
-the key comes from ``api_key`` or ``APIFRAME_API_KEY`` and the base URL from ``base_url``,
-``APIFRAME_BASE_URL`` or ``https://api.apiframe.ai``.
+Five parameters: the manifest, the options (a :class:`~batchflux.models.RunOptions` over the
+manifest's ``run:`` block: :func:`batchflux.config.resolve_config` merges and checks them
+before anything is spent), the target (:class:`~batchflux.config.Simulator` or
+:class:`~batchflux.config.Api`), a reporter (how the run tells how it goes), and a stop
+signal (an ``anyio.Event``: set it and the run stops as on Ctrl-C, in-flight jobs journaled).
+The library reads no environment variable: the command line does that.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,8 @@ from typing import Any
 import anyio
 import httpx
 
-from .apiframe import ApiframeClient, Timeouts
+from .apiframe import ApiframeClient
+from .config import Api, RunConfig, Simulator, Target, explicit_price, resolve_config
 from .errors import (
     EXIT_ITEMS_FAILED,
     EXIT_OK,
@@ -35,19 +39,23 @@ from .errors import (
     UsageError,
 )
 from .expand import count_items, expand_job
-from .manifest import JobSpec, load_job
-from .models import DEFAULT_RUN_OPTIONS, ErrorCategory, RunOptions
+from .fileutil import sha256_file
+from .manifest import load_job
+from .models import ErrorCategory, JobSpec, RunOptions, WorkItem
 from .retry import RetryPolicy
-from .runner import Reporter, Runner, RunSettings, scan_items, workers_for
-from .shard import Shard, filter_items
-from .store import RunStore
+from .runner import Reporter, Runner, RunSettings, scan_items, skip_reason, workers_for
+from .shard import filter_items
+from .store import ResumeIndex, RunStore
 from .wording import LIBRARY, Wording
 
-DEFAULT_BASE_URL = "https://api.apiframe.ai"
+__all__ = ["RunResult", "exit_code_for", "run_batch", "run_batch_async"]
+
 SIM_BASE_URL = "http://simulator.batchflux.local"
 SIM_API_KEY = "afk_batchflux_simulator"
 #: The in-process simulator's default job time: short, so a first run is quick.
 SIM_DEFAULT_JOB_SECONDS = 2.0
+#: The in-process simulator's default balance: a trial is never stopped by it.
+SIM_DEFAULT_CREDITS = 10**9
 
 _UNAVAILABLE = (ErrorCategory.NETWORK, ErrorCategory.TIMEOUT, ErrorCategory.SERVER_ERROR,
                 ErrorCategory.RATE_LIMITED)
@@ -55,8 +63,8 @@ _UNAVAILABLE = (ErrorCategory.NETWORK, ErrorCategory.TIMEOUT, ErrorCategory.SERV
 
 @dataclass(frozen=True, slots=True)
 class RunResult:
-    """What :func:`run_batch` returns: the summary (as in summary.json) and the exit code the
-    command line would use."""
+    """What :func:`run_batch` returns: the summary (as in summary.json), the output directory,
+    the exit code the command line would use, and whether it ran on the simulator."""
 
     summary: dict[str, Any]
     out_dir: Path
@@ -64,41 +72,147 @@ class RunResult:
     simulated: bool
 
 
-def resolve_options(spec: JobSpec | None, override: RunOptions | None) -> RunOptions:
-    options = DEFAULT_RUN_OPTIONS
-    if spec is not None:
-        options = options.merged(spec.options)
-    if override is not None:
-        options = options.merged(override)
-    return options
+async def run_batch_async(
+    manifest: str | os.PathLike[str] | JobSpec,
+    options: RunOptions | None = None,
+    *,
+    target: Target,
+    reporter: Reporter | None = None,
+    stop: anyio.Event | None = None,
+    wording: Wording = LIBRARY,
+) -> RunResult:
+    """:func:`run_batch` for code that already runs an event loop."""
+    override = options or RunOptions()
+    # The manifest's own size guard is checked while loading; a max_items given here replaces
+    # it, and is checked below against the exact count.
+    spec = manifest if isinstance(manifest, JobSpec) else load_job(
+        manifest, max_items=None if override.max_items is None else sys.maxsize)
+    config = resolve_config(spec, override, wording=wording)
+    total = count_items(spec)
+    if total > config.max_items:
+        raise UsageError(f"{spec.path} expands to {total} items, over the limit of "
+                         f"{config.max_items} (raise it with {wording.setting('max_items')})")
+    client, simulated, expected = _connect(target, config, wording)
+    say = reporter.message if reporter is not None else (lambda text: None)
+    if config.fresh:
+        moved = _move_aside(config.out_dir)
+        if moved is not None:
+            say(f"the previous run directory was moved to {moved}")
+    async with client:
+        cost, credits = await _preflight(client, config,
+                                         price_given=explicit_price(spec, options))
+        store = RunStore(config.out_dir, filename_template=config.filename_template)
+        index = store.open()
+        try:
+            summary = await _run(spec, config, store, index, client, cost=cost,
+                                 credits=credits, expected=expected, reporter=reporter,
+                                 stop=stop, simulated=simulated, say=say)
+        finally:
+            store.close()
+    return RunResult(summary, config.out_dir,
+                     exit_code_for(summary, config.max_failure_rate,
+                                   limited=config.limit is not None), simulated)
 
 
-def _fresh_directory(out_dir: Path) -> Path | None:
-    """Move an existing run directory aside (never delete it). Returns where it went."""
-    if not out_dir.exists() or not any(out_dir.iterdir()):
-        return None
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    target = out_dir.with_name(f"{out_dir.name}.{stamp}")
-    n = 1
-    while target.exists():
-        n += 1
-        target = out_dir.with_name(f"{out_dir.name}.{stamp}-{n}")
-    out_dir.rename(target)
-    return target
+async def _run(spec: JobSpec, config: RunConfig, store: RunStore, index: ResumeIndex,
+               client: ApiframeClient, *, cost: float, credits: int | None,
+               expected: float | None, reporter: Reporter | None, stop: anyio.Event | None,
+               simulated: bool, say: Any) -> dict[str, Any]:
+    """Check the plan against the budget and the balance, run it, export it."""
+    # One pass over the items (lazy, 8 bytes an item to run): the exact total (of this
+    # shard), what is still to run, and which items repeat another's request.
+    scan = scan_items(_items(spec, config, index), index, retry_failed=config.retry_failed)
+    remaining = scan.to_run
+    if config.budget is not None and remaining * cost > config.budget:
+        raise RunAborted(
+            f"the plan needs about {remaining * cost:g} credits for {remaining} items "
+            f"({cost:g} each), over the budget of {config.budget:g}", exit_code=EXIT_ITEMS_FAILED)
+    if credits is not None and remaining * cost > credits:
+        say(f"warning: the team has {credits} credits, the remaining items need about "
+            f"{remaining * cost:g}: the run will stop when they run out")
+    store.freeze_manifest(spec.path)
+    runner = Runner(client=client, store=store, index=index,
+                    settings=_settings(config, cost=cost, expected=expected),
+                    reporter=reporter)
+    # Which manifest (by content) and which shard produced this run directory: the facts
+    # `batchflux merge` checks before combining run directories.
+    extra = {"manifest_sha256": _digest(spec.path),
+             "shard": config.shard.label if config.shard is not None else None}
+    try:
+        summary = await runner.run(_items(spec, config, index), total=scan.total,
+                                   duplicates=scan.duplicates, summary_extra=extra, stop=stop)
+    except RunAborted as exc:
+        exc.out_dir, exc.simulated = config.out_dir, simulated
+        raise
+    if config.dataset is not None:
+        from .dataset import export_dataset
+
+        exported = export_dataset(config.out_dir, config.dataset)
+        say(f"dataset ({config.dataset}): {exported.rows} rows in {exported.path}")
+    return summary
 
 
-def _sim_transport(sim: Any, job_seconds: float | None) -> httpx.AsyncBaseTransport:
-    from .sim import SimSettings, create_app
+def _items(spec: JobSpec, config: RunConfig, index: ResumeIndex) -> Iterator[WorkItem]:
+    """The run's items: its shard's, and with ``limit``, up to the first ``limit`` items
+    still to do (the items after them are not reached)."""
+    items: Iterable[WorkItem] = filter_items(expand_job(spec), config.shard)
+    if config.limit is None:
+        yield from items
+        return
+    to_do = 0
+    for item in items:
+        if skip_reason(index, item.key, config.retry_failed) is None:
+            if to_do == config.limit:
+                return
+            to_do += 1
+        yield item
 
-    settings = sim if isinstance(sim, SimSettings) else SimSettings(
-        job_seconds=SIM_DEFAULT_JOB_SECONDS, queue_seconds=0.2)
-    if job_seconds is not None:
-        settings = replace(settings, job_seconds=job_seconds,
-                           queue_seconds=min(0.2, job_seconds / 4))
-    return httpx.ASGITransport(app=create_app(settings))
+
+def _settings(config: RunConfig, *, cost: float, expected: float | None) -> RunSettings:
+    return RunSettings(
+        max_inflight=config.inflight_ceiling,
+        submits_per_second=config.rpm / 60.0 if config.rpm else None,
+        retries=config.retries,
+        request_retry=RetryPolicy(max_attempts=config.retries + 3),
+        job_timeout=config.job_timeout,
+        budget=config.budget,
+        cost_per_image=cost,
+        retry_failed=config.retry_failed,
+        expected_job_seconds=expected,
+        verify=config.verify,
+    )
 
 
-async def _preflight(client: ApiframeClient, options: RunOptions, *,
+def _connect(target: Target, config: RunConfig,
+             wording: Wording) -> tuple[ApiframeClient, bool, float | None]:
+    """The API client for ``target``: ``(client, simulated, expected job seconds)``."""
+    connections = workers_for(RunSettings(max_inflight=config.inflight_ceiling)) + 4
+    if isinstance(target, Simulator):
+        from .sim import SimSettings, create_app
+
+        settings = target.settings or SimSettings(job_seconds=SIM_DEFAULT_JOB_SECONDS,
+                                                  queue_seconds=0.2,
+                                                  credits=SIM_DEFAULT_CREDITS)
+        if target.job_seconds is not None:
+            settings = replace(settings, job_seconds=target.job_seconds,
+                               queue_seconds=min(0.2, target.job_seconds / 4))
+        if target.credits is not None:
+            settings = replace(settings, credits=target.credits)
+        client = ApiframeClient(api_key=SIM_API_KEY, base_url=SIM_BASE_URL,
+                                transport=httpx.ASGITransport(app=create_app(settings)),
+                                max_connections=connections, wording=wording)
+        return client, True, target.job_seconds or SIM_DEFAULT_JOB_SECONDS
+    if not isinstance(target, Api):
+        raise UsageError(f"target must be Simulator() or Api(...), got {target!r}")
+    client = ApiframeClient(
+        api_key=target.api_key, base_url=target.base_url, transport=target.transport,
+        max_connections=connections, allow_insecure=target.allow_insecure,
+        allowed_download_hosts=target.allowed_download_hosts, wording=wording,
+        timeouts=target.timeouts)
+    return client, False, None
+
+
+async def _preflight(client: ApiframeClient, config: RunConfig, *,
                      price_given: bool) -> tuple[float, int | None]:
     """Check the key and learn the price before any money moves.
 
@@ -107,7 +221,7 @@ async def _preflight(client: ApiframeClient, options: RunOptions, *,
     """
     try:
         me = await client.me()
-        cost = options.cost_per_image or 0.0
+        cost = config.cost_per_image or 0.0
         if not price_given:
             for model in await client.models():
                 if model.get("id") == "flux-2-dev" and isinstance(
@@ -125,156 +239,31 @@ async def _preflight(client: ApiframeClient, options: RunOptions, *,
     return cost, credits if isinstance(credits, int) else None
 
 
-async def run_batch_async(
-    manifest: str | os.PathLike[str] | JobSpec,
-    *,
-    out_dir: str | os.PathLike[str] | None = None,
-    options: RunOptions | None = None,
-    api_key: str | None = None,
-    base_url: str | None = None,
-    sim: Any = False,
-    sim_job_seconds: float | None = None,
-    retry_failed: str | None = None,
-    fresh: bool = False,
-    reporter: Reporter | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
-    allow_insecure: bool = False,
-    wording: Wording = LIBRARY,
-    allowed_download_hosts: tuple[str, ...] = (),
-    timeouts: Timeouts | None = None,
-    on_runner: Callable[[Runner], None] | None = None,
-    on_message: Callable[[str], None] | None = None,
-    shard: Shard | None = None,
-    dataset: str | None = None,
-    max_failure_rate: float | None = None,
-    verify: str = "auto",
-) -> RunResult:
-    """Run every item of ``manifest`` and return the summary. See :func:`run_batch`."""
-    override = options or RunOptions()
-    # The manifest's own size guard is checked while loading; a --max-items given here
-    # replaces it, and is checked below against the exact count.
-    spec = manifest if isinstance(manifest, JobSpec) else load_job(
-        manifest, max_items=None if override.max_items is None else sys.maxsize)
-    if out_dir is not None:
-        override = replace(override, out_dir=str(out_dir))
-    resolved = resolve_options(spec, override)
-    price_given = override.cost_per_image is not None or spec.options.cost_per_image is not None
-    if retry_failed not in (None, "retryable", "all"):
-        raise UsageError("--retry-failed takes 'retryable' or 'all'")
-    if verify not in ("auto", "decode", "structure"):
-        raise UsageError("--verify takes 'auto', 'decode' or 'structure'")
-
-    total = count_items(spec)
-    if dataset is not None and dataset not in DATASET_FORMATS:
-        raise UsageError(f"--dataset takes one of {', '.join(DATASET_FORMATS)}")
-    if resolved.max_items is not None and total > resolved.max_items:
-        raise UsageError(f"{spec.path} expands to {total} items, over the limit of "
-                         f"{resolved.max_items} (raise it with --max-items)")
-
-    simulated = bool(sim)
-    if simulated:
-        transport = _sim_transport(sim, sim_job_seconds)
-        api_key, base_url = SIM_API_KEY, SIM_BASE_URL
-    else:
-        api_key = api_key or os.environ.get("APIFRAME_API_KEY")
-        if not api_key:
-            raise ConfigError(
-                "no API key: set APIFRAME_API_KEY (or pass --api-key-file FILE), "
-                "or add --sim to run against the built-in simulator")
-        base_url = base_url or os.environ.get("APIFRAME_BASE_URL") or DEFAULT_BASE_URL
-
-    out = Path(resolved.out_dir or "out")
-    if fresh:
-        moved = _fresh_directory(out)
-        if moved is not None and on_message is not None:
-            on_message(f"--fresh: the previous run directory was moved to {moved}")
-
-    # -j is jobs in flight; --max-inflight, when given, is an expert's ceiling over it.
-    max_inflight = max(1, resolved.max_inflight or resolved.concurrency
-                       or DEFAULT_RUN_OPTIONS.concurrency or 1)
-    probe = RunSettings(max_inflight=max_inflight)
-    client = ApiframeClient(
-        api_key=api_key, base_url=base_url, transport=transport,
-        max_connections=workers_for(probe) + 4,
-        allow_insecure=allow_insecure, allowed_download_hosts=allowed_download_hosts,
-        wording=wording,
-        timeouts=timeouts or Timeouts(),
-    )
-    async with client:
-        cost, credits = await _preflight(client, resolved, price_given=price_given)
-        store = RunStore(out, filename_template=resolved.filename_template
-                         or DEFAULT_RUN_OPTIONS.filename_template or "{key}.{ext}")
-        index = store.open()
-        try:
-            # One pass over the items (lazy, 8 bytes an item to run): the exact total (of
-            # this shard), what is still to run, and which items repeat another's request.
-            scan = scan_items(filter_items(expand_job(spec), shard), index,
-                              retry_failed=retry_failed)
-            total = scan.total
-            remaining = scan.to_run
-            if resolved.budget is not None and remaining * cost > resolved.budget:
-                raise RunAborted(
-                    f"the plan needs about {remaining * cost:g} credits for {remaining} items "
-                    f"({cost:g} each), over the budget of {resolved.budget:g}; raise --budget "
-                    f"or lower --max-items", exit_code=EXIT_ITEMS_FAILED)
-            if credits is not None and on_message is not None and remaining * cost > credits:
-                on_message(f"warning: the team has {credits} credits, the remaining items "
-                           f"need about {remaining * cost:g}: the run will stop when they "
-                           "run out")
-            store.freeze_manifest(spec.path)
-            settings = RunSettings(
-                max_inflight=max_inflight,
-                submits_per_second=(resolved.rpm / 60.0) if resolved.rpm else None,
-                retries=resolved.retries if resolved.retries is not None else 4,
-                request_retry=RetryPolicy(
-                    max_attempts=max(1, (resolved.retries or 0) + 1) + 2),
-                job_timeout=resolved.job_timeout or 600.0,
-                budget=resolved.budget,
-                cost_per_image=cost,
-                retry_failed=retry_failed,
-                expected_job_seconds=(sim_job_seconds or SIM_DEFAULT_JOB_SECONDS)
-                if simulated else None,
-                verify=verify,
-            )
-            runner = Runner(client=client, store=store, index=index, settings=settings,
-                            reporter=reporter)
-            if on_runner is not None:
-                on_runner(runner)
-            # Which manifest (by content) and which shard produced this run directory: the
-            # facts `batchflux merge` checks before combining run directories.
-            extra = {"manifest_sha256": _file_sha256(spec.path),
-                     "shard": shard.label if shard is not None else None}
-            try:
-                summary = await runner.run(filter_items(expand_job(spec), shard), total=total,
-                                           duplicates=scan.duplicates, summary_extra=extra)
-            except RunAborted as exc:
-                summary = getattr(exc, "summary", {})
-                exc.result = RunResult(summary, out, exc.exit_code, simulated)  # type: ignore[attr-defined]
-                raise
-            if dataset is not None:
-                from .dataset import export_dataset
-
-                exported = export_dataset(out, dataset)
-                if on_message is not None:
-                    on_message(f"dataset ({dataset}): {exported.rows} rows in {exported.path}")
-        finally:
-            store.close()
-    return RunResult(summary, out, exit_code_for(summary, max_failure_rate), simulated)
+def _move_aside(out_dir: Path) -> Path | None:
+    """Move an existing run directory aside (never delete it). Returns where it went."""
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = out_dir.with_name(f"{out_dir.name}.{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = out_dir.with_name(f"{out_dir.name}.{stamp}-{n}")
+    out_dir.rename(target)
+    return target
 
 
-DATASET_FORMATS = ("hf", "webdataset")
-
-
-def exit_code_for(summary: dict[str, Any], max_failure_rate: float | None = None) -> int:
+def exit_code_for(summary: dict[str, Any], max_failure_rate: float | None = None, *,
+                  limited: bool = False) -> int:
     """0 when every item of the run directory (as far as the manifest's items go: this run's
     and earlier runs') is ok, or when at most ``max_failure_rate`` of them failed (a cron job
     that expects a few failures); 1 otherwise, and always 1 when the run stopped early
-    (budget, credits, key) or left items to do."""
+    (budget, credits, key) or left items to do (unless ``limited``: it was asked to)."""
     counts = summary.get("counts", {})
     totals = summary.get("totals") or {}
     failed = totals.get("failed", counts.get("failed", 0))
     ok = totals.get("ok", counts.get("ok", 0))
-    if summary.get("stop_reason") or (totals.get("to_do") or 0) > 0:
+    if summary.get("stop_reason") or ((totals.get("to_do") or 0) > 0 and not limited):
         return EXIT_ITEMS_FAILED
     if failed == 0:
         return EXIT_OK
@@ -283,22 +272,27 @@ def exit_code_for(summary: dict[str, Any], max_failure_rate: float | None = None
     return EXIT_ITEMS_FAILED
 
 
-def _file_sha256(path: Path) -> str | None:
+def _digest(path: Path) -> str | None:
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return sha256_file(path)
     except OSError:
         return None
 
 
-def run_batch(manifest: str | os.PathLike[str] | JobSpec, **kwargs: Any) -> RunResult:
-    """Run a manifest to completion (resuming what an earlier run left) and return the result.
+def run_batch(manifest: str | os.PathLike[str] | JobSpec, options: RunOptions | None = None,
+              *, target: Target, reporter: Reporter | None = None,
+              stop: anyio.Event | None = None, wording: Wording = LIBRARY) -> RunResult:
+    """Run every item of ``manifest`` that is not done yet and return the result.
 
-    Keyword arguments are those of :func:`run_batch_async`: ``out_dir``, ``options``
-    (a :class:`~batchflux.models.RunOptions` overriding the manifest's ``run:`` block),
-    ``api_key``, ``base_url``, ``sim`` (True, or a ``SimSettings``), ``retry_failed``
-    (``"retryable"`` or ``"all"``), ``fresh``, ``reporter``.
+    ``options`` override the manifest's ``run:`` block (``RunOptions(out_dir="out/x",
+    concurrency=16, budget=100, retry_failed="retryable", ...)``); ``target`` is
+    ``Simulator()`` or ``Api(api_key, base_url=...)``; ``reporter`` receives progress
+    (:class:`batchflux.runner.Reporter`; default: silence); ``stop``, when set from the
+    event loop, stops the run as Ctrl-C does. Raises
+    :class:`~batchflux.errors.ManifestError`, :class:`~batchflux.errors.UsageError` or
+    :class:`~batchflux.errors.ConfigError` before anything is spent, and
+    :class:`~batchflux.errors.RunAborted` (with ``.summary``) when a run-fatal condition
+    stopped the run; failed items are data in the result, not exceptions.
     """
-    return anyio.run(lambda: run_batch_async(manifest, **kwargs))
-
-
-__all__ = ["RunResult", "run_batch", "run_batch_async"]
+    return anyio.run(lambda: run_batch_async(manifest, options, target=target,
+                                             reporter=reporter, stop=stop, wording=wording))

@@ -1,6 +1,6 @@
 """Text for people: how an item is named in log lines, and user text made safe for a terminal.
 
-Pure functions over values; no I/O and no batchflux imports.
+Pure functions over values; no I/O; of batchflux's own, only the values of models.
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Mapping
 from typing import Any
+
+from .models import Result
 
 __all__ = ["escape_controls", "item_label", "plural"]
 
@@ -56,7 +58,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= _VALUE_WIDTH else text[: _VALUE_WIDTH - 1] + "…"
 
 
-def item_label(record: Mapping[str, Any]) -> str:
+def item_label(record: Mapping[str, Any] | Result) -> str:
     """How log lines name an item (a result line, or anything with the same fields): what
     tells it apart from its neighbours in the grid. The prompt id, the aspect ratio (or the
     custom size), the template variables when it has any, the seed, and the first 12 hex digits
@@ -69,6 +71,8 @@ def item_label(record: Mapping[str, Any]) -> str:
     ...             "params": {"aspect_ratio": "custom", "width": 1024, "height": 768}})
     'p017 custom 1024x768 seed 1'
     """
+    if isinstance(record, Result):
+        record = record.to_json()
     params = record.get("params") or {}
     seed = record.get("seed", params.get("seed"))
     parts = [str(record.get("prompt_id") or "?")]

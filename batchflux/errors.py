@@ -9,10 +9,15 @@
     ├── OutputLockedError               another run holds the output dir       exit 75
     ├── IntegrityError                  a recorded file is missing or differs  exit 65
     │                                   from its result line (export, merge)
+    ├── MergeError                      run directories that cannot be merged  exit 1
+    ├── FilenameTemplateError           a file-name template cannot render     exit 2
+    ├── ImageCheckError                 a downloaded file is not the image the job promised
+    │                                   (the lifecycle fetches it again; never reaches you)
     ├── ApiError                        one HTTP exchange with Apiframe failed
     │                                   (.category, .retryable, .http_status, .retry_after)
     └── RunAborted                      a run-fatal condition stopped the run cleanly
-                                        (auth, credits, budget, unwritable output)
+                                        (auth, credits, budget, unwritable output;
+                                        .summary: summary.json as it was written)
 
 Foreign exceptions (httpx, yaml, jsonschema, OSError) are translated once, at the adapter that
 meets them, with ``raise ... from exc``. Per-item failures are *data* (an ``ErrorInfo`` on a
@@ -22,6 +27,8 @@ result line), never exceptions that escape the runner.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 from .models import Diagnostic, ErrorCategory
 
@@ -106,11 +113,33 @@ class ApiError(BatchfluxError):
         )
 
 
+class MergeError(BatchfluxError):
+    """The sources cannot be merged (different manifests, conflicting or corrupt files)."""
+
+
+class FilenameTemplateError(BatchfluxError, ValueError):
+    """A file-name template cannot render a name."""
+
+    exit_code = EXIT_USAGE
+
+
+class ImageCheckError(BatchfluxError, ValueError):
+    """The file is not the image the job promised (truncated, padded, wrong size...)."""
+
+
 class RunAborted(BatchfluxError):
-    """A run-fatal condition stopped the run cleanly (in-flight jobs were journaled)."""
+    """A run-fatal condition stopped the run cleanly (in-flight jobs were journaled).
+
+    ``summary`` is the run's summary.json as it was written (None when the run stopped
+    before it started), ``out_dir`` its output directory, ``simulated`` whether it ran on
+    the built-in simulator.
+    """
 
     def __init__(self, message: str, *, category: ErrorCategory | None = None,
                  exit_code: int = EXIT_ITEMS_FAILED) -> None:
         super().__init__(message)
         self.category = category
         self.exit_code = exit_code
+        self.summary: dict[str, Any] | None = None
+        self.out_dir: Path | None = None
+        self.simulated = False

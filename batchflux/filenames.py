@@ -40,6 +40,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import replace
 from typing import Any
 
+from .errors import FilenameTemplateError
 from .expand import format_value
 from .models import WorkItem
 
@@ -68,10 +69,6 @@ _FORMAT_ERRORS = (KeyError, ValueError, IndexError, AttributeError, TypeError, O
 #: a spec that only fits small numbers, such as ``{seed:c}``, fails here and not after paying).
 _SAMPLE = WorkItem(index=0, key="0123456789abcdef" * 4, prompt_id="p0001", prompt="sample",
                    params={"seed": 4_294_967_295, "aspect_ratio": "16:9"})
-
-
-class FilenameTemplateError(ValueError):
-    """A file-name template cannot render a name."""
 
 
 class _Formatter(string.Formatter):

@@ -12,13 +12,11 @@ from typing import Any
 
 from PIL import Image
 
+from .errors import ImageCheckError
+
 Image.MAX_IMAGE_PIXELS = 64_000_000  # a decompression bomb is refused, never decoded
 
 _PIL_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-
-
-class ImageCheckError(ValueError):
-    """The file is not the image the job promised."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -509,3 +509,131 @@ class CapDetector:
                 and self._counts[0] > 0:
             return self._counts[0]
         return None
+
+
+class Budget:
+    """The credits a run may commit, kept exact while many workers submit at once.
+
+    A submit :meth:`reserve`\\ s the expected cost before it waits for a token (so workers
+    waiting together cannot overshoot), then either :meth:`settle`\\ s it with what the job
+    really cost (nothing for a job another run created: an idempotent replay) or
+    :meth:`release`\\ s it when no job resulted. ``limit`` None: no budget.
+
+    >>> budget = Budget(5.0, cost=2.0)
+    >>> budget.reserve(), budget.reserve(), budget.reserve()
+    (True, True, False)
+    >>> budget.settle(2.0); budget.release(); budget.committed
+    2.0
+    """
+
+    __slots__ = ("committed", "cost", "limit")
+
+    def __init__(self, limit: float | None, *, cost: float) -> None:
+        self.limit = limit
+        self.cost = cost
+        #: Credits reserved or spent so far.
+        self.committed = 0.0
+
+    def reserve(self) -> bool:
+        """Reserve one job's expected cost; False (nothing reserved) when it would pass
+        the limit."""
+        if self.limit is not None and self.committed + self.cost > self.limit:
+            return False
+        self.committed += self.cost
+        return True
+
+    def release(self) -> None:
+        """Give a reservation back: no job resulted."""
+        self.committed -= self.cost
+
+    def settle(self, cost: float) -> None:
+        """Replace a reservation by what the job cost this run."""
+        self.committed += cost - self.cost
+
+
+class SubmitGate:
+    """Everything that decides when the next job may be submitted, shared by every worker.
+
+    - :attr:`inflight`: the in-flight cap (slow start from ``initial`` up to ``ceiling``, then
+      AIMD; pinned when the provider reveals a cap, :class:`CapDetector`);
+    - :attr:`bucket` paced by :attr:`learner` to the provider's submit rate (or ``rate``);
+    - the pauses 429s ask for: :attr:`submit_pause` (submits only: polls and downloads free the
+      provider's capacity) and :attr:`pause` (every request, after a 429 on a poll or download);
+    - :attr:`jobs_open`: jobs accepted and not yet seen finished (what the provider has).
+
+    :meth:`throttle` is awaited before every submit attempt; :meth:`rate_limited` is told of
+    every 429 (with the route and when the request was sent); :meth:`accepted` and
+    :meth:`ended` bracket each job.
+    """
+
+    def __init__(self, *, ceiling: int, initial: int | None = None,
+                 rate: float | None = None, clock: Clock = time.monotonic,
+                 sleep: Sleep = anyio.sleep) -> None:
+        start = min(ceiling, initial if initial is not None else ceiling)
+        self._clock = clock
+        self.inflight = AdaptiveLimit(start, maximum=ceiling, clock=clock,
+                                      slow_start=start < ceiling)
+        self.bucket = TokenBucket(rate, clock=clock, sleep=sleep)
+        self.learner = SubmitRateLearner(self.bucket, clock=clock)
+        self.caps = CapDetector()
+        self.pause = Cooldown(clock=clock, sleep=sleep)
+        self.submit_pause = Cooldown(clock=clock, sleep=sleep)
+        self.jobs_open = 0
+        #: Submits answered 429.
+        self.submit_429 = 0
+        self._tokens = 0
+
+    async def throttle(self) -> None:
+        """Wait until a submit may go: no pause in force, and a token of the submit rate."""
+        while True:
+            await self.submit_pause.wait()
+            self.learner.on_sent()
+            await self.bucket.acquire()
+            if not self.submit_pause.is_active:
+                return
+
+    def accepted(self) -> int:
+        """A submit was accepted: returns the token that names its job until :meth:`ended`."""
+        self.learner.on_accepted()
+        self._tokens += 1
+        self.caps.started(self._tokens, self._clock())
+        return self._tokens
+
+    def ended(self, token: int, end: float | None) -> None:
+        """The job named by ``token`` ended at ``end`` on our clock (None: unknown). When the
+        jobs running at earlier 429s have ended and reveal a cap, it is pinned, and the rate
+        learned from its 429s is forgotten (they were no rate limit)."""
+        self.caps.ended(token, end)
+        cap = self.caps.cap(self._clock())
+        if cap is not None and (self.inflight.maximum != cap or self.inflight.limit != cap):
+            self.inflight.pin(cap)
+            self.learner.forget()
+
+    def rate_limited(self, *, submit: bool, retry_after: float | None, sent_at: float) -> None:
+        """A request met a 429.
+
+        On a submit: a rate limit is paced, not paused for (the learner measures the rate
+        and the request that met the 429 waits its own Retry-After, as the official SDK's
+        would); the first 429 of a run and one that says nothing of a rate (a storm, an
+        outage) pause every submit; a revealed cap's own 429s (a job ended later than we saw)
+        teach nothing. On a poll or download: every request pauses, and the in-flight cap
+        halves once per episode.
+        """
+        pause = retry_after if retry_after is not None else 1.0
+        if not submit:
+            self.pause.trigger(pause)
+            self.inflight.on_rate_limited()
+            return
+        self.submit_429 += 1
+        self.caps.limited(self._clock())
+        pinned = self.inflight.pinned
+        if pinned is not None and self.jobs_open >= pinned - 1:
+            return
+        verdict = self.learner.on_rate_limited(sent_at=sent_at, pause=pause)
+        if verdict in ("first", "unmeasured"):
+            self.submit_pause.trigger(pause)
+
+    @property
+    def waiting_for_rate_limit(self) -> float:
+        """Seconds left of the longest pause in force (for the progress display)."""
+        return max(self.pause.remaining, self.submit_pause.remaining)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .display import item_label
-from .errors import BatchfluxError, IntegrityError, UsageError
+from .errors import IntegrityError, MergeError, UsageError
 from .fileutil import sha256_file
 from .results import choose, iter_records, read_results, recorded_path, sort_key
 from .runner import utc_now
@@ -44,10 +44,6 @@ from .store import (
 )
 
 __all__ = ["MergeError", "MergeReport", "final_records", "manifest_digest", "merge_runs"]
-
-
-class MergeError(BatchfluxError):
-    """The sources cannot be merged (different manifests, conflicting or corrupt files)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "flux-2-dev"
@@ -94,9 +96,35 @@ _EXPLANATIONS = {
 }
 
 
+@dataclass
+class RunState:
+    """The live numbers of a run, for the progress display (reporters only read them)."""
+
+    total: int | None = None
+    done: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    inflight: int = 0  # jobs the provider has (accepted, not yet seen finished)
+    inflight_cap: int = 0
+    cooldown_remaining: float = 0.0
+    credits_spent: float = 0.0
+    started: float = 0.0
+    stop_reason: str | None = None
+
+
+class RecordError(ValueError):
+    """A result line that is not a result record (wrong shape or type); readers skip it."""
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
-    """A failure as recorded on a result line."""
+    """A failure as recorded on a result line.
+
+    >>> ErrorInfo(ErrorCategory.TIMEOUT, "job j1 not finished after 600 s", True).to_json()
+    {'category': 'timeout', 'message': 'job j1 not finished after 600 s', 'retryable': True, \
+'http_status': None}
+    """
 
     category: ErrorCategory
     message: str
@@ -104,12 +132,231 @@ class ErrorInfo:
     http_status: int | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The ``error`` object of a result line (schemas/result.schema.json)."""
         return {
             "category": self.category.value,
             "message": self.message,
             "retryable": self.retryable,
             "http_status": self.http_status,
         }
+
+    @classmethod
+    def from_json(cls, data: Any) -> ErrorInfo:
+        """Read an ``error`` object back; :class:`RecordError` when it is not one."""
+        if not isinstance(data, Mapping):
+            raise RecordError("error is not an object")
+        try:
+            category = ErrorCategory(data.get("category"))
+        except ValueError as exc:
+            raise RecordError(f"unknown error category {data.get('category')!r}") from exc
+        status = data.get("http_status")
+        return cls(category, _text(data.get("message"), "error.message"),
+                   bool(data.get("retryable")), status if isinstance(status, int) else None)
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """One stored image of an item: where it is (relative to the output directory, with
+    ``/``), its sha256 and size, and how it was verified (``decode`` or ``structure``)."""
+
+    path: str
+    sha256: str
+    bytes: int
+    width: int
+    height: int
+    format: str
+    check: str = "decode"
+
+    def to_json(self) -> dict[str, Any]:
+        """One entry of a result line's ``files``."""
+        return {"path": self.path, "sha256": self.sha256, "bytes": self.bytes,
+                "width": self.width, "height": self.height, "format": self.format,
+                "check": self.check}
+
+    @classmethod
+    def from_json(cls, data: Any) -> FileRecord:
+        """Read a ``files`` entry back; :class:`RecordError` when it is not one."""
+        if not isinstance(data, Mapping):
+            raise RecordError("a files entry is not an object")
+        return cls(_text(data.get("path"), "files.path"), _text(data.get("sha256"), "sha256"),
+                   _count(data.get("bytes"), "files.bytes"), _count(data.get("width"), "width"),
+                   _count(data.get("height"), "height"), _text(data.get("format"), "format"),
+                   str(data.get("check") or "decode"))
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Where an item's time went, in seconds: submit to the job's end (``generating``),
+    downloading and verifying, and the whole item (None: did not happen)."""
+
+    generating: float | None = None
+    downloading: float | None = None
+    total: float | None = None
+
+    def to_json(self) -> dict[str, float | None]:
+        """The ``timings`` object of a result line."""
+        return {"generating": self.generating, "downloading": self.downloading,
+                "total": self.total}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Timings:
+        """Read ``timings`` back (missing or odd values are None)."""
+        if not isinstance(data, Mapping):
+            return cls()
+        return cls(*(_seconds(data.get(name)) for name in ("generating", "downloading",
+                                                             "total")))
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What happened to one item: one line of ``results.jsonl``
+    (``schemas/result.schema.json``; :meth:`to_json` and :meth:`from_json` round-trip it).
+
+    The last line for a key wins (an ok line beats a failed one). ``credit_cost`` is what the
+    job cost; ``replayed`` says the API answered with a job this run did not create (it did not
+    pay); ``duplicate_of`` is set on an item whose request is an earlier item's (same key).
+
+    >>> result = Result.from_json(line)                                  # doctest: +SKIP
+    >>> result.ok, result.files[0].path                                  # doctest: +SKIP
+    (True, 'images/mug/1x1/e1a6e9353803_1000.png')
+    """
+
+    key: str
+    index: int
+    prompt_id: str
+    status: str  # "ok" | "failed"
+    model: str
+    prompt: str
+    seed: int
+    params: Mapping[str, Any]
+    template: str | None = None
+    vars: Mapping[str, Any] = field(default_factory=dict)
+    job_id: str | None = None
+    submission: int = 0
+    jobs: int = 0
+    polls: int = 0
+    credit_cost: float | None = None
+    replayed: bool = False
+    error: ErrorInfo | None = None
+    files: tuple[FileRecord, ...] = ()
+    timings: Timings = field(default_factory=Timings)
+    started_at: str = ""
+    finished_at: str = ""
+    source: str | None = None
+    duplicate_of: int | None = None
+    meta: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when the item's images are stored."""
+        return self.status == "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        """The result line. ``key`` comes first and ``status`` before any nested object: the
+        resume index reads ok lines by that shape (:data:`OK_LINE`) without parsing them."""
+        line: dict[str, Any] = {
+            "key": self.key,
+            "index": self.index,
+            "prompt_id": self.prompt_id,
+            "status": self.status,
+            "model": self.model,
+            "prompt": self.prompt,
+            "template": self.template,
+            "vars": dict(self.vars),
+            "seed": self.seed,
+            "params": dict(self.params),
+            "job_id": self.job_id,
+            "submission": self.submission,
+            "jobs": self.jobs,
+            "polls": self.polls,
+            "credit_cost": self.credit_cost,
+            "replayed": self.replayed,
+            "error": None if self.error is None else self.error.to_json(),
+            "files": [f.to_json() for f in self.files],
+            "timings": self.timings.to_json(),
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "source": self.source,
+            "meta": dict(self.meta),
+        }
+        if self.duplicate_of is not None:
+            line["duplicate_of"] = self.duplicate_of
+        return line
+
+    @classmethod
+    def from_json(cls, data: Any) -> Result:
+        """Read a result line back (lines of older runs lack some optional fields: they get
+        their defaults). :class:`RecordError` when it is not a result line."""
+        if not isinstance(data, Mapping):
+            raise RecordError("not a JSON object")
+        status = data.get("status")
+        if status not in ("ok", "failed"):
+            raise RecordError(f"status is {status!r}, not ok or failed")
+        files = data.get("files") or ()
+        if not isinstance(files, (list, tuple)):
+            raise RecordError("files is not a list")
+        error = data.get("error")
+        params = data.get("params")
+        seed = data.get("seed")
+        return cls(
+            key=_text(data.get("key"), "key"),
+            index=_count(data.get("index"), "index", minimum=0),
+            prompt_id=str(data.get("prompt_id") or ""),
+            status=status,
+            model=str(data.get("model") or DEFAULT_MODEL),
+            prompt=str(data.get("prompt") or ""),
+            seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else 0,
+            params=dict(params) if isinstance(params, Mapping) else {},
+            template=data.get("template") if isinstance(data.get("template"), str) else None,
+            vars=dict(data["vars"]) if isinstance(data.get("vars"), Mapping) else {},
+            job_id=data.get("job_id") if isinstance(data.get("job_id"), str) else None,
+            submission=_int_or(data.get("submission"), 0),
+            jobs=_int_or(data.get("jobs"), 0),
+            polls=_int_or(data.get("polls"), 0),
+            credit_cost=_seconds(data.get("credit_cost")),
+            replayed=data.get("replayed") is True,
+            error=None if error is None else ErrorInfo.from_json(error),
+            files=tuple(FileRecord.from_json(f) for f in files),
+            timings=Timings.from_json(data.get("timings")),
+            started_at=str(data.get("started_at") or ""),
+            finished_at=str(data.get("finished_at") or ""),
+            source=data.get("source") if isinstance(data.get("source"), str) else None,
+            duplicate_of=data.get("duplicate_of") if isinstance(data.get("duplicate_of"), int)
+            else None,
+            meta={str(k): str(v) for k, v in data["meta"].items()}
+            if isinstance(data.get("meta"), Mapping) else {},
+        )
+
+
+#: An ok line as :meth:`Result.to_json` writes it, recognised without a JSON parse: the
+#: first 16 hex digits of its key (group 1). A JSON string cannot contain ``","`` unescaped
+#: and a nested object cannot come before ``status``, so the match is the line's own fields.
+OK_LINE = re.compile(rb'\{"key":"([0-9a-f]{16})[0-9a-f]*","[^{]*?"status":"ok"')
+#: The ``files`` list of such a line (group 1), to parse alone: a JSON string cannot contain
+#: ``,"files":[`` unescaped, so the first match is the field.
+FILES_FIELD = re.compile(rb',"files":(\[.*?\]),"timings":')
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise RecordError(f"{name} is not a non-empty string")
+    return value
+
+
+def _count(value: Any, name: str, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RecordError(f"{name} is not an integer >= {minimum}")
+    return value
+
+
+def _int_or(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _seconds(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,9 +411,11 @@ def is_remote_ref(ref: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class RunOptions:
-    """Run settings that may live in a manifest's ``run:`` block; the command line overrides.
+    """Run settings, as one layer gives them: the defaults, a manifest's ``run:`` block (its
+    first ten fields), or the caller (the command line, the library's ``options=``).
 
-    ``None`` means "not set here": the next layer (command line > manifest > default) decides.
+    ``None`` means "not set here": the next layer (caller > manifest > default) decides.
+    :func:`batchflux.config.resolve_config` merges the layers and checks them.
     """
 
     out_dir: str | None = None
@@ -179,6 +428,14 @@ class RunOptions:
     max_items: int | None = None
     job_timeout: float | None = None  # seconds per job, submit to COMPLETED
     cost_per_image: float | None = None  # credits, for plan estimates
+    # Settings of one invocation (the command line or the library; a manifest has none):
+    retry_failed: str | None = None  # "retryable" or "all": retry earlier failures too
+    fresh: bool | None = None  # move an existing output directory aside first
+    verify: str | None = None  # "auto", "decode" or "structure"
+    max_failure_rate: float | None = None  # exit 0 when at most this share failed
+    dataset: str | None = None  # "hf" or "webdataset": export after the run
+    shard: str | None = None  # "I/N": only the items of shard I of N
+    limit: int | None = None  # run at most this many of the items still to do
 
     def merged(self, override: RunOptions) -> RunOptions:
         """Values of ``override`` where set, else ours."""
@@ -208,12 +465,7 @@ DEFAULT_RUN_OPTIONS = RunOptions(
 # ============================================================================= manifest values
 # The values a manifest is read into (batchflux.manifest) and expanded from (batchflux.expand).
 # They live here, not beside their readers, so that expand and plan depend on values only and
-# the readers depend on expand, never the other way round. (This section was appended whole so
-# that the rest of this module could change at the same time; its imports can join the ones at
-# the top.)
-
-from collections.abc import Sequence
-from pathlib import Path
+# the readers depend on expand, never the other way round.
 
 
 @dataclass(frozen=True, slots=True, order=True)

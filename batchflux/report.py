@@ -37,7 +37,7 @@ from rich.progress import (
 from rich.text import Text
 
 from .display import escape_controls, item_label, plural
-from .runner import RunState
+from .models import Result, RunState
 
 
 def _rate_per_minute(state: RunState, now: float) -> float:
@@ -96,14 +96,14 @@ class RichReporter:
         self.progress.start()
         self.task = self.progress.add_task("generating", total=total, rate=0.0, status="")
 
-    def result(self, record: Mapping[str, Any]) -> None:
+    def result(self, record: Result) -> None:
+        """One item finished: advance the bar; a failure gets a line of its own."""
         if self.task is not None:
             self.progress.advance(self.task)
-        if record.get("status") != "ok":
-            error = record.get("error") or {}
+        if record.error is not None:
             text = Text("failed", style="red")
-            text.append(f" {item_label(record)}: {error.get('category')}: "
-                        f"{escape_controls(str(error.get('message')))}")
+            text.append(f" {item_label(record)}: {record.error.category.value}: "
+                        f"{escape_controls(record.error.message)}")
             self.progress.console.print(text, highlight=False)
 
     def status(self, state: RunState) -> None:
@@ -146,11 +146,11 @@ class LogReporter:
         if self.interval is not None:
             self._emit(f"starting: {plural(total, 'item') if total is not None else '? items'}")
 
-    def result(self, record: Mapping[str, Any]) -> None:
-        if record.get("status") != "ok" and self.interval is not None:
-            error = record.get("error") or {}
-            self._emit(f"failed {item_label(record)}: {error.get('category')}: "
-                       f"{escape_controls(str(error.get('message')))}")
+    def result(self, record: Result) -> None:
+        """A failure gets a line of its own (when progress lines are on)."""
+        if record.error is not None and self.interval is not None:
+            self._emit(f"failed {item_label(record)}: {record.error.category.value}: "
+                       f"{escape_controls(record.error.message)}")
 
     def status(self, state: RunState) -> None:
         self._state = state
@@ -191,13 +191,13 @@ class JsonReporter:
         self._last = time.monotonic()
         self._emit("start", total=total, simulated=self.simulated)
 
-    def result(self, record: Mapping[str, Any]) -> None:
-        error = record.get("error") or {}
-        self._emit("item", key=record.get("key"), status=record.get("status"),
-                   label=item_label(record), prompt_id=record.get("prompt_id"),
-                   seed=record.get("seed"),
-                   job_id=record.get("job_id"), category=error.get("category"),
-                   files=[f["path"] for f in record.get("files", ())])
+    def result(self, record: Result) -> None:
+        """One ``item`` event per finished item."""
+        self._emit("item", key=record.key, status=record.status,
+                   label=item_label(record), prompt_id=record.prompt_id,
+                   seed=record.seed, job_id=record.job_id,
+                   category=None if record.error is None else record.error.category.value,
+                   files=[f.path for f in record.files])
 
     def status(self, state: RunState) -> None:
         now = time.monotonic()

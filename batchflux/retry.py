@@ -11,7 +11,9 @@ Three pieces, all plain functions over values so they are tested without sleepin
   fewer requests on polling than the official SDK's fixed schedule while noticing completion
   sooner, whether jobs queue before they run or not.
 
-The runner owns the loop; nothing here sleeps or does I/O.
+:func:`call_with_retries` is the one retry loop (submit, poll, upload and download use it);
+it sleeps only through the ``sleep`` it is given, so it runs on a virtual clock in tests.
+Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ import random
 import statistics
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .errors import ApiError
 
+T = TypeVar("T")
+
 __all__ = [
     "TERMINAL_STATUSES",
+    "call_with_retries",
     "JobTimings",
     "PollPolicy",
     "RetryPolicy",
@@ -425,3 +431,50 @@ def next_poll_delay(policy: PollPolicy, timings: JobTimings, sightings: Sequence
     if uncertainty > policy.unsure * left and left > 4 * policy.min_interval:
         return policy.clamp(0.5 * left)
     return policy.clamp(left + policy.confidence * uncertainty)
+
+
+async def call_with_retries(
+    make: Callable[[], Awaitable[T]],
+    *,
+    policy: RetryPolicy,
+    sleep: Callable[[float], Awaitable[None]],
+    clock: Callable[[], float],
+    rng: random.Random,
+    before_attempt: Callable[[int], Awaitable[None]] | None = None,
+    on_error: Callable[[ApiError, float], None] | None = None,
+    on_retry: Callable[[], None] | None = None,
+    deadline: float | None = None,
+) -> T:
+    """``await make()`` until it succeeds or :meth:`RetryPolicy.should_retry` says stop.
+
+    The one retry loop of batchflux: submits, polls, uploads and downloads all use it.
+    ``before_attempt(n)`` is awaited before attempt ``n`` (0 for the first: throttles and
+    pauses); ``on_error(error, sent_at)`` sees every failure with the clock time its request
+    was sent (it may raise to stop everything, e.g. a refused key); ``on_retry()`` counts the
+    retries. A failure past ``deadline`` is not retried. Only
+    :class:`~batchflux.errors.ApiError` is retried; anything else propagates at once.
+
+    >>> job = await call_with_retries(lambda: api.get_job(job_id), policy=RetryPolicy(),
+    ...                               sleep=anyio.sleep, clock=time.monotonic,
+    ...                               rng=random.Random())          # doctest: +SKIP
+    """
+    first = clock()
+    attempt = 0
+    while True:
+        if before_attempt is not None:
+            await before_attempt(attempt)
+        attempt += 1
+        sent_at = clock()
+        try:
+            return await make()
+        except ApiError as exc:
+            if on_error is not None:
+                on_error(exc, sent_at)
+            now = clock()
+            if deadline is not None and now >= deadline:
+                raise
+            if not policy.should_retry(exc, attempt, now - first):
+                raise
+            if on_retry is not None:
+                on_retry()
+            await sleep(policy.delay_for(exc, attempt, rng))

@@ -1,8 +1,15 @@
-"""``batchflux run``: pick a reporter, handle SIGINT/SIGTERM, run, print the summary line."""
+"""``batchflux run``: the command line's composition root for a run.
+
+It is the one place that reads the environment (``APIFRAME_API_KEY``, ``APIFRAME_BASE_URL``)
+and the key file, builds the :class:`~batchflux.config.Target` and the
+:class:`~batchflux.models.RunOptions` from the flags, picks a reporter, turns SIGINT/SIGTERM
+into the run's stop signal, and prints the summary line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -10,12 +17,12 @@ from typing import Any
 
 import anyio
 
+from .apiframe import DEFAULT_BASE_URL
 from .batch import RunResult, run_batch_async
+from .config import Api, Simulator, Target
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, RunAborted
 from .models import RunOptions
 from .report import JsonReporter, LogReporter, RichReporter, summary_line
-from .runner import Runner
-from .shard import parse_shard
 from .wording import COMMAND_LINE
 
 SIM_BANNER = ("SIMULATED: images come from batchflux's built-in Apiframe simulator, not from "
@@ -49,35 +56,67 @@ def _reporter(args: argparse.Namespace, *, simulated: bool) -> Any:
     return LogReporter(interval=None, banner=banner)
 
 
+def _target(args: argparse.Namespace) -> Target:
+    """Where requests go: ``--sim``, else the API with the key from ``--api-key-file`` or
+    ``APIFRAME_API_KEY`` and the base URL from ``--base-url`` or ``APIFRAME_BASE_URL``."""
+    if args.sim:
+        return Simulator(job_seconds=args.sim_job_seconds,
+                         credits=getattr(args, "sim_credits", None))
+    api_key = _read_key_file(args.api_key_file) if args.api_key_file else \
+        os.environ.get("APIFRAME_API_KEY")
+    if not api_key:
+        raise ConfigError(
+            "no API key: set APIFRAME_API_KEY (or pass --api-key-file FILE), "
+            "or add --sim to run against the built-in simulator")
+    return Api(api_key=api_key,
+               base_url=args.base_url or os.environ.get("APIFRAME_BASE_URL")
+               or DEFAULT_BASE_URL,
+               allow_insecure=args.insecure_http,
+               allowed_download_hosts=tuple(args.allow_download_host))
+
+
+def _options(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(
+        out_dir=args.out, concurrency=args.concurrency, max_inflight=args.max_inflight,
+        rpm=args.rpm, retries=args.retries, budget=args.budget, max_items=args.max_items,
+        job_timeout=args.job_timeout, retry_failed=args.retry_failed,
+        fresh=args.fresh or None, verify=args.verify, max_failure_rate=args.max_failure_rate,
+        dataset=args.dataset, shard=args.shard, limit=getattr(args, "limit", None))
+
+
+class _Watched:
+    """A reporter that also notes when the run itself started (after its checks)."""
+
+    def __init__(self, reporter: Any) -> None:
+        self._reporter = reporter
+        self.started = False
+
+    def start(self, *, total: int | None, skipped: int, attached: int) -> None:
+        self.started = True
+        self._reporter.start(total=total, skipped=skipped, attached=attached)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reporter, name)
+
+
 def run_command(args: argparse.Namespace) -> int:
-    api_key = _read_key_file(args.api_key_file) if args.api_key_file else None
-    options = RunOptions(
-        out_dir=args.out,
-        concurrency=args.concurrency,
-        max_inflight=args.max_inflight,
-        rpm=args.rpm,
-        retries=args.retries,
-        budget=args.budget,
-        max_items=args.max_items,
-        job_timeout=args.job_timeout,
-    )
-    shard = parse_shard(args.shard) if args.shard else None
-    reporter = _reporter(args, simulated=args.sim)
-    runner_box: list[Runner] = []
+    """``batchflux run``: the composition of options, target, reporter and signals."""
+    options = _options(args)
+    target = _target(args)
+    reporter = _Watched(_reporter(args, simulated=args.sim))
+    stop = anyio.Event()
     received: list[int] = []
 
     async def watch_signals(scope: anyio.CancelScope) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
-                if received:  # a second signal: stop waiting for anything
+                if received or not reporter.started:
+                    # A second signal, or one before the run started: stop waiting at once.
+                    received.append(signum)
                     scope.cancel()
                     return
                 received.append(signum)
-                if runner_box:
-                    runner_box[0].stop("interrupted")
-                    runner_box[0].cancel()
-                else:
-                    scope.cancel()
+                stop.set()  # stop submitting; in-flight jobs stay journaled
 
     async def main() -> RunResult | BaseException | None:
         # Errors are returned, not raised, so that they leave the task group unwrapped
@@ -86,33 +125,13 @@ def run_command(args: argparse.Namespace) -> int:
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch_signals, tg.cancel_scope)
             try:
-                result = await _run()
+                result = await run_batch_async(args.manifest, options, target=target,
+                                               reporter=reporter, stop=stop,
+                                               wording=COMMAND_LINE)
             except Exception as exc:  # noqa: BLE001 - re-raised below, outside the group
                 result = exc
             tg.cancel_scope.cancel()
         return result
-
-    async def _run() -> RunResult:
-        return await run_batch_async(
-                args.manifest,
-                options=options,
-                api_key=api_key,
-                base_url=args.base_url,
-                sim=args.sim,
-                sim_job_seconds=args.sim_job_seconds,
-                retry_failed=args.retry_failed,
-                fresh=args.fresh,
-                reporter=reporter,
-                allow_insecure=args.insecure_http,
-                wording=COMMAND_LINE,
-                allowed_download_hosts=tuple(args.allow_download_host),
-                on_runner=runner_box.append,
-                on_message=reporter.message,
-                shard=shard,
-                dataset=args.dataset,
-                max_failure_rate=args.max_failure_rate,
-                verify=args.verify,
-            )
 
     def interrupted_code() -> int:
         return EXIT_SIGTERM if received and received[0] == signal.SIGTERM else EXIT_SIGINT
@@ -122,10 +141,9 @@ def run_command(args: argparse.Namespace) -> int:
         if isinstance(result, BaseException):
             raise result
     except RunAborted as exc:
-        partial = getattr(exc, "result", None)
         print(f"batchflux: {exc}", file=sys.stderr)
-        if partial is not None and partial.summary:
-            print(summary_line(partial.summary, partial.out_dir, simulated=partial.simulated))
+        if exc.summary and exc.out_dir is not None:
+            print(summary_line(exc.summary, exc.out_dir, simulated=exc.simulated))
         return exc.exit_code
     if result is None:  # cancelled before the run started
         print("batchflux: interrupted before the run started", file=sys.stderr)

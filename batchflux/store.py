@@ -50,7 +50,7 @@ from .filenames import (  # noqa: F401 - re-exported: the store's public names s
     render_filename,
     safe_component,
 )
-from .models import WorkItem
+from .models import FILES_FIELD, OK_LINE, FileRecord, Result, WorkItem
 
 STATE_DIR = ".batchflux"
 RESULTS_NAME = "results.jsonl"
@@ -203,7 +203,7 @@ def key_id(key: str) -> int:
     return int(key[:16], 16)
 
 
-_OK_LINE = re.compile(rb'\{"key":"([0-9a-f]{16})[0-9a-f]*","[^{]*?"status":"ok"')
+_OK_LINE = OK_LINE  # the shape Result.to_json gives an ok line
 _KEY_PREFIX = re.compile(r"[0-9a-fA-F]{16}")
 
 
@@ -431,7 +431,7 @@ class _FileCheck:
         return True
 
 
-_FILES = re.compile(rb',"files":(\[.*?\]),"timings":')
+_FILES = FILES_FIELD
 
 
 def _files_of(raw: bytes) -> Any:
@@ -536,28 +536,6 @@ def _read_pid(fd: int) -> int | None:
 
 # --------------------------------------------------------------------------------------------
 # The store
-
-
-@dataclass(frozen=True, slots=True)
-class StoredFile:
-    path: str  # relative to the output directory, with "/"
-    sha256: str
-    bytes: int
-    width: int
-    height: int
-    format: str
-    check: str = "decode"  # how it was verified: "decode" (every pixel) or "structure"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "sha256": self.sha256,
-            "bytes": self.bytes,
-            "width": self.width,
-            "height": self.height,
-            "format": self.format,
-            "check": self.check,
-        }
 
 
 class TempImage:
@@ -729,8 +707,9 @@ class RunStore:
 
     # -- results ---------------------------------------------------------------------------------
 
-    def append_result(self, record: Mapping[str, Any]) -> None:
-        self._append(self._results_fd, record)
+    def append_result(self, record: Result) -> None:
+        """Append one result line (written whole by one ``write``, or not at all)."""
+        self._append(self._results_fd, record.to_json())
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         write_json_atomic(self.summary_path, summary)
@@ -782,7 +761,7 @@ class RunStore:
 
     async def commit_image(self, temp: TempImage, item: WorkItem, *, ext: str, number: int,
                            width: int, height: int, fmt: str,
-                           check: str = "decode") -> StoredFile:
+                           check: str = "decode") -> FileRecord:
         """Move a verified temp file to its final name atomically."""
         target, rel = self.final_path(item, ext=ext, number=number, width=width, height=height)
         try:
@@ -800,7 +779,7 @@ class RunStore:
             with contextlib.suppress(OSError):
                 temp.path.unlink()
             raise _unwritable(exc, target, "cannot write the image") from exc
-        return StoredFile(rel, temp.sha256, temp.size, width, height, fmt, check)
+        return FileRecord(rel, temp.sha256, temp.size, width, height, fmt, check)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

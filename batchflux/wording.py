@@ -10,7 +10,9 @@ Pure values; imports nothing of batchflux's own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 __all__ = ["COMMAND_LINE", "LIBRARY", "Wording"]
 
@@ -27,10 +29,27 @@ class Wording:
     allow_insecure: str = "allow_insecure=True"
     #: accept result image URLs on one more host
     allow_download_host: str = "allowed_download_hosts=[HOST]"
+    #: how a run setting is named (:class:`batchflux.models.RunOptions` field -> words);
+    #: a setting not listed is named as the library names it
+    settings: Mapping[str, str] = field(default_factory=dict)
+
+    def setting(self, name: str) -> str:
+        """How to name the run setting ``name`` (a ``RunOptions`` field) to the user."""
+        return self.settings.get(name, f"RunOptions({name}=...)")
 
 
 #: The library's words: keyword arguments (the default everywhere).
 LIBRARY = Wording()
 #: The command line's words: its flags.
-COMMAND_LINE = Wording(allow_insecure="--insecure-http",
-                       allow_download_host="--allow-download-host HOST")
+COMMAND_LINE = Wording(
+    allow_insecure="--insecure-http",
+    allow_download_host="--allow-download-host HOST",
+    settings=MappingProxyType({
+        "out_dir": "--out", "concurrency": "-j", "max_inflight": "--max-inflight",
+        "rpm": "--rpm", "retries": "--retries", "budget": "--budget",
+        "max_items": "--max-items", "job_timeout": "--job-timeout", "limit": "--limit",
+        "retry_failed": "--retry-failed", "verify": "--verify", "dataset": "--dataset",
+        "max_failure_rate": "--max-failure-rate", "shard": "--shard",
+        "cost_per_image": "run.cost_per_image (in the manifest)",
+        "filename_template": "run.filename_template (in the manifest)",
+    }))

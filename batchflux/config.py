@@ -1,0 +1,219 @@
+"""One run configuration, resolved in one place, and where a run sends its requests.
+
+Settings come in layers: the defaults, then a manifest's ``run:`` block, then the caller (the
+command line, or the library's ``options=``). :func:`resolve_config` merges them once and
+checks every value (ranges, choices, the file-name template) before anything is spent, so a
+bad setting fails the same way whichever door it came in by. The result is a frozen
+:class:`RunConfig` that the rest of the run only reads.
+
+A :class:`Target` says where requests go: the built-in :class:`Simulator` (in-process, no
+key, nothing paid) or the real :class:`Api` (base URL, key, TLS and download-host rules,
+timeouts). The library never reads the environment; the command line builds an :class:`Api`
+from ``APIFRAME_API_KEY`` / ``APIFRAME_BASE_URL`` / ``--api-key-file``.
+
+>>> config = resolve_config(None, RunOptions(concurrency=8, out_dir="out/x"))
+>>> config.jobs, config.out_dir.as_posix(), config.verify
+(8, 'out/x', 'auto')
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+from .apiframe import DEFAULT_BASE_URL, Timeouts
+from .errors import UsageError
+from .filenames import check_filename_template
+from .expand import VAR_PREFIX
+from .models import DEFAULT_RUN_OPTIONS, JobSpec, RunOptions
+from .shard import Shard, parse_shard
+from .wording import LIBRARY, Wording
+
+if TYPE_CHECKING:
+    import httpx
+
+    from .sim.settings import SimSettings
+
+__all__ = [
+    "DATASET_FORMATS",
+    "Api",
+    "RetryFailed",
+    "RunConfig",
+    "Simulator",
+    "Target",
+    "VerifyMode",
+    "resolve_config",
+]
+
+RetryFailed = Literal["retryable", "all"]
+VerifyMode = Literal["auto", "decode", "structure"]
+DATASET_FORMATS = ("hf", "webdataset")
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    """Every setting of one run, resolved and checked (build with :func:`resolve_config`).
+
+    ``jobs`` is ``-j``: jobs in flight (submitted and not yet finished), the ceiling of the
+    adaptive in-flight cap, unless ``max_inflight`` (an expert's hard ceiling) is lower.
+    ``cost_per_image`` None means "ask the API's model catalogue". ``limit`` runs at most that
+    many of the items still to do (the first ones, in manifest order).
+    """
+
+    out_dir: Path
+    filename_template: str
+    jobs: int
+    max_inflight: int | None
+    rpm: float | None
+    retries: int
+    budget: float | None
+    max_items: int
+    job_timeout: float
+    cost_per_image: float | None
+    retry_failed: RetryFailed | None = None
+    fresh: bool = False
+    verify: VerifyMode = "auto"
+    max_failure_rate: float | None = None
+    dataset: str | None = None
+    shard: Shard | None = None
+    limit: int | None = None
+
+    @property
+    def inflight_ceiling(self) -> int:
+        """The most jobs in flight the run will ever have."""
+        return min(self.jobs, self.max_inflight) if self.max_inflight else self.jobs
+
+
+@dataclass(frozen=True, slots=True)
+class Simulator:
+    """The built-in Apiframe simulator, run in-process: no key, no network, nothing paid.
+
+    ``settings`` replaces its defaults (a :class:`batchflux.sim.SimSettings`); ``job_seconds``
+    sets how long its jobs take (default 2 s, so a first run is quick); ``credits`` its balance
+    (default: enough that it never limits a trial).
+    """
+
+    settings: SimSettings | None = None
+    job_seconds: float | None = None
+    credits: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Api:
+    """The real Apiframe API (or anything that speaks it, e.g. ``batchflux sim serve``).
+
+    The key travels only in ``X-API-Key`` and only to ``base_url``; a plain-http base URL is
+    refused off loopback unless ``allow_insecure``; result images are fetched only from the
+    API host, ``*.apiframe.ai`` over https and ``allowed_download_hosts``. ``transport``
+    replaces httpx's (tests: ``httpx.ASGITransport``, ``httpx.MockTransport``).
+    """
+
+    api_key: str = field(repr=False)
+    base_url: str = DEFAULT_BASE_URL
+    allow_insecure: bool = False
+    allowed_download_hosts: tuple[str, ...] = ()
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    transport: httpx.AsyncBaseTransport | None = field(default=None, repr=False)
+
+
+Target = Simulator | Api
+
+
+def resolve_config(spec: JobSpec | None, options: RunOptions | None = None, *,
+                   wording: Wording = LIBRARY) -> RunConfig:
+    """Defaults < the manifest's ``run:`` block < ``options``, merged and checked.
+
+    Raises :class:`~batchflux.errors.UsageError` naming the setting (in ``wording``: a flag on
+    the command line, an argument in the library) for any value out of range, an unknown
+    choice, or a file-name template that cannot name every item's files apart.
+    """
+    merged = DEFAULT_RUN_OPTIONS
+    if spec is not None:
+        merged = merged.merged(spec.options)
+    if options is not None:
+        merged = merged.merged(options)
+    name = wording.setting
+    _at_least(merged.concurrency, 1, name("concurrency"))
+    _at_least(merged.max_inflight, 1, name("max_inflight"))
+    _positive(merged.rpm, name("rpm"))
+    _at_least(merged.retries, 0, name("retries"))
+    _positive(merged.budget, name("budget"))
+    _at_least(merged.max_items, 1, name("max_items"))
+    _positive(merged.job_timeout, name("job_timeout"))
+    _at_least(merged.cost_per_image, 0, name("cost_per_image"))
+    _at_least(merged.limit, 1, name("limit"))
+    if merged.max_failure_rate is not None and not 0.0 <= merged.max_failure_rate <= 1.0:
+        raise UsageError(f"{name('max_failure_rate')} must be between 0 and 1, "
+                         f"got {merged.max_failure_rate!r}")
+    retry_failed = _choice(merged.retry_failed, get_args(RetryFailed), name("retry_failed"))
+    verify = _choice(merged.verify or "auto", get_args(VerifyMode), name("verify"))
+    dataset = _choice(merged.dataset, DATASET_FORMATS, name("dataset"))
+    shard = parse_shard(merged.shard) if merged.shard is not None else None
+    template = merged.filename_template or str(DEFAULT_RUN_OPTIONS.filename_template)
+    problem = check_filename_template(template, relative_only=False,
+                                      variables=_variables(spec) if spec else None)
+    if problem:
+        raise UsageError(f"{name('filename_template')} {template!r}: {problem}")
+    return RunConfig(
+        out_dir=Path(merged.out_dir or "out"),
+        filename_template=template,
+        jobs=int(merged.concurrency or 1),
+        max_inflight=merged.max_inflight,
+        rpm=merged.rpm,
+        retries=int(merged.retries if merged.retries is not None else 0),
+        budget=merged.budget,
+        max_items=int(merged.max_items or 1),
+        job_timeout=float(merged.job_timeout or 600.0),
+        cost_per_image=merged.cost_per_image,
+        retry_failed=retry_failed,  # type: ignore[arg-type]
+        fresh=bool(merged.fresh),
+        verify=verify,  # type: ignore[arg-type]
+        max_failure_rate=merged.max_failure_rate,
+        dataset=dataset,
+        shard=shard,
+        limit=merged.limit,
+    )
+
+
+def explicit_price(spec: JobSpec | None, options: RunOptions | None) -> bool:
+    """True when the manifest or the caller set ``cost_per_image`` (not the default)."""
+    return bool((options is not None and options.cost_per_image is not None)
+                or (spec is not None and spec.options.cost_per_image is not None))
+
+
+def _variables(spec: JobSpec) -> set[str]:
+    """The template variables any prompt of ``spec`` uses (fixed or as an axis)."""
+    names: set[str] = set()
+    for entry in spec.entries:
+        names.update(entry.vars)
+        for axis in entry.axes:
+            names.update(f[len(VAR_PREFIX):] for f in axis.fields if f.startswith(VAR_PREFIX))
+    return names
+
+
+def _at_least(value: float | None, minimum: float, name: str) -> None:
+    if value is not None and (not math.isfinite(value) or value < minimum):
+        raise UsageError(f"{name} must be at least {minimum:g}, got {value!r}")
+
+
+def _positive(value: float | None, name: str) -> None:
+    if value is not None and (not math.isfinite(value) or value <= 0):
+        raise UsageError(f"{name} must be positive, got {value!r}")
+
+
+def _choice(value: str | None, choices: Collection[str], name: str) -> str | None:
+    if value is not None and value not in choices:
+        raise UsageError(f"{name} takes {' or '.join(repr(c) for c in choices)}, got {value!r}")
+    return value
+
+
+def _option_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(RunOptions))
+
+
+def options_from(values: dict[str, Any]) -> RunOptions:
+    """RunOptions from a mapping that may hold other keys (they are ignored)."""
+    return RunOptions(**{k: v for k, v in values.items() if k in _option_names()})
