@@ -409,7 +409,7 @@ class Runner:
     async def _ticker(self) -> None:
         last_sync = self.clock()
         while True:
-            await anyio.sleep(0.5)
+            await self.lifecycle.sleep(0.5)
             self.state.inflight = self.gate.jobs_open
             self.state.inflight_cap = self.gate.inflight.limit
             self.state.cooldown_remaining = self.gate.waiting_for_rate_limit
