@@ -344,9 +344,11 @@ class SubmitRateLearner:
 
     The first 429 has no earlier mark: the rate becomes what was accepted in the trailing
     seconds before it (what the provider let through at full speed; it errs high by what was
-    left of the provider's burst), and every submit waits out that first ``Retry-After``. The
-    next 429, a second or more later, is exact. Between 429s the rate grows by ``growth`` per
-    second, so a limit that was raised is found again; it never exceeds a configured rate.
+    left of the provider's burst), and every submit waits out that first ``Retry-After``; a
+    first 429 within ``min_window`` of the first submit measures nothing (another process on
+    the same key took the burst). The next 429, a second or more later, is exact. Between
+    429s the rate grows (:meth:`growth_factor`), so a limit that was raised, or a share of a
+    key that grew, is found again; it never exceeds a configured rate.
 
     429s answering requests sent before the latest adjustment, or within ``min_window`` of
     it, belong to the same episode and change nothing.
@@ -354,11 +356,12 @@ class SubmitRateLearner:
 
     def __init__(self, bucket: TokenBucket, *, clock: Clock = time.monotonic,
                  growth: float = 0.01, min_window: float = 1.0, min_samples: int = 4,
-                 horizon: float = 30.0) -> None:
+                 horizon: float = 30.0, escalate: float = 5.0) -> None:
         self.bucket = bucket
         self.min_samples = min_samples
         self.ceiling = bucket.rate  # a configured rate is never exceeded
         self.growth = growth
+        self.escalate = escalate
         self.min_window = min_window
         self.horizon = horizon
         self._clock = clock
@@ -379,12 +382,25 @@ class SubmitRateLearner:
         if self._window_start is None:
             self._window_start = now
         if self._base_rate is not None:
-            rate = self._base_rate * (1.0 + self.growth) ** max(0.0, now - self._base_time)
+            rate = self._base_rate * self.growth_factor(max(0.0, now - self._base_time))
             if self.ceiling is not None:
                 rate = min(rate, self.ceiling)
             current = self.bucket.rate
             if current is None or abs(rate - current) > 0.002 * current:
                 self.bucket.set_rate(rate)
+
+    def growth_factor(self, quiet: float) -> float:
+        """How much the rate has grown after ``quiet`` seconds without a 429: by ``growth``
+        per second at first, the growth itself doubling every ``escalate`` seconds. A run
+        alone at the provider's limit meets a 429 within a second or two, so it probes
+        gently; one whose share grew (the other processes on its key finished) finds the
+        freed rate in seconds, not minutes."""
+        g = math.log1p(self.growth)
+        if quiet <= 0:
+            return 1.0
+        doublings = min(quiet / self.escalate, 20.0)
+        exponent = g * self.escalate / math.log(2) * (2.0 ** doublings - 1.0)
+        return math.exp(min(exponent, 50.0))  # a million-fold is as good as unlimited
 
     def on_accepted(self) -> None:
         self._accepted += 1
@@ -406,7 +422,8 @@ class SubmitRateLearner:
         if self._marks and now - self._marks[-1][0] < self.min_window:
             return "same"
         since_last = self._total - self._marks[-1][1] if self._marks else self._accepted
-        if since_last < self.min_samples:
+        start = self._window_start if self._window_start is not None else now
+        if since_last < self.min_samples or (not self._marks and now - start < self.min_window):
             # Pacing to that number would crawl. A pause the provider asked for without its
             # bucket being the reason (a storm) says nothing of its rate either: start over,
             # measuring from when submits resume.
@@ -416,8 +433,7 @@ class SubmitRateLearner:
         if not self._marks:
             span = 2 * self.min_window
             recent = sum(1 for t in self._accepted_at if t >= now - span)
-            start = self._window_start if self._window_start is not None else now
-            rate = max(self._accepted / max(self.min_window, now - start), recent / span)
+            rate = max(self._accepted / (now - start), recent / min(span, now - start))
             verdict: Verdict = "first"
         else:
             while len(self._marks) > 1 and now - self._marks[1][0] >= self.horizon:

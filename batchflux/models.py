@@ -418,7 +418,7 @@ class RunOptions:
     :func:`batchflux.config.resolve_config` merges the layers and checks them.
     """
 
-    out_dir: str | None = None
+    out_dir: str | Path | None = None
     filename_template: str | None = None
     concurrency: int | None = None  # -j: jobs in flight (submitted, not yet finished)
     rpm: float | None = None  # submit requests per minute

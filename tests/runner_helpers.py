@@ -11,14 +11,27 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 from PIL import Image
 
+from batchflux.config import Api
 from batchflux.store import iter_jsonl
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "batchflux" / "schemas"
 RESULT_SCHEMA = json.loads((SCHEMAS / "result.schema.json").read_text())
 API_KEY = "afk_e2e_secret_key_5f3a9c"
+
+
+def inprocess(app: Any, *, api_key: str = API_KEY, **kw: Any) -> Api:
+    """The target of a simulator app run in-process (``httpx.ASGITransport``)."""
+    return Api(api_key=api_key, base_url="http://sim.local",
+               transport=httpx.ASGITransport(app=app), **kw)
+
+
+def loopback(base_url: str, *, api_key: str = API_KEY, **kw: Any) -> Api:
+    """The target of a simulator served over real HTTP (``serve_in_thread``)."""
+    return Api(api_key=api_key, base_url=base_url, **kw)
 
 
 def write_manifest(directory: Path, *, prompts: int = 3, seeds: int = 2,

@@ -473,19 +473,32 @@ def test_between_two_429s_the_provider_accepted_exactly_its_rate() -> None:
 def test_submit_rate_learner_probes_upward_but_never_past_a_configured_rate() -> None:
     t = SteppingTime()
     bucket = TokenBucket(30.0, clock=t.clock, sleep=t.sleep)
-    learner = SubmitRateLearner(bucket, clock=t.clock, growth=0.01)
+    learner = SubmitRateLearner(bucket, clock=t.clock, growth=0.01, escalate=5.0)
     for _ in range(20):
         learner.on_sent()
         learner.on_accepted()
         t.now += 0.1
     learner.on_rate_limited(sent_at=t.now, pause=0.0)
     assert bucket.rate == pytest.approx(10.0)
-    t.now += 30.0
+    t.now += 1.0
     learner.on_sent()
-    assert bucket.rate == pytest.approx(10.0 * 1.01**30, rel=1e-3)  # grew 1 %/s
+    assert bucket.rate == pytest.approx(10.1, rel=2e-3)  # about 1 %/s at first
+    t.now += 9.0  # ten quiet seconds: the growth per second has doubled twice
+    learner.on_sent()
+    assert 11.0 < bucket.rate < 13.0  # type: ignore[operator]
     t.now += 10_000.0
     learner.on_sent()
     assert bucket.rate == pytest.approx(30.0)  # the configured ceiling
+
+
+def test_a_share_that_grew_is_found_in_seconds() -> None:
+    """One of three processes on a key learned a third of the rate; the others finished:
+    without a 429 the growth escalates, so the whole rate is found within ~20 s."""
+    learner = SubmitRateLearner(TokenBucket(None), growth=0.01, escalate=5.0)
+    assert learner.growth_factor(0.0) == 1.0
+    assert learner.growth_factor(1.0) == pytest.approx(1.01, rel=1e-3)
+    assert learner.growth_factor(20.0) > 2.9
+    assert learner.growth_factor(3.0) < 1.04  # gentle while a run sits at the limit
 
 
 def test_submit_rate_learner_restore_undoes_a_wrong_guess() -> None:

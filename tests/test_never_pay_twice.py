@@ -15,10 +15,11 @@ import httpx
 import pytest
 from ledger import Ledger
 from PIL import Image
-from runner_helpers import API_KEY, check_run_directory, load_results, start_run, write_manifest
+from runner_helpers import API_KEY, check_run_directory, inprocess, load_results, start_run, write_manifest
 
 from batchflux import batch
 from batchflux.errors import RunAborted
+from batchflux.config import Api
 from batchflux.models import RunOptions
 from batchflux.sim import SimSettings, create_app, serve_in_thread
 
@@ -109,9 +110,9 @@ async def test_retry_failed_after_a_lost_submit_answer_reuses_the_key(tmp_path: 
     out = tmp_path / "out"
     app = create_app(FAST)
     transport = LoseFirstSubmitThenOutage(app)
-    common: dict[str, Any] = dict(out_dir=out, api_key=API_KEY, base_url="http://sim.local",
-                                  transport=transport, options=RunOptions(retries=1))
-    first = await batch.run_batch_async(manifest, **common)
+    target = Api(api_key=API_KEY, base_url="http://sim.local", transport=transport)
+    first = await batch.run_batch_async(manifest, RunOptions(out_dir=out, retries=1),
+                                        target=target)
     (record,) = load_results(out)
     assert record["status"] == "failed" and record["job_id"] is None
     assert record["error"]["retryable"] is True
@@ -119,7 +120,8 @@ async def test_retry_failed_after_a_lost_submit_answer_reuses_the_key(tmp_path: 
     assert app.state.sim.counters.jobs_created == 1  # the lost answer's job exists
 
     transport.outage = False
-    second = await batch.run_batch_async(manifest, retry_failed="retryable", **common)
+    second = await batch.run_batch_async(
+        manifest, RunOptions(out_dir=out, retries=1, retry_failed="retryable"), target=target)
     assert second.exit_code == 0
     ledger = Ledger()
     ledger.collect(app.state.sim)
@@ -143,10 +145,8 @@ async def test_items_with_the_same_key_are_generated_once_and_both_recorded(
         "grid:\n  seeds: [1, 2]\n")
     out = tmp_path / "out"
     app = create_app(FAST)
-    common: dict[str, Any] = dict(out_dir=out, api_key=API_KEY, base_url="http://sim.local",
-                                  transport=httpx.ASGITransport(app=app),
-                                  options=RunOptions(concurrency=8))
-    result = await batch.run_batch_async(manifest, **common)
+    options = RunOptions(out_dir=out, concurrency=8)
+    result = await batch.run_batch_async(manifest, options, target=inprocess(app))
     assert result.exit_code == 0
     records = load_results(out)
     by_index = {r["index"]: r for r in records}
@@ -159,7 +159,7 @@ async def test_items_with_the_same_key_are_generated_once_and_both_recorded(
     check_run_directory(out, expected_items=4)  # four distinct keys, each with its image
     assert result.summary["counts"]["duplicates"] == 2
     assert app.state.sim.counters.jobs_created == 4
-    again = await batch.run_batch_async(manifest, **common)
+    again = await batch.run_batch_async(manifest, options, target=inprocess(app))
     assert again.exit_code == 0 and app.state.sim.counters.jobs_created == 4
     ledger = Ledger()
     ledger.collect(app.state.sim)
@@ -174,18 +174,17 @@ async def test_rerun_with_failures_present_exits_1_and_summary_keeps_the_totals(
     manifest = write_manifest(tmp_path, prompts=4, seeds=3, aspects=("1:1",))  # 12 items
     out = tmp_path / "out"
     app = create_app(replace(FAST, fail_rate=0.4, fail_capacity_share=0.0, fault_seed=3))
-    common: dict[str, Any] = dict(out_dir=out, api_key=API_KEY, base_url="http://sim.local",
-                                  transport=httpx.ASGITransport(app=app))
-    first = await batch.run_batch_async(manifest, **common)
+    first = await batch.run_batch_async(manifest, RunOptions(out_dir=out), target=inprocess(app))
     failed = sum(r["status"] == "failed" for r in load_results(out))
     assert 0 < failed < 12 and first.exit_code == 1
-    again = await batch.run_batch_async(manifest, **common)
+    again = await batch.run_batch_async(manifest, RunOptions(out_dir=out), target=inprocess(app))
     assert again.exit_code == 1  # the failures are still there
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["ok"] == 0 and summary["counts"]["failed"] == 0  # this run
     assert summary["totals"] == {**summary["totals"], "items": 12, "ok": 12 - failed,
                                  "failed": failed, "to_do": 0}
-    tolerant = await batch.run_batch_async(manifest, max_failure_rate=0.5, **common)
+    tolerant = await batch.run_batch_async(manifest, RunOptions(out_dir=out, max_failure_rate=0.5),
+                                           target=inprocess(app))
     assert tolerant.exit_code == 0
 
 
@@ -197,10 +196,8 @@ async def test_an_early_stop_counts_every_item_it_did_not_reach(tmp_path: Path) 
     out = tmp_path / "out"
     app = create_app(replace(FAST, credits=100))  # 50 jobs of 2 credits
     with pytest.raises(RunAborted) as caught:
-        await batch.run_batch_async(manifest, out_dir=out, api_key=API_KEY,
-                                    base_url="http://sim.local",
-                                    transport=httpx.ASGITransport(app=app),
-                                    options=RunOptions(concurrency=4))
+        await batch.run_batch_async(manifest, RunOptions(out_dir=out, concurrency=4),
+                                    target=inprocess(app))
     summary = caught.value.summary
     counts = summary["counts"]
     assert counts["ok"] == 50
@@ -211,12 +208,12 @@ async def test_an_early_stop_counts_every_item_it_did_not_reach(tmp_path: Path) 
 async def test_credits_spent_counts_only_jobs_this_run_created(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, prompts=2, seeds=2, aspects=("1:1",))
     app = create_app(FAST)
-    common: dict[str, Any] = dict(api_key=API_KEY, base_url="http://sim.local",
-                                  transport=httpx.ASGITransport(app=app))
-    first = await batch.run_batch_async(manifest, out_dir=tmp_path / "a", **common)
+    first = await batch.run_batch_async(manifest, RunOptions(out_dir=tmp_path / "a"),
+                                        target=inprocess(app))
     assert first.summary["credits_spent"] == 8
     # Another directory, same account, same manifest: every submit replays run a's jobs.
-    second = await batch.run_batch_async(manifest, out_dir=tmp_path / "b", **common)
+    second = await batch.run_batch_async(manifest, RunOptions(out_dir=tmp_path / "b"),
+                                         target=inprocess(app))
     assert app.state.sim.counters.jobs_created == 4
     assert second.summary["counts"]["ok"] == 4
     assert second.summary["credits_spent"] == 0
@@ -228,13 +225,12 @@ async def test_budget_check_ignores_results_of_items_no_longer_in_the_manifest(
     manifest = write_manifest(tmp_path, prompts=2, seeds=2, aspects=("1:1",))  # 4 items
     out = tmp_path / "out"
     app = create_app(FAST)
-    common: dict[str, Any] = dict(out_dir=out, api_key=API_KEY, base_url="http://sim.local",
-                                  transport=httpx.ASGITransport(app=app))
-    await batch.run_batch_async(manifest, **common)
+    await batch.run_batch_async(manifest, RunOptions(out_dir=out), target=inprocess(app))
     # Every prompt edited: 4 new items, none done; the 4 old ok lines are stale.
     manifest.write_text(manifest.read_text().replace("test product", "edited product"))
     with pytest.raises(RunAborted, match="budget"):
-        await batch.run_batch_async(manifest, options=RunOptions(budget=6), **common)
+        await batch.run_batch_async(manifest, RunOptions(out_dir=out, budget=6),
+                                    target=inprocess(app))
     assert app.state.sim.counters.jobs_created == 4
 
 
@@ -246,14 +242,12 @@ async def test_resume_fetches_deleted_or_resized_images_again_without_paying(
     manifest = write_manifest(tmp_path, prompts=2, seeds=2, aspects=("1:1",))  # 4 items
     out = tmp_path / "out"
     app = create_app(FAST)
-    common: dict[str, Any] = dict(out_dir=out, api_key=API_KEY, base_url="http://sim.local",
-                                  transport=httpx.ASGITransport(app=app))
-    await batch.run_batch_async(manifest, **common)
+    await batch.run_batch_async(manifest, RunOptions(out_dir=out), target=inprocess(app))
     records = load_results(out)
     gone, shrunk = out / records[0]["files"][0]["path"], out / records[1]["files"][0]["path"]
     gone.unlink()
     shrunk.write_bytes(shrunk.read_bytes()[:-10])
-    again = await batch.run_batch_async(manifest, **common)
+    again = await batch.run_batch_async(manifest, RunOptions(out_dir=out), target=inprocess(app))
     assert again.exit_code == 0
     assert again.summary["counts"]["refetched"] == 2 and again.summary["counts"]["ok"] == 2
     assert app.state.sim.counters.jobs_created == 4  # re-attached, not paid again
@@ -266,13 +260,11 @@ async def test_a_deleted_image_whose_job_expired_is_generated_again(tmp_path: Pa
     clock = [1_000_000.0]
     app = create_app(replace(FAST, job_seconds=0.0, queue_seconds=0.0, asset_ttl=60),
                      clock=lambda: clock[0])
-    common: dict[str, Any] = dict(out_dir=out, api_key=API_KEY, base_url="http://sim.local",
-                                  transport=httpx.ASGITransport(app=app))
-    await batch.run_batch_async(manifest, **common)
+    await batch.run_batch_async(manifest, RunOptions(out_dir=out), target=inprocess(app))
     record = load_results(out)[0]
     (out / record["files"][0]["path"]).unlink()
     clock[0] += 3600  # a day later, as far as the API is concerned: the images are purged
-    again = await batch.run_batch_async(manifest, **common)
+    again = await batch.run_batch_async(manifest, RunOptions(out_dir=out), target=inprocess(app))
     assert again.exit_code == 0 and again.summary["counts"]["refetched"] == 1
     assert app.state.sim.counters.jobs_created == 3
     check_run_directory(out, expected_items=2)
@@ -298,9 +290,8 @@ async def test_the_display_counts_jobs_the_provider_has_not_slots_waiting_to_sub
     manifest = write_manifest(tmp_path, prompts=4, seeds=3, aspects=("1:1",))  # 12 items
     app = create_app(FAST)
     reporter = Recorder()
-    await batch.run_batch_async(manifest, out_dir=tmp_path / "out", api_key=API_KEY,
-                                base_url="http://sim.local", reporter=reporter,
-                                transport=httpx.ASGITransport(app=app),
-                                options=RunOptions(concurrency=12, max_inflight=12, rpm=240))
+    await batch.run_batch_async(
+        manifest, RunOptions(out_dir=tmp_path / "out", concurrency=12, max_inflight=12, rpm=240),
+        target=inprocess(app), reporter=reporter)
     assert len(reporter.seen) >= 3, "the display was hardly updated"
     assert all(shown <= open_jobs for shown, open_jobs in reporter.seen), reporter.seen

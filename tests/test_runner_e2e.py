@@ -9,9 +9,10 @@ from typing import Any
 
 import httpx
 import pytest
-from runner_helpers import API_KEY, check_run_directory, load_results, write_manifest
+from runner_helpers import check_run_directory, inprocess, load_results, loopback, write_manifest
 
 from batchflux import batch
+from batchflux.config import Api
 from batchflux.errors import ConfigError, ManifestError, RunAborted, UsageError
 from batchflux.models import RunOptions
 from batchflux.sim import SimSettings, create_app, serve_in_thread
@@ -23,11 +24,12 @@ def stats_of(app: Any) -> dict[str, Any]:
     return app.state.sim.stats_json()
 
 
-async def run_inprocess(manifest: Path, out: Path, settings: SimSettings, **kw: Any):
+async def run_inprocess(manifest: Path, out: Path, settings: SimSettings, **options: Any):
+    """Run ``manifest`` into ``out`` on a fresh in-process simulator; ``options`` are
+    RunOptions fields."""
     app = create_app(settings)
-    result = await batch.run_batch_async(
-        manifest, out_dir=out, api_key=API_KEY, base_url="http://sim.local",
-        transport=httpx.ASGITransport(app=app), **kw)
+    result = await batch.run_batch_async(manifest, RunOptions(out_dir=out, **options),
+                                         target=inprocess(app))
     return result, stats_of(app)
 
 
@@ -52,16 +54,14 @@ async def test_second_run_skips_everything_and_pays_nothing(tmp_path: Path) -> N
     manifest = write_manifest(tmp_path, prompts=2, seeds=2)
     out = tmp_path / "out"
     app = create_app(FAST)
-    transport = httpx.ASGITransport(app=app)
-    common = dict(out_dir=out, api_key=API_KEY, base_url="http://sim.local",
-                  transport=transport)
-    await batch.run_batch_async(manifest, **common)
-    again = await batch.run_batch_async(manifest, **common)
+    common = dict(target=inprocess(app))
+    await batch.run_batch_async(manifest, RunOptions(out_dir=out), **common)
+    again = await batch.run_batch_async(manifest, RunOptions(out_dir=out), **common)
     assert again.summary["counts"]["skipped"] == 8 and again.summary["counts"]["ok"] == 0
     assert stats_of(app)["jobs_created"] == 8
     # A grown manifest pays only for its new items.
     write_manifest(tmp_path, prompts=3, seeds=2)
-    grown = await batch.run_batch_async(manifest, **common)
+    grown = await batch.run_batch_async(manifest, RunOptions(out_dir=out), **common)
     assert grown.summary["counts"] == {**grown.summary["counts"], "ok": 4, "skipped": 8,
                                        "new": 4}
     assert stats_of(app)["jobs_created"] == 12
@@ -77,8 +77,8 @@ async def test_faults_over_loopback_end_ok_or_failed_with_the_right_category(
     out = tmp_path / "out"
     with serve_in_thread(settings) as base_url:
         result = await batch.run_batch_async(
-            manifest, out_dir=out, api_key=API_KEY, base_url=base_url,
-            options=RunOptions(concurrency=12, max_inflight=12, retries=6))
+            manifest, RunOptions(out_dir=out, concurrency=12, max_inflight=12, retries=6),
+            target=loopback(base_url))
         stats = httpx.get(f"{base_url}/_sim/stats").json()
     records = check_run_directory(out, expected_items=40)
     failed = [r for r in records if r["status"] == "failed"]
@@ -120,16 +120,14 @@ async def test_out_of_credits_stops_cleanly_and_resume_finishes(tmp_path: Path) 
     manifest = write_manifest(tmp_path, prompts=4, seeds=2, aspects=("1:1",))
     out = tmp_path / "out"
     app = create_app(replace(FAST, credits=6))  # 3 jobs of 2 credits
-    common = dict(out_dir=out, api_key=API_KEY, base_url="http://sim.local",
-                  transport=httpx.ASGITransport(app=app),
-                  options=RunOptions(concurrency=1))
+    options = RunOptions(out_dir=out, concurrency=1)
     with pytest.raises(RunAborted) as caught:
-        await batch.run_batch_async(manifest, **common)
+        await batch.run_batch_async(manifest, options, target=inprocess(app))
     assert "credits" in str(caught.value)
     records = load_results(out)
     assert len(records) == 3 and all(r["status"] == "ok" for r in records)
     app.state.sim.credits = 1000  # the team tops up
-    result = await batch.run_batch_async(manifest, **common)
+    result = await batch.run_batch_async(manifest, options, target=inprocess(app))
     assert result.exit_code == 0
     check_run_directory(out, expected_items=8)
     assert stats_of(app)["jobs_created"] == 8
@@ -138,22 +136,24 @@ async def test_out_of_credits_stops_cleanly_and_resume_finishes(tmp_path: Path) 
 async def test_budget_refuses_a_plan_over_it(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, prompts=4, seeds=2, aspects=("1:1",))
     with pytest.raises(RunAborted, match="budget"):
-        await run_inprocess(manifest, tmp_path / "out", FAST,
-                            options=RunOptions(budget=10))
+        await run_inprocess(manifest, tmp_path / "out", FAST, budget=10)
 
 
-async def test_no_key_without_sim_is_a_configuration_error(tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv("APIFRAME_API_KEY", raising=False)
+async def test_an_empty_key_is_a_configuration_error_and_nothing_is_written(
+        tmp_path: Path) -> None:
+    """The library reads no environment: a target without a key is refused at once (the
+    command line's own message, naming APIFRAME_API_KEY and --sim, is in test_cli_run)."""
     manifest = write_manifest(tmp_path)
-    with pytest.raises(ConfigError, match="APIFRAME_API_KEY.*--sim"):
-        await batch.run_batch_async(manifest, out_dir=tmp_path / "out")
+    with pytest.raises(ConfigError, match="no API key"):
+        await batch.run_batch_async(manifest, RunOptions(out_dir=tmp_path / "out"),
+                                    target=Api(api_key=""))
+    assert not (tmp_path / "out").exists()
 
 
 async def test_max_items_guard(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, prompts=3, seeds=2)
     with pytest.raises(UsageError, match="expands to 12 items, over the limit of 5"):
-        await run_inprocess(manifest, tmp_path / "out", FAST, options=RunOptions(max_items=5))
+        await run_inprocess(manifest, tmp_path / "out", FAST, max_items=5)
     assert not (tmp_path / "out").exists()  # refused before anything was written or paid
 
 
@@ -161,9 +161,8 @@ async def test_invalid_key_stops_before_any_work(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path)
     app = create_app(replace(FAST, api_keys=("afk_the_only_key",)))
     with pytest.raises(ConfigError, match="refused the key"):
-        await batch.run_batch_async(manifest, out_dir=tmp_path / "out", api_key=API_KEY,
-                                    base_url="http://sim.local",
-                                    transport=httpx.ASGITransport(app=app))
+        await batch.run_batch_async(manifest, RunOptions(out_dir=tmp_path / "out"),
+                                    target=inprocess(app))
     assert stats_of(app)["jobs_created"] == 0
 
 
@@ -180,6 +179,5 @@ async def test_max_items_override_can_raise_the_manifest_guard(tmp_path: Path) -
     manifest = write_manifest(tmp_path, prompts=3, seeds=2, extra="run: {max_items: 5}\n")
     with pytest.raises(ManifestError, match="max_items"):
         await run_inprocess(manifest, tmp_path / "out", FAST)
-    result, _ = await run_inprocess(manifest, tmp_path / "out", FAST,
-                                    options=RunOptions(max_items=12))
+    result, _ = await run_inprocess(manifest, tmp_path / "out", FAST, max_items=12)
     assert result.summary["counts"]["ok"] == 12
