@@ -167,7 +167,7 @@ class PollPolicy:
       recent jobs took about the same time): the first poll then comes just after it.
     """
 
-    initial: float = 0.5
+    initial: float = 1.0
     min_interval: float = 0.05
     max_interval: float = 10.0
     growth: float = 1.5
@@ -341,7 +341,7 @@ def next_poll_delay(policy: PollPolicy, timings: JobTimings, sightings: Sequence
     Reasoning, in order:
 
     0. Nothing known (no job ended yet, no guess): poll after ``policy.initial``, then each
-       time after as long as the job has taken so far (0.5, 1, 2, 4, 8 s...): few polls
+       time after as long as the job has taken so far (1, 2, 4, 8 s...): few polls
        for slow jobs, little lag for quick ones, until the first job that ends teaches more.
     1. First poll. Predictable jobs (all recent ones took the same time): just after that
        time. Otherwise at ``typical queue + probe x typical run``: late enough that the job

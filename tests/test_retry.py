@@ -130,15 +130,15 @@ def _timings(jobs: list[tuple[float, float]], *, progress_at: float = 0.5) -> Jo
 
 
 def test_without_any_history_polls_double_their_spacing() -> None:
-    """The first jobs of a run: 0.5 s, then as long again as the job has taken so far."""
+    """The first jobs of a run: 1 s, then as long again as the job has taken so far."""
     nothing = JobTimings()
-    assert next_poll_delay(P, nothing, [], elapsed=0.0) == 0.5
+    assert next_poll_delay(P, nothing, [], elapsed=0.0) == 1.0
     times, sightings, t = [], [], 0.0
     while t < 20.0:
         t += next_poll_delay(P, nothing, sightings, elapsed=t)
         times.append(t)
         sightings.append(Sighting(t, "PROCESSING", 10))
-    assert times[:6] == pytest.approx([0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
+    assert times[:5] == pytest.approx([1.0, 2.0, 4.0, 8.0, 16.0])
     assert next_poll_delay(P, JobTimings(), [], elapsed=0.0, expected=10.0) == 5.0
 
 
