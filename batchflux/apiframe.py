@@ -36,6 +36,7 @@ from .wording import LIBRARY, Wording
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "Transport",
     "ApiframeClient",
     "ByteSink",
     "DownloadInfo",
@@ -46,6 +47,10 @@ __all__ = [
 ]
 
 DEFAULT_BASE_URL = "https://api.apiframe.ai"
+
+#: What carries the client's requests: httpx's own network transport when None, or another
+#: (``httpx.ASGITransport`` around the simulator, ``httpx.MockTransport`` in tests).
+Transport = httpx.AsyncBaseTransport
 
 #: JSON answers larger than this are refused (a job record is a few hundred bytes).
 MAX_JSON_BYTES = 1 << 20

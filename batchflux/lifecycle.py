@@ -34,9 +34,8 @@ from typing import Any, Protocol, TypeVar
 import anyio
 
 from .completion import CompletionSource, JobLike, Waiting
-from .errors import EXIT_ITEMS_FAILED, ApiError, RunAborted
-from .imagecheck import ImageCheckError, check_expected, image_size, inspect_container, \
-    inspect_image
+from .errors import EXIT_ITEMS_FAILED, ApiError, ImageCheckError, RunAborted
+from .imagecheck import check_expected, image_size, inspect_container, inspect_image
 from .limits import Budget, SubmitGate
 from .models import ErrorCategory, ErrorInfo, FileRecord, Result, Timings, WorkItem, \
     is_remote_ref

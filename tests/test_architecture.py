@@ -136,3 +136,21 @@ def test_the_package_type_checks() -> None:
     stdout, stderr, status = api.run([str(PACKAGE), "--no-error-summary",
                                       "--cache-dir", "/tmp/batchflux-mypy-cache"])
     assert status == 0, stdout + stderr
+
+
+def strict_modules() -> list[str]:
+    """The modules pyproject.toml names for ``mypy --strict`` (what .ci/run checks too)."""
+    import tomllib
+
+    with open(PACKAGE.parent / "pyproject.toml", "rb") as fh:
+        return list(tomllib.load(fh)["tool"]["batchflux"]["strict"])
+
+
+def test_the_pure_modules_and_the_run_core_type_check_strictly() -> None:
+    from mypy import api
+
+    strict = strict_modules()
+    assert {"batchflux/models.py", "batchflux/expand.py", "batchflux/limits.py",
+            "batchflux/retry.py", "batchflux/lifecycle.py"} <= set(strict)
+    stdout, stderr, status = api.run(["--strict", *[str(PACKAGE.parent / m) for m in strict]])
+    assert status == 0, stdout + stderr
