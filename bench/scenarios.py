@@ -341,11 +341,14 @@ def rate_user(ctx: Context) -> list[Row]:
 
 
 def rate_bound(ctx: Context) -> list[Row]:
-    """Submit limit 40/s, jobs of 1 s, 2,000 items, -j 64; batchflux is not told the limit."""
+    """Submit limit 40/s, jobs of 1 s, 2,000 items; batchflux is not told the limit. -j 64
+    without a queue (64 jobs of 1 s allow 64/s: the rate binds), -j 128 behind the default
+    1 s queue (64 jobs of 2 s would allow only 32/s: the in-flight bound would bind)."""
     rows = []
     for timing in TIMINGS:
         name = f"rate-bound ({timing})"
-        items, rate, job, jobs = (2000, 40.0, 1.0, 64) if not ctx.smoke else (60, 20.0, 0.2, 16)
+        items, rate, job, jobs = (2000, 40.0, 1.0, 64 if timing == "no-queue" else 128) \
+            if not ctx.smoke else (60, 20.0, 0.2, 16)
         queue = mean_queue(timing) if not ctx.smoke else 0.0
         manifest = write_manifest(ctx.workdir, items)
         settings = sim_settings(rps=rate, job_seconds=[job, job], **TIMINGS[timing])
