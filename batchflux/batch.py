@@ -43,7 +43,7 @@ from .fileutil import sha256_file
 from .manifest import load_job
 from .models import ErrorCategory, JobSpec, RunOptions, WorkItem
 from .retry import RetryPolicy
-from .runner import Reporter, Runner, RunSettings, scan_items, skip_reason, workers_for
+from .runner import Reporter, Runner, RunSettings, Scan, scan_items, skip_reason, workers_for
 from .shard import filter_items
 from .store import ResumeIndex, RunStore
 from .wording import LIBRARY, Wording
@@ -101,12 +101,20 @@ async def run_batch_async(
     async with client:
         cost, credits = await _preflight(client, config,
                                          price_given=explicit_price(spec, options))
+        config = _fill_budget(config, cost)
+        if not config.out_dir.exists():
+            # Nothing to resume: check the plan before anything is created, so that a
+            # refused run leaves nothing behind.
+            _check_plan(spec, config, ResumeIndex(), cost=cost, credits=credits,
+                        wording=wording, say=say)
         store = RunStore(config.out_dir, filename_template=config.filename_template)
         index = store.open()
         try:
-            summary = await _run(spec, config, store, index, client, cost=cost,
-                                 credits=credits, expected=expected, reporter=reporter,
-                                 stop=stop, simulated=simulated, say=say)
+            scan = _check_plan(spec, config, index, cost=cost, credits=credits,
+                               wording=wording, say=None)
+            summary = await _run(spec, config, store, index, client, scan=scan, cost=cost,
+                                 expected=expected, reporter=reporter, stop=stop,
+                                 simulated=simulated, say=say)
         finally:
             store.close()
     return RunResult(summary, config.out_dir,
@@ -114,22 +122,55 @@ async def run_batch_async(
                                    limited=config.limit is not None), simulated)
 
 
-async def _run(spec: JobSpec, config: RunConfig, store: RunStore, index: ResumeIndex,
-               client: ApiframeClient, *, cost: float, credits: int | None,
-               expected: float | None, reporter: Reporter | None, stop: anyio.Event | None,
-               simulated: bool, say: Any) -> dict[str, Any]:
-    """Check the plan against the budget and the balance, run it, export it."""
-    # One pass over the items (lazy, 8 bytes an item to run): the exact total (of this
-    # shard), what is still to run, and which items repeat another's request.
-    scan = scan_items(_items(spec, config, index), index, retry_failed=config.retry_failed)
+def _fill_budget(config: RunConfig, cost: float) -> RunConfig:
+    """``fill_budget``: run the first items still to do that the budget pays for (a limit)."""
+    if not config.fill_budget or config.budget is None or cost <= 0:
+        return config
+    affordable = int(config.budget // cost)
+    limit = affordable if config.limit is None else min(config.limit, affordable)
+    return replace(config, limit=max(limit, 0))
+
+
+def _check_plan(spec: JobSpec, config: RunConfig, index: ResumeIndex, *, cost: float,
+                credits: int | None, wording: Wording, say: Any) -> Scan:
+    """One pass over the items (lazy, 8 bytes an item to run): the exact total (of this
+    shard), what is still to run, and which items repeat another's request; refuse a plan
+    over the budget, with advice that works when followed; warn when the balance is short."""
+    scan = scan_items(filter_items(expand_job(spec), config.shard), index,
+                      retry_failed=config.retry_failed)
+    if config.limit is not None and scan.to_run > config.limit:
+        scan = replace(scan, to_run=config.limit)
     remaining = scan.to_run
     if config.budget is not None and remaining * cost > config.budget:
-        raise RunAborted(
-            f"the plan needs about {remaining * cost:g} credits for {remaining} items "
-            f"({cost:g} each), over the budget of {config.budget:g}", exit_code=EXIT_ITEMS_FAILED)
-    if credits is not None and remaining * cost > credits:
+        raise RunAborted(_over_budget(remaining, cost, config.budget, wording),
+                         exit_code=EXIT_ITEMS_FAILED)
+    if say is not None and credits is not None and remaining * cost > credits:
         say(f"warning: the team has {credits} credits, the remaining items need about "
             f"{remaining * cost:g}: the run will stop when they run out")
+    return scan
+
+
+def _over_budget(remaining: int, cost: float, budget: float, wording: Wording) -> str:
+    """Why a plan is refused, and three ways on (each tested by following it)."""
+    needed = remaining * cost
+    affordable = int(budget // cost) if cost > 0 else remaining
+    advice = [f"raise the budget ({wording.setting_to('budget', f'{needed:g}')})"]
+    if affordable > 0:
+        advice += [f"run the first {affordable} of them now "
+                   f"({wording.setting_to('limit', affordable)})",
+                   f"or spend up to the budget and stop "
+                   f"({wording.setting_to('fill_budget', True)})"]
+    else:
+        advice[0] = "or " + advice[0] + f": it does not pay for one item ({cost:g} credits)"
+    return (f"the plan needs about {needed:g} credits for {remaining} items ({cost:g} each), "
+            f"over the budget of {budget:g}: " + ", ".join(advice))
+
+
+async def _run(spec: JobSpec, config: RunConfig, store: RunStore, index: ResumeIndex,
+               client: ApiframeClient, *, scan: Scan, cost: float, expected: float | None,
+               reporter: Reporter | None, stop: anyio.Event | None, simulated: bool,
+               say: Any) -> dict[str, Any]:
+    """Run the plan, and export it."""
     store.freeze_manifest(spec.path)
     runner = Runner(client=client, store=store, index=index,
                     settings=_settings(config, cost=cost, expected=expected),

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", metavar="MANIFEST",
                    help="a manifest file: YAML (.yaml, .yml) or JSONL (.jsonl)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--limit", type=int, default=10, metavar="K", help="items to preview")
+    p.add_argument("--preview", type=int, default=10, metavar="K",
+                   help="items to show (default 10)")
     p.add_argument("--max-items", type=int, default=None, metavar="N",
                    help="refuse grids larger than N items (overrides the manifest)")
     p.add_argument("--cost-per-image", type=float, default=None, metavar="CREDITS",
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="use the built-in simulator in-process (no key, no network)")
     where.add_argument("--sim-job-seconds", type=_positive_float, default=None, metavar="S",
                        help="job duration of the in-process simulator (default 2)")
+    where.add_argument("--sim-credits", type=_non_negative_int, default=None, metavar="N",
+                       help="the in-process simulator's balance (default: enough that it "
+                       "never stops a trial; set it to see the out-of-credits path)")
     where.add_argument("--base-url", default=None, metavar="URL",
                        help="API base URL (default $APIFRAME_BASE_URL or "
                        "https://api.apiframe.ai)")
@@ -91,8 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="retries per request and new jobs per item after a transient failure")
     opts.add_argument("--budget", type=_positive_float, default=None, metavar="CREDITS",
                       help="refuse to start, or stop submitting, past this many credits")
+    opts.add_argument("--fill-budget", action="store_true", default=None,
+                      help="with --budget: run as many of the items still to do as the "
+                      "budget pays for (the first ones), then stop")
+    opts.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                      help="run only the first N items still to do (the rest stay for a "
+                      "later run)")
     opts.add_argument("--max-items", type=_positive_int, default=None, metavar="N",
-                      help="refuse manifests that expand to more than N items")
+                      help="a guard: refuse manifests that expand to more than N items")
     opts.add_argument("--job-timeout", type=_positive_float, default=None, metavar="S",
                       help="seconds a job may take from submit to COMPLETED")
     mode = p.add_mutually_exclusive_group()
@@ -222,7 +232,7 @@ def _plan(args: argparse.Namespace) -> int:
     return plan_command(
         args.manifest,
         as_json=args.json,
-        limit=args.limit,
+        limit=args.preview,
         max_items=args.max_items,
         cost_per_image=args.cost_per_image,
         out=sys.stdout,

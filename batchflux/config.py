@@ -58,7 +58,8 @@ class RunConfig:
     ``jobs`` is ``-j``: jobs in flight (submitted and not yet finished), the ceiling of the
     adaptive in-flight cap, unless ``max_inflight`` (an expert's hard ceiling) is lower.
     ``cost_per_image`` None means "ask the API's model catalogue". ``limit`` runs at most that
-    many of the items still to do (the first ones, in manifest order).
+    many of the items still to do (the first ones, in manifest order); ``fill_budget`` runs as
+    many of them as ``budget`` pays for.
     """
 
     out_dir: Path
@@ -78,6 +79,7 @@ class RunConfig:
     dataset: str | None = None
     shard: Shard | None = None
     limit: int | None = None
+    fill_budget: bool = False
 
     @property
     def inflight_ceiling(self) -> int:
@@ -143,6 +145,8 @@ def resolve_config(spec: JobSpec | None, options: RunOptions | None = None, *,
     _positive(merged.job_timeout, name("job_timeout"))
     _at_least(merged.cost_per_image, 0, name("cost_per_image"))
     _at_least(merged.limit, 1, name("limit"))
+    if merged.fill_budget and merged.budget is None:
+        raise UsageError(f"{name('fill_budget')} needs a budget ({name('budget')})")
     if merged.max_failure_rate is not None and not 0.0 <= merged.max_failure_rate <= 1.0:
         raise UsageError(f"{name('max_failure_rate')} must be between 0 and 1, "
                          f"got {merged.max_failure_rate!r}")
@@ -173,6 +177,7 @@ def resolve_config(spec: JobSpec | None, options: RunOptions | None = None, *,
         dataset=dataset,
         shard=shard,
         limit=merged.limit,
+        fill_budget=bool(merged.fill_budget),
     )
 
 

@@ -436,6 +436,7 @@ class RunOptions:
     dataset: str | None = None  # "hf" or "webdataset": export after the run
     shard: str | None = None  # "I/N": only the items of shard I of N
     limit: int | None = None  # run at most this many of the items still to do
+    fill_budget: bool | None = None  # run as many of them as ``budget`` pays for, then stop
 
     def merged(self, override: RunOptions) -> RunOptions:
         """Values of ``override`` where set, else ours."""

@@ -60,8 +60,7 @@ def _target(args: argparse.Namespace) -> Target:
     """Where requests go: ``--sim``, else the API with the key from ``--api-key-file`` or
     ``APIFRAME_API_KEY`` and the base URL from ``--base-url`` or ``APIFRAME_BASE_URL``."""
     if args.sim:
-        return Simulator(job_seconds=args.sim_job_seconds,
-                         credits=getattr(args, "sim_credits", None))
+        return Simulator(job_seconds=args.sim_job_seconds, credits=args.sim_credits)
     api_key = _read_key_file(args.api_key_file) if args.api_key_file else \
         os.environ.get("APIFRAME_API_KEY")
     if not api_key:
@@ -81,7 +80,8 @@ def _options(args: argparse.Namespace) -> RunOptions:
         rpm=args.rpm, retries=args.retries, budget=args.budget, max_items=args.max_items,
         job_timeout=args.job_timeout, retry_failed=args.retry_failed,
         fresh=args.fresh or None, verify=args.verify, max_failure_rate=args.max_failure_rate,
-        dataset=args.dataset, shard=args.shard, limit=getattr(args, "limit", None))
+        dataset=args.dataset, shard=args.shard, limit=args.limit,
+        fill_budget=args.fill_budget)
 
 
 class _Watched:

@@ -37,6 +37,14 @@ class Wording:
         """How to name the run setting ``name`` (a ``RunOptions`` field) to the user."""
         return self.settings.get(name, f"RunOptions({name}=...)")
 
+    def setting_to(self, name: str, value: object) -> str:
+        """How to set the run setting ``name`` to ``value`` (``--limit 5``,
+        ``RunOptions(limit=5)``; a flag without a value for ``True``)."""
+        if name in self.settings:
+            flag = self.settings[name]
+            return flag if value is True else f"{flag} {value}"
+        return f"RunOptions({name}={value!r})"
+
 
 #: The library's words: keyword arguments (the default everywhere).
 LIBRARY = Wording()
@@ -48,6 +56,7 @@ COMMAND_LINE = Wording(
         "out_dir": "--out", "concurrency": "-j", "max_inflight": "--max-inflight",
         "rpm": "--rpm", "retries": "--retries", "budget": "--budget",
         "max_items": "--max-items", "job_timeout": "--job-timeout", "limit": "--limit",
+        "fill_budget": "--fill-budget",
         "retry_failed": "--retry-failed", "verify": "--verify", "dataset": "--dataset",
         "max_failure_rate": "--max-failure-rate", "shard": "--shard",
         "cost_per_image": "run.cost_per_image (in the manifest)",

@@ -605,7 +605,7 @@ def memory(ctx: Context, *, large: int | None = None) -> list[Row]:
 
 def plan_peak(ctx: Context, items: int) -> ProcessRun:
     manifest = write_manifest(ctx.workdir, items, name="plan")
-    argv = [sys.executable, "-m", "batchflux", "plan", str(manifest), "--json", "--limit", "10",
+    argv = [sys.executable, "-m", "batchflux", "plan", str(manifest), "--json", "--preview", "10",
             "--max-items", str(items)]
     return run_measured(argv, cwd=ROOT).check()
 

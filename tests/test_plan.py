@@ -95,7 +95,7 @@ def test_plan_text_output_through_the_cli(tmp_path, capsys, monkeypatch):
           - text: a bird
             aspect_ratio: ["1:1", "2:3", "3:2"]
         """)
-    assert main(["plan", str(path), "--limit", "2", "--cost-per-image", "1.5"]) == 0
+    assert main(["plan", str(path), "--preview", "2", "--cost-per-image", "1.5"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"{path}: 5 items, model flux-2-dev"
     assert out[1] == "axes: prompts 2 x vars.c 2* x aspect_ratio 3*"
