@@ -16,19 +16,31 @@ The library reads no environment variable: the command line does that.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
+from anyio.abc import TaskStatus
 
 from .apiframe import ApiframeClient
-from .config import Api, RunConfig, Simulator, Target, explicit_price, resolve_config
+from .completion import CompletionSource, WebhookCompletion, WebhookMailbox
+from .config import (
+    Api,
+    RunConfig,
+    Simulator,
+    Target,
+    WebhookConfig,
+    explicit_price,
+    resolve_config,
+)
 from .errors import (
     EXIT_ITEMS_FAILED,
     EXIT_OK,
@@ -40,12 +52,14 @@ from .errors import (
 )
 from .expand import count_items, expand_job
 from .fileutil import sha256_file
+from .lifecycle import Lifecycle
 from .manifest import load_job
 from .models import ErrorCategory, JobSpec, RunOptions, WorkItem
 from .retry import RetryPolicy
 from .runner import Reporter, Runner, RunSettings, Scan, scan_items, skip_reason, workers_for
 from .shard import filter_items
 from .store import ResumeIndex, RunStore
+from .webhooks import WebhookReceiver, bind_listener, probe, signing_secret
 from .wording import LIBRARY, Wording
 
 __all__ = ["RunResult", "exit_code_for", "run_batch", "run_batch_async"]
@@ -59,6 +73,30 @@ SIM_DEFAULT_CREDITS = 10**9
 
 _UNAVAILABLE = (ErrorCategory.NETWORK, ErrorCategory.TIMEOUT, ErrorCategory.SERVER_ERROR,
                 ErrorCategory.RATE_LIMITED)
+
+
+@dataclass(frozen=True, slots=True)
+class _Connection:
+    """What :func:`_connect` made of the target: the client, whether it is the built-in
+    simulator (and its app, whose lifespan delivers webhooks), the expected job time, and
+    the webhook signing secret (the digest of the key, never the key)."""
+
+    client: ApiframeClient
+    simulated: bool
+    expected: float | None
+    secret: bytes
+    sim_app: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Webhooks:
+    """Webhook mode for one run: its settings, the bound socket, the signing secret, and the
+    in-process simulator's app when the target is :class:`~batchflux.config.Simulator`."""
+
+    config: WebhookConfig
+    listener: socket.socket
+    secret: bytes
+    sim_app: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +130,29 @@ async def run_batch_async(
     if total > config.max_items:
         raise UsageError(f"{spec.path} expands to {total} items, over the limit of "
                          f"{config.max_items} (raise it with {wording.setting('max_items')})")
-    client, simulated, expected = _connect(target, config, wording)
+    with contextlib.ExitStack() as held:
+        listener = None
+        if config.webhook is not None:
+            # Bound before anything is spent or created: a taken port refuses the run (78).
+            listener = held.enter_context(contextlib.closing(bind_listener(
+                config.webhook.host, config.webhook.port,
+                setting=wording.setting("webhook_listen"))))
+        connection = _connect(target, config, wording)
+        webhooks = None
+        if config.webhook is not None and listener is not None:
+            webhooks = _Webhooks(config.webhook, listener, connection.secret,
+                                 connection.sim_app)
+        return await _run_batch(spec, options, config, connection, webhooks=webhooks,
+                                reporter=reporter, stop=stop, wording=wording)
+
+
+async def _run_batch(spec: JobSpec, options: RunOptions | None, config: RunConfig,
+                     connection: _Connection, *, webhooks: _Webhooks | None,
+                     reporter: Reporter | None, stop: anyio.Event | None,
+                     wording: Wording) -> RunResult:
+    """Preflight, plan, run and export: what :func:`run_batch_async` does once the settings
+    are checked (and webhook mode's port is held)."""
+    client, simulated, expected = connection.client, connection.simulated, connection.expected
     say = reporter.message if reporter is not None else (lambda text: None)
     if config.fresh:
         moved = _move_aside(config.out_dir)
@@ -114,7 +174,7 @@ async def run_batch_async(
                                wording=wording, say=None)
             summary = await _run(spec, config, store, index, client, scan=scan, cost=cost,
                                  expected=expected, reporter=reporter, stop=stop,
-                                 simulated=simulated, say=say)
+                                 simulated=simulated, say=say, webhooks=webhooks)
         finally:
             store.close()
     return RunResult(summary, config.out_dir,
@@ -169,19 +229,30 @@ def _over_budget(remaining: int, cost: float, budget: float, wording: Wording) -
 async def _run(spec: JobSpec, config: RunConfig, store: RunStore, index: ResumeIndex,
                client: ApiframeClient, *, scan: Scan, cost: float, expected: float | None,
                reporter: Reporter | None, stop: anyio.Event | None, simulated: bool,
-               say: Any) -> dict[str, Any]:
+               say: Callable[[str], None], webhooks: _Webhooks | None) -> dict[str, Any]:
     """Run the plan, and export it."""
     store.freeze_manifest(spec.path)
-    runner = Runner(client=client, store=store, index=index,
-                    settings=_settings(config, cost=cost, expected=expected),
-                    reporter=reporter)
+    settings = _settings(config, cost=cost, expected=expected)
+    mailbox = WebhookMailbox() if webhooks is not None else None
+    completion = None
+    if webhooks is not None and mailbox is not None:
+        completion = _webhook_completion(mailbox, webhooks.config, settings, say)
+    runner = Runner(client=client, store=store, index=index, settings=settings,
+                    reporter=reporter, completion=completion)
     # Which manifest (by content) and which shard produced this run directory: the facts
     # `batchflux merge` checks before combining run directories.
     extra = {"manifest_sha256": _digest(spec.path),
              "shard": config.shard.label if config.shard is not None else None}
+    items = _items(spec, config, index)
     try:
-        summary = await runner.run(_items(spec, config, index), total=scan.total,
-                                   duplicates=scan.duplicates, summary_extra=extra, stop=stop)
+        if webhooks is None or mailbox is None:
+            summary = await runner.run(items, total=scan.total, duplicates=scan.duplicates,
+                                       summary_extra=extra, stop=stop)
+        else:
+            summary = await _run_receiving(
+                webhooks, mailbox, say,
+                lambda: runner.run(items, total=scan.total, duplicates=scan.duplicates,
+                                   summary_extra=extra, stop=stop))
     except RunAborted as exc:
         exc.out_dir, exc.simulated = config.out_dir, simulated
         raise
@@ -191,6 +262,56 @@ async def _run(spec: JobSpec, config: RunConfig, store: RunStore, index: ResumeI
         exported = export_dataset(config.out_dir, config.dataset)
         say(f"dataset ({config.dataset}): {exported.rows} rows in {exported.path}")
     return summary
+
+
+def _webhook_completion(mailbox: WebhookMailbox, webhook: WebhookConfig, settings: RunSettings,
+                        say: Callable[[str], None]) -> Callable[[Lifecycle], CompletionSource]:
+    """The completion source of webhook mode, built with the run's lifecycle."""
+
+    def build(lifecycle: Lifecycle) -> CompletionSource:
+        return WebhookCompletion(mailbox=mailbox, fetch=lifecycle.fetch_job,
+                                 timings=lifecycle.timings, policy=settings.poll,
+                                 expected=settings.expected_job_seconds, url=webhook.url,
+                                 say=say, clock=lifecycle.clock, sleep=lifecycle.sleep)
+
+    return build
+
+
+async def _run_receiving(webhooks: _Webhooks, mailbox: WebhookMailbox,
+                         say: Callable[[str], None],
+                         run: Callable[[], Any]) -> dict[str, Any]:
+    """``run()`` (the pool) with the webhook receiver serving beside it in one task group:
+    started and checked before the first submit, stopped once the run is over. With the
+    in-process simulator, its webhook sender runs here too (its app's lifespan)."""
+    config = webhooks.config
+    receiver = WebhookReceiver(mailbox=mailbox, secret=webhooks.secret, path=config.path)
+    result: dict[str, Any] | None = None
+    error: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        await tg.start(receiver.serve, webhooks.listener)
+        if webhooks.sim_app is not None:
+            await tg.start(_sim_deliveries, webhooks.sim_app)
+        try:
+            await probe(config.host, config.port, config.path)
+            say(f"webhooks: receiving on {config.listen} (POST {config.path}); Apiframe must "
+                f"reach {config.url}, which batchflux cannot check from here. Jobs whose "
+                "webhook does not come are found by a sparse poll")
+            result = await run()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, outside the task group
+            error = exc
+        await receiver.stop()
+        tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    assert result is not None
+    return result
+
+
+async def _sim_deliveries(app: Any, *, task_status: TaskStatus[None]) -> None:
+    """The in-process simulator's lifespan (its webhook sender), until cancelled."""
+    async with app.router.lifespan_context(app):
+        task_status.started()
+        await anyio.sleep_forever()
 
 
 def _items(spec: JobSpec, config: RunConfig, index: ResumeIndex) -> Iterator[WorkItem]:
@@ -221,12 +342,12 @@ def _settings(config: RunConfig, *, cost: float, expected: float | None) -> RunS
         retry_failed=config.retry_failed,
         expected_job_seconds=expected,
         verify=config.verify,
+        webhook=config.webhook.request if config.webhook is not None else None,
     )
 
 
-def _connect(target: Target, config: RunConfig,
-             wording: Wording) -> tuple[ApiframeClient, bool, float | None]:
-    """The API client for ``target``: ``(client, simulated, expected job seconds)``."""
+def _connect(target: Target, config: RunConfig, wording: Wording) -> _Connection:
+    """The API client for ``target``, and what else the run needs of it."""
     connections = workers_for(RunSettings(max_inflight=config.inflight_ceiling)) + 4
     if isinstance(target, Simulator):
         from .sim import SimSettings, create_app
@@ -239,10 +360,12 @@ def _connect(target: Target, config: RunConfig,
                                queue_seconds=min(0.2, target.job_seconds / 4))
         if target.credits is not None:
             settings = replace(settings, credits=target.credits)
+        app = create_app(settings)
         client = ApiframeClient(api_key=SIM_API_KEY, base_url=SIM_BASE_URL,
-                                transport=httpx.ASGITransport(app=create_app(settings)),
+                                transport=httpx.ASGITransport(app=app),
                                 max_connections=connections, wording=wording)
-        return client, True, target.job_seconds or SIM_DEFAULT_JOB_SECONDS
+        return _Connection(client, True, target.job_seconds or SIM_DEFAULT_JOB_SECONDS,
+                           signing_secret(SIM_API_KEY), app)
     if not isinstance(target, Api):
         raise UsageError(f"target must be Simulator() or Api(...), got {target!r}")
     client = ApiframeClient(
@@ -250,7 +373,7 @@ def _connect(target: Target, config: RunConfig,
         max_connections=connections, allow_insecure=target.allow_insecure,
         allowed_download_hosts=target.allowed_download_hosts, wording=wording,
         timeouts=target.timeouts)
-    return client, False, None
+    return _Connection(client, False, None, signing_secret(target.api_key))
 
 
 async def _preflight(client: ApiframeClient, config: RunConfig, *,

@@ -18,17 +18,19 @@ from ``APIFRAME_API_KEY`` / ``APIFRAME_BASE_URL`` / ``--api-key-file``.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
+from urllib.parse import urlsplit
 
 from .apiframe import DEFAULT_BASE_URL, Timeouts, Transport
 from .errors import UsageError
 from .filenames import check_filename_template
 from .expand import VAR_PREFIX
-from .models import DEFAULT_RUN_OPTIONS, JobSpec, RunOptions
+from .models import DEFAULT_RUN_OPTIONS, JobSpec, RunOptions, WebhookRequest
 from .shard import Shard, parse_shard
 from .wording import LIBRARY, Wording
 
@@ -37,18 +39,45 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATASET_FORMATS",
+    "DEFAULT_WEBHOOK_LISTEN",
     "Api",
     "RetryFailed",
     "RunConfig",
     "Simulator",
     "Target",
     "VerifyMode",
+    "WebhookConfig",
+    "parse_listen",
     "resolve_config",
 ]
 
 RetryFailed = Literal["retryable", "all"]
 VerifyMode = Literal["auto", "decode", "structure"]
 DATASET_FORMATS = ("hf", "webdataset")
+#: Where the webhook receiver listens unless told: this machine only (a proxy forwards to it).
+DEFAULT_WEBHOOK_LISTEN = "127.0.0.1:8787"
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """Webhook mode: ``url`` is the public address Apiframe POSTs job events to (through a
+    reverse proxy, an ingress or a tunnel); the receiver listens on ``host:port`` and takes
+    POST on the URL's ``path``."""
+
+    url: str
+    host: str
+    port: int
+    path: str
+
+    @property
+    def request(self) -> WebhookRequest:
+        """The webhook fields each submit carries."""
+        return WebhookRequest(self.url)
+
+    @property
+    def listen(self) -> str:
+        """``HOST:PORT`` as the user writes it (an IPv6 host in brackets)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +109,7 @@ class RunConfig:
     shard: Shard | None = None
     limit: int | None = None
     fill_budget: bool = False
+    webhook: WebhookConfig | None = None
 
     @property
     def inflight_ceiling(self) -> int:
@@ -154,6 +184,7 @@ def resolve_config(spec: JobSpec | None, options: RunOptions | None = None, *,
     verify = _choice(merged.verify or "auto", get_args(VerifyMode), name("verify"))
     dataset = _choice(merged.dataset, DATASET_FORMATS, name("dataset"))
     shard = parse_shard(merged.shard) if merged.shard is not None else None
+    webhook = _webhook(merged, name)
     template = merged.filename_template or str(DEFAULT_RUN_OPTIONS.filename_template)
     problem = check_filename_template(template, relative_only=False,
                                       variables=_variables(spec) if spec else None)
@@ -178,7 +209,55 @@ def resolve_config(spec: JobSpec | None, options: RunOptions | None = None, *,
         shard=shard,
         limit=merged.limit,
         fill_budget=bool(merged.fill_budget),
+        webhook=webhook,
     )
+
+
+def _webhook(merged: RunOptions, name: Any) -> WebhookConfig | None:
+    """Webhook mode's settings, checked: an http(s) URL with a host, a ``HOST:PORT``."""
+    if merged.webhook_url is None:
+        if merged.webhook_listen is not None:
+            raise UsageError(f"{name('webhook_listen')} needs {name('webhook_url')} (the public "
+                             "URL Apiframe sends job events to)")
+        return None
+    url = merged.webhook_url.strip()
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        raise UsageError(f"{name('webhook_url')} {url!r}: {exc}") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"{name('webhook_url')} must be an http(s) URL with a host, "
+                         f"got {url!r}")
+    if parts.username or parts.password or parts.fragment or "{" in parts.path \
+            or "}" in parts.path:
+        raise UsageError(f"{name('webhook_url')} must not carry credentials, a fragment or "
+                         f"braces, got {url!r}")
+    host, port = parse_listen(merged.webhook_listen or DEFAULT_WEBHOOK_LISTEN,
+                              setting=name("webhook_listen"))
+    return WebhookConfig(url=url, host=host, port=port, path=parts.path or "/")
+
+
+def parse_listen(text: str, *, setting: str = "webhook_listen") -> tuple[str, int]:
+    """``(host, port)`` of ``HOST:PORT`` (``[::1]:8787`` for IPv6). Raises
+    :class:`~batchflux.errors.UsageError` naming ``setting``.
+
+    >>> parse_listen("0.0.0.0:9000"), parse_listen("[::1]:8787")
+    (('0.0.0.0', 9000), ('::1', 8787))
+    """
+    host, sep, port_text = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            host = ""
+    elif ":" in host:
+        host = ""  # an IPv6 address needs brackets, or the port cannot be told apart
+    if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise UsageError(f"{setting} takes HOST:PORT (e.g. {DEFAULT_WEBHOOK_LISTEN}, "
+                         f"0.0.0.0:8787 or [::1]:8787; port 1-65535), got {text!r}")
+    return host, int(port_text)
 
 
 def explicit_price(spec: JobSpec | None, options: RunOptions | None) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from array import array
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -37,8 +38,16 @@ from .completion import CompletionSource, JobLike, Waiting
 from .errors import EXIT_ITEMS_FAILED, ApiError, ImageCheckError, RunAborted
 from .imagecheck import check_expected, image_size, inspect_container, inspect_image
 from .limits import Budget, SubmitGate
-from .models import ErrorCategory, ErrorInfo, FileRecord, Result, Timings, WorkItem, \
-    is_remote_ref
+from .models import (
+    ErrorCategory,
+    ErrorInfo,
+    FileRecord,
+    Result,
+    Timings,
+    WebhookRequest,
+    WorkItem,
+    is_remote_ref,
+)
 from .retry import JobTimings, RetryPolicy, Sighting, call_with_retries
 from .stats import parse_time, rounded, utc_now
 from .store import JournalIntent, JournalUpload, ResumeIndex
@@ -89,7 +98,8 @@ class ItemStore(Protocol):
     """What the lifecycle writes to the run directory (``store.RunStore`` is one)."""
 
     def journal_intent(self, item: WorkItem, submission: int,
-                       inputs: Sequence[str] | None = None) -> None: ...
+                       inputs: Sequence[str] | None = None,
+                       webhook: WebhookRequest | None = None) -> None: ...
     def journal_job(self, item: WorkItem, submission: int, job_id: str) -> None: ...
     def journal_lost(self, item: WorkItem, submission: int, job_id: str) -> None: ...
     def journal_upload(self, sha256: str, url: str, expires_at: str | None) -> None: ...
@@ -115,7 +125,7 @@ class LifecycleSettings:
     ``retries``: new jobs per item after a transient FAILED (and requests per call:
     ``request_retry``). ``verify``: ``decode`` checks every image's pixels, ``structure``
     walks its container only, ``auto`` decodes while that takes at most ``decode_share`` of
-    the run's time.
+    the run's time. ``webhook``: the webhook fields each new submit carries (None: none).
     """
 
     retries: int = 4
@@ -124,6 +134,7 @@ class LifecycleSettings:
     max_download_bytes: int = 64 << 20
     verify: str = "auto"
     decode_share: float = 0.1
+    webhook: WebhookRequest | None = None
 
 
 @dataclass
@@ -165,7 +176,7 @@ class _Item:
     job_id: str | None = None
     attached: bool = False
     was_attached: bool = False
-    resend_inputs: tuple[str, ...] | None = None
+    resend: JournalIntent | None = None  # a journaled submit to send again, exactly
     refetch: bool = False
     replayed: bool = False
     first_sent_wall: float | None = None
@@ -182,7 +193,7 @@ class _Item:
         self.submission += 1
         self.job_id = None
         self.attached = False
-        self.resend_inputs = None
+        self.resend = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,13 +224,15 @@ class Lifecycle:
         self.rng = rng or random.Random()
         self.started = clock()
         self.lags: list[float] = []  # job end -> seen done, per job
+        # Wall seconds from a job's completedAt to the start of its download, per job.
+        self.download_delays: array[float] = array("d")
         self.uploads = _Uploads(self, index.uploads)
         self.fetcher = _Fetcher(self)
 
     async def process(self, item: WorkItem) -> Result | None:
         """The item's result, or None when the run stopped before its job was submitted."""
         current = _Item(item=item, started=self.clock(), started_at=utc_now())
-        current.submission, current.job_id, current.resend_inputs = self.resume_point(item)
+        current.submission, current.job_id, current.resend = self.resume_point(item)
         current.refetch = self.index.missing_files(item.key) is not None
         if current.job_id is not None:
             current.attached = current.was_attached = True
@@ -243,9 +256,9 @@ class Lifecycle:
             return None
         return self._result(current, error=None, files=files)
 
-    def resume_point(self, item: WorkItem) -> tuple[int, str | None, tuple[str, ...] | None]:
+    def resume_point(self, item: WorkItem) -> tuple[int, str | None, JournalIntent | None]:
         """Where the item's lifecycle picks up: ``(submission number, job to re-attach or
-        None, input URLs of a submit to resend or None)`` (see the module doc)."""
+        None, a journaled submit to resend exactly or None)`` (see the module doc)."""
         index = self.index
         prior = index.prior_failure(item.key) or index.missing_files(item.key)
         job = index.journaled_job(item.key)
@@ -255,7 +268,7 @@ class Lifecycle:
                 job is None or intent.submission > job[0]):
             if _is_stale(intent):
                 return intent.submission + 1, None, None
-            return intent.submission, None, intent.inputs
+            return intent.submission, None, intent
         if job is not None and job[0] >= floor:
             if prior is None or prior.job_id != job[1] or prior.category in REATTACH_CATEGORIES:
                 return job[0], job[1], None
@@ -288,6 +301,7 @@ class Lifecycle:
             self._note_end(current, state)
             if state.status == "COMPLETED":
                 if not state.expired:
+                    self._note_download_start(current, state)
                     return await self.fetcher.fetch_all(current, state.images)
                 if current.refetch and current.jobs_created < max_jobs \
                         and not self.control.stopping:
@@ -312,23 +326,28 @@ class Lifecycle:
         if current.job_id is None:
             if self.control.stopping:
                 raise _NotStarted
-            body, inputs = await self._body(current.item, current.resend_inputs)
+            body, inputs, webhook = await self._body(current.item, current.resend)
             async with self.gate.inflight:
-                await self._submit(current, body, inputs)
+                await self._submit(current, body, inputs, webhook)
                 return await self._wait(current)
         async with self.gate.inflight:
             return await self._wait(current)
 
-    async def _body(self, item: WorkItem, inputs: tuple[str, ...] | None
-                    ) -> tuple[dict[str, Any], tuple[str, ...] | None]:
-        """The submit body and the ``input_images`` URLs it carries. ``inputs`` (from the
-        journal) resend exactly what an earlier submit carried."""
+    async def _body(self, item: WorkItem, resend: JournalIntent | None
+                    ) -> tuple[dict[str, Any], tuple[str, ...] | None, WebhookRequest | None]:
+        """The submit body, the ``input_images`` URLs and the webhook fields it carries.
+        ``resend`` (from the journal) sends exactly what an earlier submit carried: its
+        uploads' URLs, and its webhook fields (or none), whatever this run's are."""
         params = dict(item.params)
         refs = params.get("input_images")
+        webhook = resend.webhook if resend is not None else self.settings.webhook
         body: dict[str, Any] = {"prompt": item.prompt, "model": item.model,
                                 "fluxParams": params}
+        if webhook is not None:
+            body.update(webhook.body_fields())
+        inputs = resend.inputs if resend is not None else None
         if not refs:
-            return body, None
+            return body, None, webhook
         if inputs is None or len(inputs) != len(refs):
             try:
                 inputs = tuple([ref if is_remote_ref(ref) else await self.uploads.url_for(ref)
@@ -340,10 +359,10 @@ class Lifecycle:
                     ErrorCategory.INVALID_REQUEST,
                     f"cannot read a reference image: {exc.strerror or exc}", False)) from exc
         params["input_images"] = list(inputs)
-        return body, inputs
+        return body, inputs, webhook
 
     async def _submit(self, current: _Item, body: dict[str, Any],
-                      inputs: tuple[str, ...] | None) -> None:
+                      inputs: tuple[str, ...] | None, webhook: WebhookRequest | None) -> None:
         item = current.item
         if self.control.stopping:
             raise _NotStarted
@@ -355,8 +374,8 @@ class Lifecycle:
             await self.gate.throttle()
             if self.control.stopping:
                 raise _NotStarted
-            self.store.journal_intent(item, current.submission, inputs)
-            current.resend_inputs = inputs
+            self.store.journal_intent(item, current.submission, inputs, webhook)
+            current.resend = JournalIntent(current.submission, inputs, webhook=webhook)
             if current.first_sent_wall is None:
                 current.first_sent_wall = time.time()
             accepted = await self.call(
@@ -401,6 +420,14 @@ class Lifecycle:
                 self.gate.ended(current.job_token, end)
                 current.job_token = None
         return state
+
+    def _note_download_start(self, current: _Item, state: JobLike) -> None:
+        """How long after the job's end (the API's ``completedAt``) its download starts, for
+        jobs this run submitted (on the wall clock: on loopback, the simulator's clock)."""
+        completed = parse_time(state.completed_at)
+        if completed is not None and current.submitted is not None \
+                and not current.was_attached:
+            self.download_delays.append(time.time() - completed)
 
     def _note_end(self, current: _Item, state: JobLike) -> None:
         """Learn from a job's end (its timings), and settle what it cost this run."""

@@ -410,9 +410,22 @@ def is_remote_ref(ref: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookRequest:
+    """The webhook fields a submit carries (``webhookUrl``, ``webhookEvents``): journaled
+    with the submit, so that a resend carries exactly the same ones."""
+
+    url: str
+    events: tuple[str, ...] = ("completed", "failed")
+
+    def body_fields(self) -> dict[str, Any]:
+        """The fields as the request body spells them."""
+        return {"webhookUrl": self.url, "webhookEvents": list(self.events)}
+
+
+@dataclass(frozen=True, slots=True)
 class RunOptions:
     """Run settings, as one layer gives them: the defaults, a manifest's ``run:`` block (its
-    first ten fields), or the caller (the command line, the library's ``options=``).
+    first twelve fields), or the caller (the command line, the library's ``options=``).
 
     ``None`` means "not set here": the next layer (caller > manifest > default) decides.
     :func:`batchflux.config.resolve_config` merges the layers and checks them.
@@ -428,6 +441,8 @@ class RunOptions:
     max_items: int | None = None
     job_timeout: float | None = None  # seconds per job, submit to COMPLETED
     cost_per_image: float | None = None  # credits, for plan estimates
+    webhook_url: str | None = None  # the public URL Apiframe POSTs job events to
+    webhook_listen: str | None = None  # HOST:PORT of batchflux's own receiver
     # Settings of one invocation (the command line or the library; a manifest has none):
     retry_failed: str | None = None  # "retryable" or "all": retry earlier failures too
     fresh: bool | None = None  # move an existing output directory aside first

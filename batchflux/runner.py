@@ -34,7 +34,7 @@ from .completion import CompletionSource, PollingCompletion
 from .errors import RunAborted
 from .lifecycle import ApiClient, ItemStore, Lifecycle, LifecycleSettings, LifecycleStats
 from .limits import Budget, SubmitGate
-from .models import ErrorCategory, Result, RunState, WorkItem
+from .models import ErrorCategory, Result, RunState, WebhookRequest, WorkItem
 from .retry import JobTimings, PollPolicy, RetryPolicy
 from .stats import percentile, rounded, utc_now
 from .store import ResumeIndex, key_id
@@ -106,13 +106,15 @@ class RunSettings:
     seed: int | None = None  # for jitter; None: from the OS
     verify: str = "auto"
     decode_share: float = 0.1
+    webhook: WebhookRequest | None = None  # the webhook fields each new submit carries
 
     def lifecycle(self) -> LifecycleSettings:
         """The settings the item lifecycle reads."""
         return LifecycleSettings(retries=self.retries, request_retry=self.request_retry,
                                  job_timeout=self.job_timeout,
                                  max_download_bytes=self.max_download_bytes,
-                                 verify=self.verify, decode_share=self.decode_share)
+                                 verify=self.verify, decode_share=self.decode_share,
+                                 webhook=self.webhook)
 
 
 def initial_inflight(max_inflight: int) -> int:
@@ -439,6 +441,7 @@ class Runner:
         totals = self.totals()
         records = tally.to_json()
         lags = self.lifecycle.lags
+        delays = self.lifecycle.download_delays
         return {
             "started_at": started_at,
             "finished_at": utc_now(),
@@ -458,6 +461,10 @@ class Runner:
             "completion_lag_seconds": {
                 "p50": rounded(percentile(lags, 0.5)), "p95": rounded(percentile(lags, 0.95)),
                 "mean": rounded(sum(lags) / len(lags)) if lags else None},
+            # From a job's completedAt (the API's clock) to the start of its download (ours).
+            "download_delay_seconds": {
+                "p50": rounded(percentile(delays, 0.5)),
+                "p95": rounded(percentile(delays, 0.95))},
             "throughput": {
                 "items_per_minute": round((tally.ok + tally.failed) * 60.0 / elapsed, 2),
                 "images_per_minute": round(tally.images * 60.0 / elapsed, 2)},
@@ -477,6 +484,7 @@ class Runner:
                             for t, r in gate.learner.history[-256:]],
                 "rate_limited": gate.submit_429, "paused": gate.submit_pause.triggers},
             "stop_reason": self.state.stop_reason,
+            **self.lifecycle.completion.summary(),
         }
 
 
@@ -485,3 +493,6 @@ class _Deferred:
 
     async def wait(self, job: Any) -> Any:  # pragma: no cover - replaced before any run
         raise RuntimeError("the completion source was not set")
+
+    def summary(self) -> Mapping[str, Any]:  # pragma: no cover - replaced before any run
+        return {}

@@ -50,7 +50,7 @@ from .filenames import (  # noqa: F401 - re-exported: the store's public names s
     render_filename,
     safe_component,
 )
-from .models import FILES_FIELD, OK_LINE, FileRecord, Result, WorkItem
+from .models import FILES_FIELD, OK_LINE, FileRecord, Result, WebhookRequest, WorkItem
 
 STATE_DIR = ".batchflux"
 RESULTS_NAME = "results.jsonl"
@@ -263,13 +263,15 @@ class JournalIntent:
     """A submit that was sent (or about to be) without its jobId being journaled after it.
 
     ``inputs`` are the ``input_images`` URLs that submit carried (local files as the upload URL
-    they were sent as), so that a resend is byte-for-byte the same request and the API answers
-    it with the original job; ``at`` is the Unix time it was journaled.
+    they were sent as) and ``webhook`` its webhook fields (None: it had none), so that a resend
+    is byte-for-byte the same request and the API answers it with the original job; ``at`` is
+    the Unix time it was journaled.
     """
 
     submission: int
     inputs: tuple[str, ...] | None = None
     at: float | None = None
+    webhook: WebhookRequest | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,7 +361,8 @@ class ResumeIndex:
                 inputs = record.get("inputs")
                 index.intents[kid] = JournalIntent(
                     n, tuple(str(u) for u in inputs) if isinstance(inputs, list) else None,
-                    float(record["at"]) if isinstance(record.get("at"), (int, float)) else None)
+                    float(record["at"]) if isinstance(record.get("at"), (int, float)) else None,
+                    _journaled_webhook(record.get("webhook")))
             elif kind == "lost":
                 if index.jobs.get(kid, (None,))[0] == n:
                     del index.jobs[kid]
@@ -673,15 +676,19 @@ class RunStore:
             raise _unwritable(exc, path) from exc
 
     def journal_intent(self, item: WorkItem, submission: int,
-                       inputs: Sequence[str] | None = None) -> None:
+                       inputs: Sequence[str] | None = None,
+                       webhook: WebhookRequest | None = None) -> None:
         """Recorded before a submit is sent: a crash before we learn the jobId resubmits with
         the same Idempotency-Key *and the same body*, which the API answers with the original
         job. ``inputs`` are the ``input_images`` URLs the body carries (upload URLs change from
-        one upload to the next, so a resend must reuse these, not upload again)."""
+        one upload to the next, so a resend must reuse these, not upload again); ``webhook``
+        its webhook fields (a resumed run may be given another webhook URL, or none)."""
         record: dict[str, Any] = {"t": "intent", "key": item.key, "n": submission,
                                   "at": round(time.time(), 3)}
         if inputs:
             record["inputs"] = list(inputs)
+        if webhook is not None:
+            record["webhook"] = {"url": webhook.url, "events": list(webhook.events)}
         self._append(self._journal_fd, record)
 
     def journal_job(self, item: WorkItem, submission: int, job_id: str) -> None:
@@ -793,3 +800,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
 
+
+def _journaled_webhook(value: Any) -> WebhookRequest | None:
+    """The webhook fields of a journaled intent (None: the submit carried none)."""
+    if not isinstance(value, dict) or not isinstance(value.get("url"), str):
+        return None
+    events = value.get("events")
+    if not isinstance(events, list) or not events or not all(isinstance(e, str) for e in events):
+        return WebhookRequest(value["url"])
+    return WebhookRequest(value["url"], tuple(events))

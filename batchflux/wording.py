@@ -59,6 +59,7 @@ COMMAND_LINE = Wording(
         "fill_budget": "--fill-budget",
         "retry_failed": "--retry-failed", "verify": "--verify", "dataset": "--dataset",
         "max_failure_rate": "--max-failure-rate", "shard": "--shard",
+        "webhook_url": "--webhook-url", "webhook_listen": "--webhook-listen",
         "cost_per_image": "run.cost_per_image (in the manifest)",
         "filename_template": "run.filename_template (in the manifest)",
     }))
