@@ -113,7 +113,8 @@ async def test_failing_receiver_is_retried_then_marked_failed(receiver: tuple[Re
         assert job["webhookStatus"] == "failed"
         stats = (await client.get("/_sim/stats")).json()
     assert len(rec.calls) == 3
-    assert stats["webhooks"] == {"delivered": 0, "failed": 1, "attempts": 3}
+    assert stats["webhooks"] == {"delivered": 0, "failed": 1, "dropped": 0, "duplicated": 0,
+                                 "delayed": 0, "attempts": 3}
 
 
 async def test_in_process_deliveries_run_inside_the_lifespan(receiver: tuple[Receiver, str],
@@ -127,3 +128,76 @@ async def test_in_process_deliveries_run_inside_the_lifespan(receiver: tuple[Rec
             job = await _wait_webhook_status(client, job_id, oas)
     assert job["webhookStatus"] == "delivered"
     assert [p["event"] for p in rec.payloads()] == ["completed"]
+
+
+# -- faults: lost, repeated and late events -------------------------------------------------
+
+
+async def _settle_all(client: httpx.AsyncClient, bodies: list[dict[str, Any]],
+                      oas: OasValidator) -> list[dict[str, Any]]:
+    ids = [(await client.post("/v2/images/generate", json=b)).json()["jobId"] for b in bodies]
+    return [await _wait_webhook_status(client, job_id, oas) for job_id in ids]
+
+
+async def test_dropped_events_never_arrive_and_the_sender_believes_them_delivered(
+        receiver: tuple[Receiver, str], oas: OasValidator) -> None:
+    rec, url = receiver
+    async with sim_client(SimSettings(**FAST, webhook_drop_rate=1.0), mode="uvicorn") as client:
+        jobs = await _settle_all(client, [{"prompt": f"lost {i}", "model": "flux-2-dev",
+                                           "webhookUrl": url} for i in range(3)], oas)
+        stats = (await client.get("/_sim/stats")).json()
+    assert rec.calls == []
+    assert [job["webhookStatus"] for job in jobs] == ["delivered"] * 3
+    assert stats["webhooks"]["dropped"] == 3
+    assert stats["webhooks"]["delivered"] == stats["webhooks"]["attempts"] == 0
+
+
+async def test_duplicated_events_arrive_twice_byte_for_byte(receiver: tuple[Receiver, str],
+                                                            oas: OasValidator) -> None:
+    rec, url = receiver
+    async with sim_client(SimSettings(**FAST, webhook_dup_rate=1.0), mode="uvicorn") as client:
+        await _settle_all(client, [{"prompt": "twice", "model": "flux-2-dev",
+                                    "webhookUrl": url}], oas)
+        for _ in range(500):  # the copy follows the settled status by webhook_backoff
+            if len(rec.calls) == 2:
+                break
+            await anyio.sleep(0.02)
+        stats = (await client.get("/_sim/stats")).json()
+    assert len(rec.calls) == 2
+    (first_headers, first), (second_headers, second) = rec.calls
+    assert first == second and verify(API_KEY, second_headers, second)
+    assert first_headers["x-webhook-signature"] == second_headers["x-webhook-signature"]
+    assert stats["webhooks"]["duplicated"] == 1 and stats["webhooks"]["delivered"] == 1
+    assert stats["webhooks"]["attempts"] == 2
+
+
+async def test_delayed_events_still_arrive_and_are_counted(receiver: tuple[Receiver, str],
+                                                           oas: OasValidator) -> None:
+    rec, url = receiver
+    settings = SimSettings(**FAST, webhook_delay=(0.1, 0.2))
+    async with sim_client(settings, mode="uvicorn") as client:
+        jobs = await _settle_all(client, [{"prompt": f"late {i}", "model": "flux-2-dev",
+                                           "webhookUrl": url} for i in range(2)], oas)
+        stats = (await client.get("/_sim/stats")).json()
+    assert [job["webhookStatus"] for job in jobs] == ["delivered"] * 2
+    assert stats["webhooks"]["delayed"] == 2 and stats["webhooks"]["delivered"] == 2
+    assert sorted(p["jobId"] for p in rec.payloads()) == sorted(job["id"] for job in jobs)
+
+
+def test_webhook_fault_settings_are_checked_and_read_from_flags() -> None:
+    import argparse
+
+    from batchflux.sim.serve import add_arguments, settings_from_args
+    from batchflux.sim.settings import settings_with
+
+    with pytest.raises(ValueError, match="webhook_drop_rate"):
+        SimSettings(webhook_drop_rate=1.5)
+    with pytest.raises(ValueError, match="webhook_delay"):
+        SimSettings(webhook_delay=(2.0, 1.0))
+    assert settings_with(SimSettings(), {"webhook_delay": "1-3"}).webhook_delay == (1.0, 3.0)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = settings_from_args(parser.parse_args(
+        ["--webhook-drop-rate", "0.3", "--webhook-dup-rate", "0.2", "--webhook-delay", "2-4"]))
+    assert (settings.webhook_drop_rate, settings.webhook_dup_rate,
+            settings.webhook_delay) == (0.3, 0.2, (2.0, 4.0))

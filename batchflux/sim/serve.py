@@ -52,6 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="a 429 storm: every submit this long after the first is refused")
     a("--storm-retry-after", type=int, default=d.storm_retry_after, metavar="S",
       help="Retry-After sent during a storm (default: %(default)s)")
+    a("--webhook-drop-rate", type=float, default=0.0, metavar="P",
+      help="probability that a webhook event is lost on the way (never arrives)")
+    a("--webhook-dup-rate", type=float, default=0.0, metavar="P",
+      help="probability that a webhook event arrives twice")
+    a("--webhook-delay", type=parse_spread, default=d.webhook_delay, metavar="S|A-B",
+      help="seconds each webhook event waits before it is sent: a mean (spread 0.5-1.5x), "
+      "or A-B for a uniform spread (default: %(default)s)")
     a("--credits", type=int, default=d.credits, help="starting team credits (default: %(default)s)")
     a("--cost-per-image", type=int, default=d.cost_per_image,
       help="credits per image (default: %(default)s)")
@@ -91,6 +98,9 @@ def settings_from_args(args: argparse.Namespace) -> SimSettings:
         stall_seconds=args.stall_seconds,
         storm_seconds=args.storm_seconds,
         storm_retry_after=args.storm_retry_after,
+        webhook_drop_rate=args.webhook_drop_rate,
+        webhook_dup_rate=args.webhook_dup_rate,
+        webhook_delay=args.webhook_delay,
         credits=args.credits,
         cost_per_image=args.cost_per_image,
         asset_ttl=args.asset_ttl,

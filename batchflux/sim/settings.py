@@ -75,15 +75,20 @@ class SimSettings:
     webhook_retries: int = 3  # attempts after the first
     webhook_backoff: float = 1.0  # seconds before the first retry, doubled each time
     webhook_tick: float = 0.05  # how often the sender looks for due events
+    # Webhook faults, drawn per event from the fault RNG:
+    webhook_drop_rate: float = 0.0  # lost on the way: never arrives (the sender thinks it did)
+    webhook_dup_rate: float = 0.0  # arrives twice (the copy webhook_backoff after the first)
+    webhook_delay: Spread = 0.0  # seconds an event waits before its first attempt
 
     def __post_init__(self) -> None:
         problems = []
         for name in ("error_rate", "drop_rate", "drop_after_create_share", "fail_rate",
-                     "fail_capacity_share", "truncate_rate", "corrupt_rate", "stall_rate"):
+                     "fail_capacity_share", "truncate_rate", "corrupt_rate", "stall_rate",
+                     "webhook_drop_rate", "webhook_dup_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 problems.append(f"{name} must be between 0 and 1, got {value!r}")
-        for name in ("job_seconds", "queue_seconds"):
+        for name in ("job_seconds", "queue_seconds", "webhook_delay"):
             low, high = spread_bounds(getattr(self, name))
             if low < 0 or high < low:
                 problems.append(f"{name} must be >= 0 (and low <= high)")
@@ -140,7 +145,7 @@ def settings_with(settings: SimSettings, patch: Mapping[str, Any]) -> SimSetting
     for name, value in patch.items():
         if isinstance(value, list):
             value = tuple(value)
-        if name in ("job_seconds", "queue_seconds") and isinstance(value, str):
+        if name in ("job_seconds", "queue_seconds", "webhook_delay") and isinstance(value, str):
             value = parse_spread(value)
         changes[name] = value
     try:

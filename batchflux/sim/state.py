@@ -147,6 +147,9 @@ class Counters:
     webhooks_delivered: int = 0
     webhooks_failed: int = 0
     webhook_attempts: int = 0
+    webhooks_dropped: int = 0
+    webhooks_duplicated: int = 0
+    webhooks_delayed: int = 0
     requests: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(dict))
     errors_injected: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
@@ -368,7 +371,8 @@ class SimState:
             "downloads": c.downloads,
             "uploads": c.uploads,
             "webhooks": {"delivered": c.webhooks_delivered, "failed": c.webhooks_failed,
-                         "attempts": c.webhook_attempts},
+                         "dropped": c.webhooks_dropped, "duplicated": c.webhooks_duplicated,
+                         "delayed": c.webhooks_delayed, "attempts": c.webhook_attempts},
             "errors_injected": dict(c.errors_injected),
             "requests": {label: dict(by) for label, by in c.requests.items()},
         }

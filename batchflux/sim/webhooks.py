@@ -3,6 +3,13 @@
 The sender runs in the app's lifespan (uvicorn starts it). In-process through
 ``httpx.ASGITransport`` lifespans do not run: enter ``app.router.lifespan_context(app)``
 yourself to get deliveries, otherwise jobs keep ``webhookStatus: "pending"``.
+
+Faults, drawn per event from the fault RNG (``SimSettings.fault_seed``): an event may wait
+``webhook_delay`` before its first attempt, be lost on the way (``webhook_drop_rate``: it never
+arrives, and the sender counts it ``dropped``, as a provider whose request a proxy swallowed
+would believe it delivered), or arrive twice (``webhook_dup_rate``). A receiver that answers
+other than 2xx, or cannot be reached, is retried ``webhook_retries`` times with backoff, then
+the job's ``webhookStatus`` is ``failed``.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import Any
 import anyio
 import httpx
 
+from .settings import spread_bounds
 from .state import Job, SimState, iso_ms
 
 
@@ -97,6 +105,29 @@ class WebhookSender:
     async def _post(self, client: httpx.AsyncClient, job: Job, payload: dict[str, Any]) -> bool:
         settings = self.state.settings
         counters = self.state.counters
+        plan = self.state.plan
+        drop = plan.chance("webhook:drop", settings.webhook_drop_rate)
+        duplicate = plan.chance("webhook:dup", settings.webhook_dup_rate)
+        low, high = spread_bounds(settings.webhook_delay)
+        wait = plan.uniform("webhook:delay", low, high) if high > 0 else 0.0
+        if wait > 0:
+            counters.webhooks_delayed += 1
+            await anyio.sleep(wait)
+        if drop:
+            counters.webhooks_dropped += 1
+            return True
+        delivered = await self._attempts(client, job, payload)
+        if delivered and duplicate:
+            counters.webhooks_duplicated += 1
+            await anyio.sleep(settings.webhook_backoff)
+            await self._attempts(client, job, payload, retries=0, count=False)
+        return delivered
+
+    async def _attempts(self, client: httpx.AsyncClient, job: Job, payload: dict[str, Any], *,
+                        retries: int | None = None, count: bool = True) -> bool:
+        """POST ``payload`` until a 2xx, retrying with backoff; True when one came."""
+        settings = self.state.settings
+        counters = self.state.counters
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
         headers = {
             "Content-Type": "application/json",
@@ -105,7 +136,8 @@ class WebhookSender:
         }
         delay = settings.webhook_backoff
         assert job.webhook_url is not None
-        for attempt in range(settings.webhook_retries + 1):
+        retries = settings.webhook_retries if retries is None else retries
+        for attempt in range(retries + 1):
             if attempt:
                 await anyio.sleep(delay)
                 delay *= 2
@@ -116,7 +148,7 @@ class WebhookSender:
             except httpx.HTTPError:
                 continue
             if 200 <= response.status_code < 300:
-                counters.webhooks_delivered += 1
+                counters.webhooks_delivered += count
                 return True
-        counters.webhooks_failed += 1
+        counters.webhooks_failed += count
         return False
