@@ -105,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a guard: refuse manifests that expand to more than N items")
     opts.add_argument("--job-timeout", type=_positive_float, default=None, metavar="S",
                       help="seconds a job may take from submit to COMPLETED")
+    opts.add_argument("--webhook-url", default=None, metavar="URL",
+                      help="the public URL Apiframe POSTs each job's end to (through your "
+                      "reverse proxy, ingress or tunnel, to --webhook-listen): each image is "
+                      "downloaded the moment its job ends, with a sparse poll only as a safety "
+                      "net (docs/webhooks.md)")
+    opts.add_argument("--webhook-listen", default=None, metavar="HOST:PORT",
+                      help="where batchflux's webhook receiver listens for POSTs on the URL's "
+                      "path (default 127.0.0.1:8787)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
                       help="continue the run in --out (the default)")
