@@ -367,8 +367,11 @@ class WebhookCompletion:
     ``expected`` drive the polling schedule used when webhooks do not arrive at all;
     ``fallback`` the sparse schedule otherwise. The fallback schedule follows the median time
     of the last jobs that ended, and each due poll is checked against it again when it comes
-    (early in a run the median grows as slower jobs end). ``say`` tells the user, once, when no
-    webhook came for the first ``fallback.quiet_jobs`` jobs (``url`` names the address).
+    (early in a run the median grows as slower jobs end). A job's time is learned from the
+    API's timestamps (a webhook's ``completedAt`` against the submit's time on ``wall``, the
+    Unix clock), so a webhook that comes late does not stretch it. ``say`` tells the user,
+    once, when no webhook came for the first ``fallback.quiet_jobs`` jobs (``url`` names the
+    address).
     """
 
     def __init__(self, *, mailbox: WebhookMailbox, fetch: Fetch, timings: JobTimings,
@@ -376,7 +379,8 @@ class WebhookCompletion:
                  expected: float | None = None, url: str = "the webhook URL",
                  say: Callable[[str], None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = anyio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+                 wall: Callable[[], float] = time.time) -> None:
         self.mailbox = mailbox
         self.counters = mailbox.counters
         self._fetch = fetch
@@ -388,6 +392,7 @@ class WebhookCompletion:
         self._say = say
         self._clock = clock
         self._sleep = sleep
+        self._wall = wall
         self._durations: deque[float] = deque(maxlen=63)
         self._outcomes: deque[bool] = deque(maxlen=self.fallback.window)
         self._warned = False
@@ -396,20 +401,28 @@ class WebhookCompletion:
         """See :meth:`CompletionSource.wait`."""
         slot = self.mailbox.claim(job.job_id)
         by_webhook = False
+        due: float | None = None  # when the next poll is due, on the run's clock
         try:
             while True:
                 if slot.state is not None:
                     by_webhook = True
                     self._ended(job, slot.state, by_webhook=True)
                     return slot.state
-                remaining = job.deadline - self._clock()
+                now = self._clock()
+                remaining = job.deadline - now
                 if remaining <= 0:
                     raise ApiError(f"job {job.job_id} not finished by its deadline",
                                    category=ErrorCategory.TIMEOUT, retryable=True)
-                delay = self._delay(job)
-                if delay > 0:
-                    await self._wait_for(slot, min(delay, remaining))
-                    continue  # an event, a changed schedule, or the due time: look again
+                if due is None:
+                    due = now + self._delay(job)
+                elif not self.counters.polling and due <= now:
+                    # A fallback poll falls due: is it still, by what was learned since?
+                    due = max(due, now + self._delay(job))
+                if due > now:
+                    if not await self._wait_for(slot, min(due - now, remaining)):
+                        due = None  # woken by an event or a new schedule: look again
+                    continue
+                due = None
                 state = await self._poll(job)
                 if state is None:
                     return None
@@ -442,18 +455,23 @@ class WebhookCompletion:
             return statistics.median(self._durations)
         return None if self.expected is None else self.expected
 
-    async def _wait_for(self, slot: _Slot, seconds: float) -> None:
-        """Until the slot is woken or ``seconds`` pass (on the injected clock)."""
+    async def _wait_for(self, slot: _Slot, seconds: float) -> bool:
+        """Until the slot is woken or ``seconds`` pass (on the injected clock); True when the
+        time passed (a due poll), False when woken."""
+        expired = False
         if not slot.event.is_set():
             async with anyio.create_task_group() as tg:
                 async def timer() -> None:
+                    nonlocal expired
                     await self._sleep(seconds)
+                    expired = True
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(timer)
                 await slot.event.wait()
                 tg.cancel_scope.cancel()
         slot.rearm()
+        return expired
 
     async def _poll(self, job: Waiting) -> JobLike | None:
         if job.attached and not job.sightings:
@@ -478,9 +496,11 @@ class WebhookCompletion:
             counters.jobs_by_webhook += 1
         else:
             counters.jobs_by_poll += 1
-        if not job.attached:
+        seen = self._clock() - job.submitted
+        duration = _duration(state, seen, submitted=self._wall() - seen, seen_at_end=by_webhook)
+        if not job.attached and duration is not None:
             known = self._expected() is not None
-            self._durations.append(_duration(state, self._clock() - job.submitted))
+            self._durations.append(duration)
             if not known and self._expected() is not None:
                 self.mailbox.wake_all()  # the first job times: every schedule changes
         self._outcomes.append(by_webhook)
@@ -499,11 +519,15 @@ class WebhookCompletion:
             self.mailbox.wake_all()
 
 
-def _duration(state: JobLike, seen: float) -> float:
-    """A job's time from its creation to its end: the API's own timestamps when the state has
-    both (a polled job), else the time from the submit to when its end was seen (a webhook
-    comes within moments of the end)."""
+def _duration(state: JobLike, seen: float, *, submitted: float,
+              seen_at_end: bool) -> float | None:
+    """A job's time from its creation to its end: ``createdAt`` to ``completedAt`` when the
+    state has both (a polled job), else the submit's Unix time (``submitted``) to
+    ``completedAt`` (a webhook), else ``seen`` (the time from the submit to when its end was
+    seen) when that was at its end (``seen_at_end``: a webhook), else None: a poll that
+    found a job ended tells only that it took at most ``seen``."""
     created, completed = parse_time(state.created_at), parse_time(state.completed_at)
-    if created is not None and completed is not None and completed >= created:
-        return completed - created
-    return seen
+    start = submitted if created is None else created
+    if completed is not None and 0 <= completed - start <= seen:
+        return completed - start
+    return seen if seen_at_end else None

@@ -249,7 +249,11 @@ def bind_listener(host: str, port: int, *, setting: str = "webhook_listen") -> s
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
     try:
-        # No SO_REUSEADDR: a port another process listens on must be refused, not shared.
+        # SO_REUSEADDR lets the next run take the port while the last one's closed connections
+        # linger (TIME_WAIT); on POSIX it never lets two sockets listen on one address, so a
+        # port another process listens on is still refused.
+        if hasattr(socket, "SO_REUSEADDR") and not hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(128)
         sock.setblocking(False)
