@@ -302,6 +302,18 @@ class WebhookMailbox:
         for slot in self._slots.values():
             slot.wake()
 
+    def wake_first(self, *, but: str | None = None) -> None:
+        """Wake the job that has waited longest, ``but`` that one (it looks at its schedule
+        again)."""
+        for job_id, slot in self._slots.items():
+            if job_id != but:
+                slot.wake()
+                return
+
+    def is_waiting(self, job_id: str) -> bool:
+        """True while ``job_id`` waits in the mailbox."""
+        return job_id in self._slots
+
     @property
     def waiting(self) -> int:
         """Jobs waiting now."""
@@ -396,6 +408,7 @@ class WebhookCompletion:
         self._durations: deque[float] = deque(maxlen=63)
         self._outcomes: deque[bool] = deque(maxlen=self.fallback.window)
         self._warned = False
+        self._canary: str | None = None
 
     async def wait(self, job: Waiting) -> JobLike | None:
         """See :meth:`CompletionSource.wait`."""
@@ -414,10 +427,13 @@ class WebhookCompletion:
                     raise ApiError(f"job {job.job_id} not finished by its deadline",
                                    category=ErrorCategory.TIMEOUT, retryable=True)
                 if due is None:
-                    due = now + self._delay(job)
-                elif not self.counters.polling and due <= now:
+                    delay, sparse = self._delay(job)
+                    due = now + delay
+                elif due <= now and sparse:
                     # A fallback poll falls due: is it still, by what was learned since?
-                    due = max(due, now + self._delay(job))
+                    delay, sparse = self._delay(job)
+                    if sparse:
+                        due = max(due, now + delay)
                 if due > now:
                     if not await self._wait_for(slot, min(due - now, remaining)):
                         due = None  # woken by an event or a new schedule: look again
@@ -439,15 +455,27 @@ class WebhookCompletion:
 
     # -- the schedule ------------------------------------------------------------------------
 
-    def _delay(self, job: Waiting) -> float:
+    def _delay(self, job: Waiting) -> tuple[float, bool]:
+        """Seconds until the job's next poll, and whether that is the sparse fallback
+        schedule (a due time fixed since the submit, checked again when it comes) rather
+        than a polling-mode wait (slept, then polled)."""
         elapsed = self._clock() - job.submitted
         if job.attached and not job.sightings:
-            return 0.0  # re-attached: it may have ended while no run listened
-        if self.counters.polling:
+            return 0.0, False  # re-attached: it may have ended while no run listened
+        expected = self._expected()
+        if self.counters.polling or (expected is None and self._is_canary(job.job_id)):
             return next_poll_delay(self.policy, self.timings, job.sightings, elapsed=elapsed,
-                                   expected=self.expected)
+                                   expected=self.expected), False
         polls = len(job.sightings) - (1 if job.attached else 0)
-        return fallback_delay(self.fallback, self._expected(), polls=polls, elapsed=elapsed)
+        return fallback_delay(self.fallback, expected, polls=polls, elapsed=elapsed), True
+
+    def _is_canary(self, job_id: str) -> bool:
+        """While no job time is known, one job (the oldest waiting) is polled as polling mode
+        polls: if webhooks are not arriving, its end teaches the job time the others' fallback
+        polls wait for; if they are, it costs a poll or two a run."""
+        if self._canary is None or not self.mailbox.is_waiting(self._canary):
+            self._canary = job_id
+        return self._canary == job_id
 
     def _expected(self) -> float | None:
         """The median time of the last jobs that ended (three at least), else the guess."""
@@ -503,6 +531,10 @@ class WebhookCompletion:
             self._durations.append(duration)
             if not known and self._expected() is not None:
                 self.mailbox.wake_all()  # the first job times: every schedule changes
+        if job.job_id == self._canary:
+            self._canary = None
+            if self._expected() is None:
+                self.mailbox.wake_first(but=job.job_id)  # the oldest waiting is the next
         self._outcomes.append(by_webhook)
         policy = self.fallback
         quiet = counters.verified == 0 and counters.jobs_by_poll >= policy.quiet_jobs

@@ -417,6 +417,8 @@ class Lifecycle:
             if current.job_token is not None:
                 duration = None if state is None else _job_seconds(state)
                 end = None if duration is None else submitted + duration
+                if end is None and state is not None:
+                    end = _end_from_completed(state, now=self.clock(), since=submitted)
                 self.gate.ended(current.job_token, end)
                 current.job_token = None
         return state
@@ -645,6 +647,16 @@ def _job_seconds(state: JobLike) -> float | None:
     if created is None or completed is None:
         return None
     return completed - created
+
+
+def _end_from_completed(state: JobLike, *, now: float, since: float) -> float | None:
+    """When the job ended on our clock, from ``completedAt`` alone (a webhook carries no
+    ``createdAt``): None when that time is unknown or not between ``since`` and ``now``."""
+    completed = parse_time(state.completed_at)
+    if completed is None:
+        return None
+    end = now - (time.time() - completed)
+    return end if since <= end <= now else None
 
 
 def _seconds_until(text: str | None) -> float:

@@ -452,6 +452,106 @@ def polling(ctx: Context) -> list[Row]:
     return rows
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (for the webhook receiver of a run)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def webhooks(ctx: Context) -> list[Row]:
+    """Webhook mode against polling mode and the plain script, one simulator, jobs of 5-15 s,
+    500 items: requests per image, how soon a finished job's download starts, wall time; then
+    with 30 % of the events lost and 20 % sent twice, and with every event lost."""
+    name = "webhooks"
+    items, low, high, jobs = (500, 5.0, 15.0, 100) if not ctx.smoke else (20, 0.5, 1.5, 10)
+    manifest = write_manifest(ctx.workdir, items, name="webhooks")
+    bodies = ctx.workdir / "webhooks-bodies.jsonl"
+    write_bodies(manifest, bodies)
+    settings = sim_settings(job_seconds=[low, high])
+    if ctx.smoke:
+        settings["queue_seconds"] = [0, 0.1]
+    port = free_port()
+    flags = ("--webhook-url", f"http://127.0.0.1:{port}/batchflux/webhook",
+             "--webhook-listen", f"127.0.0.1:{port}")
+    faults = {"webhook_drop_rate": 0.3, "webhook_dup_rate": 0.2}
+    with SimProcess(settings) as sim:
+        ctx.log(f"{name}: batchflux -j {jobs}, {items} items, polling")
+        polled = run_batchflux(ctx, sim, manifest, ctx.workdir / "webhooks-polling", jobs=jobs,
+                               expect_ok=items)
+        ctx.log(f"{name}: batchflux -j {jobs}, {items} items, webhooks")
+        hooked = run_batchflux(ctx, sim, manifest, ctx.workdir / "webhooks-out", jobs=jobs,
+                               extra=flags, expect_ok=items)
+        ctx.log(f"{name}: plain script, concurrency {jobs}")
+        peer = run_peer(ctx, sim, bodies, ctx.workdir / "webhooks-peer", concurrency=jobs)
+        ctx.log(f"{name}: batchflux, webhooks, 30 % of the events lost and 20 % sent twice")
+        sim.configure(faults)
+        lossy = run_batchflux(ctx, sim, manifest, ctx.workdir / "webhooks-lossy", jobs=jobs,
+                              extra=flags, expect_ok=items)
+        ctx.log(f"{name}: batchflux, webhooks, every event lost")
+        sim.configure({"webhook_drop_rate": 1.0, "webhook_dup_rate": 0.0})
+        deaf = run_batchflux(ctx, sim, manifest, ctx.workdir / "webhooks-deaf", jobs=jobs,
+                             extra=flags, expect_ok=items)
+        sim.configure({"webhook_drop_rate": 0.0, "webhook_dup_rate": 0.0})
+        command = command_line(batchflux_argv(ctx, sim, manifest, ctx.workdir / "webhooks-out",
+                                              jobs=jobs, extra=flags), ctx)
+        peer_cmd = command_line(peer_argv(ctx, sim, bodies, ctx.workdir / "webhooks-peer",
+                                          concurrency=jobs), ctx)
+    rpi = {run: http_requests(r) / max(1, r.images)
+           for run, r in (("hooks", hooked), ("polled", polled), ("peer", peer))}
+    delay = {run: (r.summary.get("download_delay_seconds") or {}).get("p50")
+             for run, r in (("hooks", hooked), ("polled", polled), ("lossy", lossy))}
+
+    def ms(value: float | None) -> str:
+        return "n/a" if value is None else f"{value * 1000:.0f} ms"
+
+    def counters(run: ClientRun) -> str:
+        hooks = run.summary.get("webhooks") or {}
+        return ", ".join(f"{k} {hooks.get(k)}" for k in (
+            "received", "verified", "duplicates", "late", "jobs_by_webhook", "jobs_by_poll",
+            "fallback_polls"))
+
+    lossy_name = f"{name} (drop 0.3, dup 0.2)"
+    lossy_stats = lossy.sim_stats
+    p50 = delay["hooks"]
+    return [
+        Row(name, "HTTP requests / image", round(rpi["hooks"], 3), "req",
+            reference=f"polling mode {rpi['polled']:.2f}, plain script {rpi['peer']:.2f}",
+            target="<= 2.2", met=check(rpi["hooks"], "<= 2.2"),
+            note=f"{items} items, jobs {low:g}-{high:g} s, -j {jobs}; submit + polls + "
+            f"download as the simulator counts them; {counters(hooked)}; batchflux: "
+            f"`{command}`; plain: `{peer_cmd}`"),
+        ratio_row(name, "requests per image / plain's", rpi["hooks"] / rpi["peer"], "<= 0.35",
+                  reference=f"{rpi['hooks']:.2f} vs {rpi['peer']:.2f}"),
+        Row(name, "completedAt to download start, p50", round((p50 or 0.0) * 1000, 1), "ms",
+            reference=f"polling mode {ms(delay['polled'])}", target="<= 50",
+            met=p50 is not None and check(p50 * 1000, "<= 50"),
+            note="the job's completedAt (simulator clock) to the start of its download "
+            "(batchflux's clock; one wall clock on loopback), summary.json "
+            f"download_delay_seconds; p95 "
+            f"{ms((hooked.summary.get('download_delay_seconds') or {}).get('p95'))}"),
+        ratio_row(name, "wall / polling mode's wall", hooked.wall / polled.wall, "<= 1.0",
+                  reference=f"{hooked.wall:.1f} s vs {polled.wall:.1f} s"),
+        Row(lossy_name, "items ok", lossy.summary["counts"]["ok"], "items",
+            reference=f"of {items}", target=f">= {items}",
+            met=lossy.summary["counts"]["ok"] >= items,
+            note=f"simulator: {lossy_stats['webhooks']}; batchflux: {counters(lossy)}; "
+            f"completedAt to download start p50 {ms(delay['lossy'])}"),
+        Row(lossy_name, "duplicate jobs", lossy_stats["duplicate_jobs"], "jobs",
+            reference=f"{lossy_stats['jobs_created']} jobs for {items} items", target="<= 0",
+            met=lossy_stats["duplicate_jobs"] == 0),
+        ratio_row(lossy_name, "wall / polling mode's wall", lossy.wall / polled.wall, "<= 1.3",
+                  reference=f"{lossy.wall:.1f} s vs {polled.wall:.1f} s"),
+        ratio_row(f"{name} (all lost)", "wall / polling mode's wall", deaf.wall / polled.wall,
+                  "<= 1.3", reference=f"{deaf.wall:.1f} s vs {polled.wall:.1f} s",
+                  note=f"every item ok, {deaf.sim_stats['duplicate_jobs']} duplicate jobs; "
+                  f"HTTP requests / image {http_requests(deaf) / max(1, deaf.images):.2f}; "
+                  f"batchflux: {counters(deaf)}, polling {deaf.summary['webhooks']['polling']}"),
+    ]
+
+
 def shards(ctx: Context) -> list[Row]:
     """Three shard processes on one key share a 30/s submit limit (`--shard i/3 -j 32`)."""
     name = "shards"
@@ -683,6 +783,7 @@ SCENARIOS: dict[str, Callable[[Context], list[Row]]] = {
     "rate-bound": rate_bound,
     "inflight-bound": inflight_bound,
     "polling": polling,
+    "webhooks": webhooks,
     "overhead": overhead,
     "memory": memory,
     "resume": resume,

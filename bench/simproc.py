@@ -84,6 +84,10 @@ class SimProcess:
         """Forget jobs, idempotency keys, counters and limiter state (between two clients)."""
         httpx.post(f"{self.base_url}/_sim/reset", timeout=30).raise_for_status()
 
+    def configure(self, patch: dict[str, Any]) -> None:
+        """Change settings of the running simulator (``POST /_sim/settings``)."""
+        httpx.post(f"{self.base_url}/_sim/settings", json=patch, timeout=30).raise_for_status()
+
 
 def submit_requests(stats: dict[str, Any]) -> dict[str, int]:
     """Answers to ``POST /v2/images/generate`` by status code."""

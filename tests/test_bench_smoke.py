@@ -30,6 +30,14 @@ EXPECTED_TARGETS = {
     ("shards", "429 answers / submits"),
     ("shards", "duplicate jobs"),
     ("overhead", "images/s / plain's"),
+    ("webhooks", "HTTP requests / image"),
+    ("webhooks", "requests per image / plain's"),
+    ("webhooks", "completedAt to download start, p50"),
+    ("webhooks", "wall / polling mode's wall"),
+    ("webhooks (drop 0.3, dup 0.2)", "items ok"),
+    ("webhooks (drop 0.3, dup 0.2)", "duplicate jobs"),
+    ("webhooks (drop 0.3, dup 0.2)", "wall / polling mode's wall"),
+    ("webhooks (all lost)", "wall / polling mode's wall"),
 }
 
 
@@ -47,7 +55,8 @@ def test_every_scenario_runs_at_smoke_size_and_reports_measured_ratios(tmp_path:
     # Every timing-sensitive scenario runs on the simulator's queued timing and on none.
     assert {row["scenario"] for row in rows} == {
         *(f"{name} ({timing})" for name in TIMED for timing in ("queue", "no-queue")),
-        "shards", "overhead", "memory", "resume"}
+        "shards", "overhead", "memory", "resume", "webhooks", "webhooks (drop 0.3, dup 0.2)",
+        "webhooks (all lost)"}
     targets = {(row["scenario"], row["metric"]) for row in rows if row["target"]}
     assert targets >= EXPECTED_TARGETS, EXPECTED_TARGETS - targets
     for row in rows:
@@ -72,3 +81,7 @@ def test_every_scenario_runs_at_smoke_size_and_reports_measured_ratios(tmp_path:
     assert lines and all(line["status"] == "ok" and line["files"] for line in lines)
     peer = tmp_path / "runs" / "overhead" / "overhead-peer" / "results.jsonl"
     assert len(peer.read_text().splitlines()) == len(lines)
+    # Webhook mode really received: its run's jobs ended by their events.
+    hooked = json.loads((tmp_path / "runs" / "webhooks" / "webhooks-out" /
+                         "summary.json").read_text())
+    assert hooked["webhooks"]["verified"] >= 1 and hooked["webhooks"]["jobs_by_webhook"] >= 1

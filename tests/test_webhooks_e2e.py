@@ -287,7 +287,9 @@ def test_sigkill_mid_run_then_resume_reattaches_by_poll_and_pays_once(tmp_path: 
     assert all(r["status"] == "ok" for r in records)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["reattached"] >= 1
-    assert summary["webhooks"]["reattach_polls"] == summary["counts"]["reattached"]
+    # Each re-attached job is polled at once, unless its webhook (sent to the same URL, which
+    # this run listens on again) came first.
+    assert 1 <= summary["webhooks"]["reattach_polls"] <= summary["counts"]["reattached"]
     assert stats["duplicate_jobs"] == 0
     ledger.assert_holds([out])
     assert ledger.paid_jobs() == 12
