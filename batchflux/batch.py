@@ -136,8 +136,7 @@ def _check_plan(spec: JobSpec, config: RunConfig, index: ResumeIndex, *, cost: f
     """One pass over the items (lazy, 8 bytes an item to run): the exact total (of this
     shard), what is still to run, and which items repeat another's request; refuse a plan
     over the budget, with advice that works when followed; warn when the balance is short."""
-    scan = scan_items(filter_items(expand_job(spec), config.shard), index,
-                      retry_failed=config.retry_failed)
+    scan = scan_items(_all_items(spec, config), index, retry_failed=config.retry_failed)
     if config.limit is not None and scan.to_run > config.limit:
         scan = replace(scan, to_run=config.limit)
     remaining = scan.to_run
@@ -193,10 +192,22 @@ async def _run(spec: JobSpec, config: RunConfig, store: RunStore, index: ResumeI
     return summary
 
 
+def _all_items(spec: JobSpec, config: RunConfig) -> Iterator[WorkItem]:
+    """The run's items, lazily: the manifest's (its shard's), then with ``reroll`` the
+    rerolls of its rejected images (:mod:`batchflux.reroll`)."""
+    yield from filter_items(expand_job(spec), config.shard)
+    if config.reroll is not None:
+        from .reroll import reroll_items
+
+        yield from filter_items(
+            reroll_items(expand_job(spec), config.out_dir, image_hashes=spec.image_hashes,
+                         first_index=count_items(spec)), config.shard)
+
+
 def _items(spec: JobSpec, config: RunConfig, index: ResumeIndex) -> Iterator[WorkItem]:
-    """The run's items: its shard's, and with ``limit``, up to the first ``limit`` items
-    still to do (the items after them are not reached)."""
-    items: Iterable[WorkItem] = filter_items(expand_job(spec), config.shard)
+    """The run's items (:func:`_all_items`), and with ``limit``, up to the first ``limit``
+    items still to do (the items after them are not reached)."""
+    items: Iterable[WorkItem] = _all_items(spec, config)
     if config.limit is None:
         yield from items
         return

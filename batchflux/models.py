@@ -245,6 +245,8 @@ class Result:
     source: str | None = None
     duplicate_of: int | None = None
     meta: Mapping[str, str] = field(default_factory=dict)
+    reroll_of: str | None = None
+    attempt: int = 0
 
     @property
     def ok(self) -> bool:
@@ -281,6 +283,9 @@ class Result:
         }
         if self.duplicate_of is not None:
             line["duplicate_of"] = self.duplicate_of
+        if self.reroll_of is not None:
+            line["reroll_of"] = self.reroll_of
+            line["attempt"] = self.attempt
         return line
 
     @classmethod
@@ -325,6 +330,8 @@ class Result:
             else None,
             meta={str(k): str(v) for k, v in data["meta"].items()}
             if isinstance(data.get("meta"), Mapping) else {},
+            reroll_of=data.get("reroll_of") if isinstance(data.get("reroll_of"), str) else None,
+            attempt=_int_or(data.get("attempt"), 0),
         )
 
 
@@ -384,6 +391,9 @@ class WorkItem:
     #: Metadata the manifest attached to the prompt (CSV/TSV ``meta_columns``, or ``meta`` on a
     #: JSONL item or YAML entry): column name -> text. Not part of the request, so not of ``key``.
     meta: Mapping[str, str] = field(default_factory=dict)
+    #: On a reroll (batchflux.reroll): the key of the item it rerolls, and which reroll it is.
+    reroll_of: str | None = None
+    attempt: int = 0
 
     @property
     def seed(self) -> int:
@@ -437,6 +447,7 @@ class RunOptions:
     shard: str | None = None  # "I/N": only the items of shard I of N
     limit: int | None = None  # run at most this many of the items still to do
     fill_budget: bool | None = None  # run as many of them as ``budget`` pays for, then stop
+    reroll: str | None = None  # "rejected": a new image for each item whose image was rejected
 
     def merged(self, override: RunOptions) -> RunOptions:
         """Values of ``override`` where set, else ours."""

@@ -81,7 +81,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
         job_timeout=args.job_timeout, retry_failed=args.retry_failed,
         fresh=args.fresh or None, verify=args.verify, max_failure_rate=args.max_failure_rate,
         dataset=args.dataset, shard=args.shard, limit=args.limit,
-        fill_budget=args.fill_budget)
+        fill_budget=args.fill_budget, reroll=args.reroll)
 
 
 class _Watched:

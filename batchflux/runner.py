@@ -174,7 +174,8 @@ def duplicate_record(item: WorkItem, original: Result) -> Result:
                    duplicate_of=original.index, jobs=0, polls=0, replayed=False,
                    timings=replace(original.timings, generating=None, downloading=None,
                                    total=0.0),
-                   started_at=now, finished_at=now, source=item.source, meta=dict(item.meta))
+                   started_at=now, finished_at=now, source=item.source, meta=dict(item.meta),
+                   reroll_of=item.reroll_of, attempt=item.attempt)
 
 
 @dataclass
