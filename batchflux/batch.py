@@ -136,7 +136,8 @@ def _check_plan(spec: JobSpec, config: RunConfig, index: ResumeIndex, *, cost: f
     """One pass over the items (lazy, 8 bytes an item to run): the exact total (of this
     shard), what is still to run, and which items repeat another's request; refuse a plan
     over the budget, with advice that works when followed; warn when the balance is short."""
-    scan = scan_items(_all_items(spec, config), index, retry_failed=config.retry_failed)
+    scan = scan_items(_all_items(spec, config), index, retry_failed=config.retry_failed,
+                      keys=True)
     if config.limit is not None and scan.to_run > config.limit:
         scan = replace(scan, to_run=config.limit)
     remaining = scan.to_run
@@ -171,6 +172,7 @@ async def _run(spec: JobSpec, config: RunConfig, store: RunStore, index: ResumeI
                say: Any) -> dict[str, Any]:
     """Run the plan, and export it."""
     store.freeze_manifest(spec.path)
+    store.write_item_keys(scan.keys)
     runner = Runner(client=client, store=store, index=index,
                     settings=_settings(config, cost=cost, expected=expected),
                     reporter=reporter)

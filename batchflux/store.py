@@ -56,6 +56,7 @@ STATE_DIR = ".batchflux"
 RESULTS_NAME = "results.jsonl"
 SUMMARY_NAME = "summary.json"
 JOURNAL_NAME = "journal.jsonl"
+ITEM_KEYS_NAME = "item-keys.bin"
 LOCK_NAME = "lock"
 
 EXTENSIONS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
@@ -278,6 +279,25 @@ class JournalUpload:
 
     url: str
     expires_at: str | None
+
+
+def read_item_keys(out_dir: Path) -> array | None:  # type: ignore[type-arg]
+    """The key ids of the items of the manifest the latest run of ``out_dir`` ran (sorted),
+    or None for a directory of an older batchflux (every item then counts)."""
+    keys = array("Q")
+    try:
+        raw = (out_dir / STATE_DIR / ITEM_KEYS_NAME).read_bytes()
+    except FileNotFoundError:
+        return None
+    keys.frombytes(raw[: len(raw) - len(raw) % keys.itemsize])
+    return keys
+
+
+def in_keys(keys: array, key: str) -> bool:  # type: ignore[type-arg]
+    """True when the item ``key`` is one of ``keys`` (from :func:`read_item_keys`)."""
+    kid = key_id(key)
+    pos = bisect_left(keys, kid)
+    return pos < len(keys) and keys[pos] == kid
 
 
 class ResumeIndex:
@@ -713,6 +733,17 @@ class RunStore:
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         write_json_atomic(self.summary_path, summary)
+
+    def write_item_keys(self, keys: array) -> None:  # type: ignore[type-arg]
+        """Record the key ids of the current manifest's items (sorted, 8 bytes each): what
+        reports and exports mean by "the items of the manifest" (:func:`read_item_keys`)."""
+        target = self.state_dir / ITEM_KEYS_NAME
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            keys.tofile(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
 
     def freeze_manifest(self, manifest_path: Path) -> None:
         """Keep a copy of the manifest this run used (it holds no secrets: keys come from the
