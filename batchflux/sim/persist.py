@@ -152,7 +152,7 @@ def encode_record(record: Record) -> bytes:
     return text.encode() + b"\n"
 
 
-def decode_record(line: bytes) -> Record:
+def decode_record(line: str | bytes) -> Record:
     """The record on one journal line. Raises ``ValueError`` for anything else."""
     data = json.loads(line)
     if not isinstance(data, dict):
@@ -250,15 +250,11 @@ class StateJournal:
     def records(self) -> Iterator[Record]:
         """Every record after the header, oldest first, streamed (the file is never held in
         memory). Raises :class:`SimStateError` naming the line of a corrupt record."""
-        with self.path.open("rb") as fh:
+        with self.path.open(encoding="utf-8", newline="\n") as fh:
             fh.readline()
-            offset = fh.tell()
-            number = 1
-            for line in fh:
-                number += 1
-                offset += len(line)
-                if offset > self._size:
-                    break  # a torn line dropped at open (only while another reader raced us)
+            for number, line in enumerate(fh, start=2):
+                if not line.endswith("\n"):
+                    break  # torn: cut off at open, so only if the file changed since
                 try:
                     yield decode_record(line)
                 except (ValueError, TypeError, KeyError) as exc:

@@ -12,13 +12,15 @@ replayed. So the world after a restart is the world before it, at the clock's ne
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import heapq
 import json
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,6 +176,18 @@ class Counters:
         by_status[status] = by_status.get(status, 0) + 1
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for a while (if it was on)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class SimState:
     """Everything the simulator remembers. One instance per app, in ``app.state.sim``.
 
@@ -297,6 +311,13 @@ class SimState:
 
     def _replay(self, journal: StateJournal) -> None:
         now = self.clock()
+        with _collector_paused():  # no cycles are made; collecting would rescan every job
+            self._replay_records(journal, now)
+        journal.prune_uploads({f"{u.id}.{u.ext}" for u in self.uploads.values()})
+        self.idempotency = {k: e for k, e in self.idempotency.items() if e.expires > now}
+        self.settle(now)
+
+    def _replay_records(self, journal: StateJournal, now: float) -> None:
         for record in journal.records():
             self.settle(record.at)  # as every live change settles first
             if isinstance(record, UploadStored):
@@ -305,9 +326,6 @@ class SimState:
                     self._add_upload(record, data)
             else:
                 self._apply(record)
-        journal.prune_uploads({f"{u.id}.{u.ext}" for u in self.uploads.values()})
-        self.idempotency = {k: e for k, e in self.idempotency.items() if e.expires > now}
-        self.settle(now)
 
     # -- time passing -------------------------------------------------------------------------
 
