@@ -353,8 +353,8 @@ async def models(request: Request) -> Response:
     modality = request.query_params.get("modality")
     if modality is not None and modality not in ("image", "video", "music"):
         return _error(400, "Validation failed",
-                      details={"modality": ["Invalid enum value. Expected 'image' | 'video' | "
-                                            "'music'"]})
+                      details={"modality": [("Invalid enum value. Expected 'image' | 'video' "
+                                             "| 'music'")]})
     cost = _state(request).settings.cost_per_image
     entries = [
         {"id": model, "label": MODEL_LABELS.get(model, model), "modality": "image",
@@ -419,8 +419,8 @@ async def upload(request: Request) -> Response:
     sniffed = sniff(data)
     if sniffed is None:
         return _error(400, "Unsupported file type",
-                      details={"file": ["Expected PNG, JPEG, WebP, GIF, MP4, WebM, MOV, MP3, "
-                                        "WAV, OGG or M4A"]})
+                      details={"file": [("Expected PNG, JPEG, WebP, GIF, MP4, WebM, MOV, MP3, "
+                                         "WAV, OGG or M4A")]})
     content_type, kind, ext = sniffed
     limit = settings.max_video_upload_bytes if kind == "video" else settings.max_upload_bytes
     if len(data) > limit:
@@ -533,8 +533,11 @@ async def sim_settings(request: Request) -> Response:
     if request.method == "POST":
         try:
             patch = json.loads(await request.body() or b"{}")
-            if not isinstance(patch, dict):
-                raise ValueError("expected a JSON object")
+        except ValueError as exc:
+            return _error(400, str(exc))
+        if not isinstance(patch, dict):
+            return _error(400, "expected a JSON object")
+        try:
             state.update_settings(settings_with(state.settings, patch))
         except ValueError as exc:
             return _error(400, str(exc))
