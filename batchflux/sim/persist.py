@@ -207,6 +207,7 @@ class StateJournal:
 
     def __init__(self, directory: Path, lock_fd: int, append_fd: int, size: int) -> None:
         self.directory = directory
+        self._key = directory.resolve()
         self.path = directory / JOURNAL_NAME
         self.uploads_dir = directory / UPLOADS_DIR
         self._lock_fd = lock_fd
@@ -219,7 +220,7 @@ class StateJournal:
     def open(cls, directory: Path, *, now: float) -> StateJournal:
         """Lock ``directory`` (created if missing), check or write the header, and drop a torn
         last line. Raises :class:`SimStateError` when it cannot be used."""
-        directory = Path(directory)
+        directory = Path(directory).absolute()  # a later chdir must not move it
         try:
             directory.mkdir(parents=True, exist_ok=True)
             (directory / UPLOADS_DIR).mkdir(exist_ok=True)
@@ -329,9 +330,8 @@ class StateJournal:
         self._closed, self._why_closed = True, why
         os.close(self._fd)
         os.close(self._lock_fd)
-        key = self.directory.resolve()
-        if _OPEN.get(key) is self:
-            del _OPEN[key]
+        if _OPEN.get(self._key) is self:
+            del _OPEN[self._key]
 
     @property
     def closed(self) -> bool:
