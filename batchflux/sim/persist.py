@@ -35,7 +35,7 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -140,16 +140,19 @@ Record = JobCreated | UploadStored | JobCancelled | WebhookSettled | CreditsSet
 _RECORD_TYPES: dict[str, type[Record]] = {
     cls.TYPE: cls for cls in (JobCreated, UploadStored, JobCancelled, WebhookSettled, CreditsSet)
 }
-_FIELDS: dict[str, frozenset[str]] = {
-    tag: frozenset(f.name for f in fields(cls)) for tag, cls in _RECORD_TYPES.items()
+_FIELD_NAMES: dict[str, tuple[str, ...]] = {
+    tag: tuple(f.name for f in fields(cls)) for tag, cls in _RECORD_TYPES.items()
 }
+_FIELDS = {tag: frozenset(names) for tag, names in _FIELD_NAMES.items()}
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def encode_record(record: Record) -> bytes:
     """One journal line (with its newline) for ``record``."""
-    data = {"type": record.TYPE, **asdict(record)}
-    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return text.encode() + b"\n"
+    data: dict[str, Any] = {"type": record.TYPE}
+    for name in _FIELD_NAMES[record.TYPE]:  # shallow: asdict would deep-copy the body
+        data[name] = getattr(record, name)
+    return (_ENCODER.encode(data) + "\n").encode()
 
 
 def decode_record(line: str | bytes) -> Record:
