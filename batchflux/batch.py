@@ -16,10 +16,11 @@ The library reads no environment variable: the command line does that.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -92,34 +93,37 @@ async def run_batch_async(
     if total > config.max_items:
         raise UsageError(f"{spec.path} expands to {total} items, over the limit of "
                          f"{config.max_items} (raise it with {wording.setting('max_items')})")
-    client, simulated, expected = _connect(target, config, wording)
+    connection = _Connection(target, config, wording)
     say = reporter.message if reporter is not None else (lambda text: None)
     if config.fresh:
         moved = _move_aside(config.out_dir)
         if moved is not None:
             say(f"the previous run directory was moved to {moved}")
-    async with client:
+    async with connection.open() as client:
         cost, credits = await _preflight(client, config,
                                          price_given=explicit_price(spec, options))
-        config = _fill_budget(config, cost)
-        if not config.out_dir.exists():
-            # Nothing to resume: check the plan before anything is created, so that a
-            # refused run leaves nothing behind.
-            _check_plan(spec, config, ResumeIndex(), cost=cost, credits=credits,
-                        wording=wording, say=say)
-        store = RunStore(config.out_dir, filename_template=config.filename_template)
-        index = store.open()
-        try:
-            scan = _check_plan(spec, config, index, cost=cost, credits=credits,
-                               wording=wording, say=None)
+    config = _fill_budget(config, cost)
+    if not config.out_dir.exists():
+        # Nothing to resume: check the plan before anything is created, so that a refused
+        # run leaves nothing behind.
+        _check_plan(spec, config, ResumeIndex(), cost=cost, credits=credits, wording=wording,
+                    say=say)
+    store = RunStore(config.out_dir, filename_template=config.filename_template)
+    index = store.open()
+    try:
+        scan = _check_plan(spec, config, index, cost=cost, credits=credits, wording=wording,
+                           say=None)
+        # The built-in simulator keeps its world in the run directory, so that a resumed
+        # --sim run finds its jobs, keys and uploads as it would at the real API.
+        async with connection.open(state_dir=store.state_dir / "sim") as client:
             summary = await _run(spec, config, store, index, client, scan=scan, cost=cost,
-                                 expected=expected, reporter=reporter, stop=stop,
-                                 simulated=simulated, say=say)
-        finally:
-            store.close()
+                                 expected=connection.expected, reporter=reporter, stop=stop,
+                                 simulated=connection.simulated, say=say)
+    finally:
+        store.close()
     return RunResult(summary, config.out_dir,
                      exit_code_for(summary, config.max_failure_rate,
-                                   limited=config.limit is not None), simulated)
+                                   limited=config.limit is not None), connection.simulated)
 
 
 def _fill_budget(config: RunConfig, cost: float) -> RunConfig:
@@ -237,12 +241,32 @@ def _settings(config: RunConfig, *, cost: float, expected: float | None) -> RunS
     )
 
 
-def _connect(target: Target, config: RunConfig,
-             wording: Wording) -> tuple[ApiframeClient, bool, float | None]:
-    """The API client for ``target``: ``(client, simulated, expected job seconds)``."""
-    connections = workers_for(RunSettings(max_inflight=config.inflight_ceiling)) + 4
-    if isinstance(target, Simulator):
-        from .sim import SimSettings, create_app
+class _Connection:
+    """How to reach ``target``: an API client for the preflight, then one for the run (for
+    the built-in simulator, the run's keeps its world in ``state_dir``)."""
+
+    def __init__(self, target: Target, config: RunConfig, wording: Wording) -> None:
+        if not isinstance(target, (Simulator, Api)):
+            raise UsageError(f"target must be Simulator() or Api(...), got {target!r}")
+        self.target, self.wording = target, wording
+        self.connections = workers_for(RunSettings(max_inflight=config.inflight_ceiling)) + 4
+        self.simulated = isinstance(target, Simulator)
+        self.expected = (target.job_seconds or SIM_DEFAULT_JOB_SECONDS) \
+            if isinstance(target, Simulator) else None
+        # Checked now, before anything is spent: a key the client refuses, a bad URL.
+        if isinstance(target, Api):
+            self._api_client()
+
+    @contextlib.asynccontextmanager
+    async def open(self, *, state_dir: Path | None = None) -> AsyncIterator[ApiframeClient]:
+        """A client for the target, closed (and the simulator's directory released) after."""
+        target = self.target
+        if isinstance(target, Api):
+            async with self._api_client() as client:
+                yield client
+            return
+        assert isinstance(target, Simulator)
+        from .sim import SimSettings, SimStateError, create_app
 
         settings = target.settings or SimSettings(job_seconds=SIM_DEFAULT_JOB_SECONDS,
                                                   queue_seconds=0.2,
@@ -252,18 +276,28 @@ def _connect(target: Target, config: RunConfig,
                                queue_seconds=min(0.2, target.job_seconds / 4))
         if target.credits is not None:
             settings = replace(settings, credits=target.credits)
-        client = ApiframeClient(api_key=SIM_API_KEY, base_url=SIM_BASE_URL,
-                                transport=httpx.ASGITransport(app=create_app(settings)),
-                                max_connections=connections, wording=wording)
-        return client, True, target.job_seconds or SIM_DEFAULT_JOB_SECONDS
-    if not isinstance(target, Api):
-        raise UsageError(f"target must be Simulator() or Api(...), got {target!r}")
-    client = ApiframeClient(
-        api_key=target.api_key, base_url=target.base_url, transport=target.transport,
-        max_connections=connections, allow_insecure=target.allow_insecure,
-        allowed_download_hosts=target.allowed_download_hosts, wording=wording,
-        timeouts=target.timeouts)
-    return client, False, None
+        try:
+            app = create_app(settings, state_dir=state_dir)
+        except SimStateError as exc:
+            raise ConfigError(f"the simulator state in {state_dir} cannot be used: {exc}") \
+                from exc
+        try:
+            async with ApiframeClient(api_key=SIM_API_KEY, base_url=SIM_BASE_URL,
+                                      transport=httpx.ASGITransport(app=app),
+                                      max_connections=self.connections,
+                                      wording=self.wording) as client:
+                yield client
+        finally:
+            app.close()
+
+    def _api_client(self) -> ApiframeClient:
+        target = self.target
+        assert isinstance(target, Api)
+        return ApiframeClient(
+            api_key=target.api_key, base_url=target.base_url, transport=target.transport,
+            max_connections=self.connections, allow_insecure=target.allow_insecure,
+            allowed_download_hosts=target.allowed_download_hosts, wording=self.wording,
+            timeouts=target.timeouts)
 
 
 async def _preflight(client: ApiframeClient, config: RunConfig, *,
