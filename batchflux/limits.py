@@ -370,6 +370,7 @@ class SubmitRateLearner:
         self._total = 0  # accepted in all
         self._marks: deque[tuple[float, int]] = deque()  # (time of a 429, _total then)
         self._episode_at = -math.inf
+        self._empty_at: float | None = None  # the last unmeasured 429
         self._base_rate: float | None = None
         self._base_time = 0.0
         self._accepted_at: deque[float] = deque(maxlen=4096)
@@ -423,12 +424,17 @@ class SubmitRateLearner:
             return "same"
         since_last = self._total - self._marks[-1][1] if self._marks else self._accepted
         start = self._window_start if self._window_start is not None else now
+        if not self._marks and now - start < self.min_window and self._empty_at is not None:
+            # Submits resumed after an unmeasured pause and met a 429 at once: the provider
+            # let through what it refilled since its bucket was last empty, pause included.
+            start = self._empty_at
         if since_last < self.min_samples or (not self._marks and now - start < self.min_window):
             # Pacing to that number would crawl. A pause the provider asked for without its
             # bucket being the reason (a storm) says nothing of its rate either: start over,
             # measuring from when submits resume.
             self._marks.clear()
             self._window_start, self._accepted, self._episode_at = now + max(0.0, pause), 0, now
+            self._empty_at = now
             return "unmeasured"
         if not self._marks:
             span = 2 * self.min_window
