@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "batchflux"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "batchflux"
 
 #: Each third-party library lives in as few modules as possible, so replacing one touches
 #: one place. A new import of one of these elsewhere is a design decision: make it here.
@@ -132,7 +134,8 @@ def test_the_simulator_and_the_runner_meet_only_over_http() -> None:
 
 
 def test_the_package_type_checks() -> None:
-    api = pytest.importorskip("mypy.api", reason="mypy is in the dev extras only")
+    from mypy import api  # in the test extras: .ci/run installs it
+
     stdout, stderr, status = api.run([str(PACKAGE), "--no-error-summary",
                                       "--cache-dir", "/tmp/batchflux-mypy-cache"])
     assert status == 0, stdout + stderr
@@ -154,3 +157,13 @@ def test_the_pure_modules_and_the_run_core_type_check_strictly() -> None:
             "batchflux/retry.py", "batchflux/lifecycle.py"} <= set(strict)
     stdout, stderr, status = api.run(["--strict", *[str(PACKAGE.parent / m) for m in strict]])
     assert status == 0, stdout + stderr
+
+
+def test_no_test_skips_itself() -> None:
+    """A test that needs a tool gets it from .ci/run and fails without it; none skips."""
+    pattern = re.compile(r"pytest\.(skip|importorskip)\(|mark\.skip(if)?\b|mark\.xfail\b")
+    found = [f"{path.name}:{number}: {line.strip()}"
+             for path in sorted((ROOT / "tests").rglob("*.py")) if path.name != Path(__file__).name
+             for number, line in enumerate(path.read_text().splitlines(), 1)
+             if pattern.search(line)]
+    assert not found, "\n".join(found)
