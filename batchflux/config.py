@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from .apiframe import DEFAULT_BASE_URL, Timeouts
+from .apiframe import DEFAULT_BASE_URL, Timeouts, Transport
 from .errors import UsageError
 from .filenames import check_filename_template
 from .expand import VAR_PREFIX
@@ -33,8 +33,6 @@ from .shard import Shard, parse_shard
 from .wording import LIBRARY, Wording
 
 if TYPE_CHECKING:
-    import httpx
-
     from .sim.settings import SimSettings
 
 __all__ = [
@@ -116,7 +114,7 @@ class Api:
     allow_insecure: bool = False
     allowed_download_hosts: tuple[str, ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
-    transport: httpx.AsyncBaseTransport | None = field(default=None, repr=False)
+    transport: Transport | None = field(default=None, repr=False)
 
 
 Target = Simulator | Api
