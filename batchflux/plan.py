@@ -274,7 +274,7 @@ def plan_command(
     except ManifestError as exc:
         _print_diagnostics(exc.diagnostics, err)
         return EXIT_DATAERR
-    directory = out_dir or spec.options.out_dir or DEFAULT_RUN_OPTIONS.out_dir or "out"
+    directory = str(out_dir or spec.options.out_dir or DEFAULT_RUN_OPTIONS.out_dir or "out")
     index = load_run_directory(directory)
     plan = make_plan(spec, limit=max(limit, 0), cost_per_image=cost_per_image, index=index,
                      out_dir=directory, out_dir_exists=index is not None,
