@@ -13,7 +13,9 @@ from runner_helpers import LOAD_HF, load_results, offline_env, write_manifest
 
 from batchflux import batch
 from batchflux.cli import main
+from batchflux.config import Simulator
 from batchflux.dataset import export_dataset
+from batchflux.models import RunOptions
 from batchflux.sim import SimSettings
 
 FAST = SimSettings(job_seconds=0.2, queue_seconds=0.02, render_mode="fast", credits=100_000)
@@ -22,7 +24,8 @@ FAST = SimSettings(job_seconds=0.2, queue_seconds=0.02, render_mode="fast", cred
 def finished_run(tmp_path: Path) -> Path:
     manifest = write_manifest(tmp_path, prompts=3, seeds=2)  # 12 items, 1:1 and 16:9
     out = tmp_path / "out"
-    result = batch.run_batch(manifest, out_dir=out, sim=FAST, sim_job_seconds=0.2)
+    result = batch.run_batch(manifest, RunOptions(out_dir=out),
+                             target=Simulator(settings=FAST, job_seconds=0.2))
     assert result.exit_code == 0
     return out
 
@@ -97,7 +100,8 @@ async def test_failed_items_are_not_exported(tmp_path: Path) -> None:
     out = tmp_path / "out"
     failing = SimSettings(job_seconds=0.2, queue_seconds=0.02, render_mode="fast",
                           fail_rate=0.5, fail_capacity_share=0.0, fault_seed=3)
-    await batch.run_batch_async(manifest, out_dir=out, sim=failing, sim_job_seconds=0.2)
+    await batch.run_batch_async(manifest, RunOptions(out_dir=out),
+                                target=Simulator(settings=failing, job_seconds=0.2))
     records = load_results(out)
     ok = {r["key"] for r in records if r["status"] == "ok"}
     assert 0 < len(ok) < 12

@@ -13,8 +13,10 @@ from runner_helpers import check_run_directory, load_results, write_manifest
 
 from batchflux import batch
 from batchflux.cli import main
+from batchflux.config import Simulator
 from batchflux.errors import IntegrityError
 from batchflux.merge import MergeError, final_records, merge_runs
+from batchflux.models import RunOptions
 from batchflux.shard import Shard
 from batchflux.sim import SimSettings
 
@@ -23,8 +25,9 @@ FAST = SimSettings(job_seconds=0.2, queue_seconds=0.02, render_mode="fast", cred
 
 async def run_shard(manifest: Path, out: Path, shard: Shard | None,
                     settings: SimSettings = FAST) -> dict[str, Any]:
-    result = await batch.run_batch_async(manifest, out_dir=out, sim=settings,
-                                         sim_job_seconds=0.2, shard=shard)
+    options = RunOptions(out_dir=out, shard=shard.label if shard is not None else None)
+    result = await batch.run_batch_async(manifest, options,
+                                         target=Simulator(settings=settings, job_seconds=0.2))
     return result.summary
 
 

@@ -16,7 +16,8 @@ from PIL import Image
 from runner_helpers import load_results, run_batch_in_thread
 
 from batchflux.cli import main
-from batchflux.models import ErrorCategory
+from batchflux.config import Simulator
+from batchflux.models import ErrorCategory, RunOptions
 from batchflux.review import build_report, cap_timeline, prompt_groups, write_review
 from batchflux.sim import SimSettings
 
@@ -49,7 +50,8 @@ def run_with_failures(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = base / "out"
     settings = SimSettings(job_seconds=0.2, queue_seconds=0.02, render_mode="full",
                            fail_rate=0.3, fail_capacity_share=0.0, fault_seed=5)
-    result = run_batch_in_thread(manifest, out_dir=out, sim=settings, sim_job_seconds=0.2)
+    result = run_batch_in_thread(manifest, RunOptions(out_dir=out),
+                                 target=Simulator(settings=settings, job_seconds=0.2))
     counts = result.summary["counts"]
     assert counts["ok"] + counts["failed"] == ITEMS
     assert 0 < counts["failed"] < ITEMS, counts  # fault_seed 5 gives both
