@@ -17,7 +17,7 @@ from batchflux import batch
 from batchflux.apiframe import ApiframeClient
 from batchflux.cli import build_parser, main
 from batchflux.errors import ApiError, ConfigError
-from batchflux.report import summary_line
+from batchflux.progress import summary_line
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

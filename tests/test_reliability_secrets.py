@@ -21,7 +21,7 @@ from runner_helpers import check_run_directory, write_manifest
 from batchflux import batch
 from batchflux.apiframe import ApiframeClient, Timeouts
 from batchflux.errors import ApiError, ConfigError
-from batchflux.report import RichReporter
+from batchflux.progress import RichReporter
 from batchflux.sim import SimSettings, create_app, serve_in_thread
 
 KEY = "afk_reliability_secret_7d1e0b2c94"

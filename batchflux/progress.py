@@ -1,6 +1,8 @@
-"""What a run tells a person or a machine while it works and when it ends.
+"""Live progress: what a run tells a person or a machine while it works and when it ends.
 
-Three reporters behind one small interface (``runner.Reporter``):
+(What a run *did*, read back from its directory afterwards, is :mod:`batchflux.report`.)
+
+Three reporters behind one small interface (:class:`batchflux.runner.Reporter`):
 
 - :class:`RichReporter` on a terminal: a live progress bar with done/total, ok/failed, images
   per minute, ETA, the current in-flight cap, and a visible "waiting for rate limit" state.
@@ -38,6 +40,8 @@ from rich.text import Text
 
 from .display import escape_controls, item_label, plural
 from .models import Result, RunState
+
+__all__ = ["JsonReporter", "LogReporter", "RichReporter", "summary_line"]
 
 
 def _rate_per_minute(state: RunState, now: float) -> float:
@@ -91,6 +95,7 @@ class RichReporter:
         self._state = RunState()
 
     def start(self, *, total: int | None, skipped: int, attached: int) -> None:
+        """The run begins: print the banner and show the bar."""
         if self.banner:
             self.console.print(self.banner)
         self.progress.start()
@@ -107,6 +112,7 @@ class RichReporter:
             self.progress.console.print(text, highlight=False)
 
     def status(self, state: RunState) -> None:
+        """Move the bar to ``state``."""
         self._state = state
         if self.task is None:
             return
@@ -116,9 +122,11 @@ class RichReporter:
                              status=_status_text(state))
 
     def message(self, text: str) -> None:
+        """A line of its own above the bar."""
         self.progress.console.print(text, markup=False, highlight=False)
 
     def finish(self, summary: Mapping[str, Any]) -> None:
+        """Show the final state and stop the bar."""
         if self.task is not None:
             self.status(self._state)
         self.progress.stop()
@@ -140,6 +148,7 @@ class LogReporter:
         print(f"{stamp} batchflux: {text}", file=self.stream, flush=True)
 
     def start(self, *, total: int | None, skipped: int, attached: int) -> None:
+        """The banner, and the item count when progress lines are on."""
         self._last = time.monotonic()
         if self.banner:
             self._emit(self.banner)
@@ -153,6 +162,7 @@ class LogReporter:
                        f"{escape_controls(record.error.message)}")
 
     def status(self, state: RunState) -> None:
+        """A progress line, at most one every ``interval`` seconds."""
         self._state = state
         now = time.monotonic()
         if self.interval is None or now - self._last < self.interval:
@@ -166,10 +176,11 @@ class LogReporter:
                    f"{_status_text(state)}")
 
     def message(self, text: str) -> None:
+        """A line of its own."""
         self._emit(text)
 
     def finish(self, summary: Mapping[str, Any]) -> None:
-        pass
+        """Nothing: the run's closing line is :func:`summary_line`."""
 
 
 class JsonReporter:
@@ -188,6 +199,7 @@ class JsonReporter:
               flush=True)
 
     def start(self, *, total: int | None, skipped: int, attached: int) -> None:
+        """A ``start`` event with the item count."""
         self._last = time.monotonic()
         self._emit("start", total=total, simulated=self.simulated)
 
@@ -200,6 +212,7 @@ class JsonReporter:
                    files=[f.path for f in record.files])
 
     def status(self, state: RunState) -> None:
+        """A ``progress`` event, at most one every ``interval`` seconds."""
         now = time.monotonic()
         if now - self._last < self.interval:
             return
@@ -210,9 +223,11 @@ class JsonReporter:
                    cooldown_seconds=round(state.cooldown_remaining, 3))
 
     def message(self, text: str) -> None:
+        """A ``message`` event."""
         self._emit("message", text=text)
 
     def finish(self, summary: Mapping[str, Any]) -> None:
+        """A ``finish`` event carrying the run's summary."""
         self._emit("finish", summary=summary)
 
 
