@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -323,8 +324,7 @@ class Result:
             source=data.get("source") if isinstance(data.get("source"), str) else None,
             duplicate_of=data.get("duplicate_of") if isinstance(data.get("duplicate_of"), int)
             else None,
-            meta={str(k): str(v) for k, v in data["meta"].items()}
-            if isinstance(data.get("meta"), Mapping) else {},
+            meta=_meta(data.get("meta")),
         )
 
 
@@ -351,6 +351,16 @@ def _count(value: Any, name: str, *, minimum: int = 1) -> int:
 
 def _int_or(value: Any, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _meta(value: Any) -> dict[str, str]:
+    """A line's ``meta`` (absent on lines of runs before meta existed: empty); a value that is
+    not text (a hand-edited line) is kept as its JSON text."""
+    if not isinstance(value, Mapping):
+        return {}
+    return {str(name): text if isinstance(text, str)
+            else json.dumps(text, sort_keys=True, ensure_ascii=False)
+            for name, text in value.items()}
 
 
 def _seconds(value: Any) -> float | None:
