@@ -16,7 +16,7 @@ from runner_helpers import API_KEY, write_manifest
 from batchflux import batch
 from batchflux.cli import main
 from batchflux.merge import merge_runs
-from batchflux.review import build_report
+from batchflux.report import build_report
 from batchflux.sim import SimSettings, serve_in_thread
 from batchflux.store import (
     JOURNAL_NAME,

@@ -103,6 +103,25 @@ def test_json_and_copies_are_written_whole(tmp_path: Path) -> None:
     assert (tmp_path / "copy.jsonl").read_bytes() == big.read_bytes()
 
 
+# Every module that replaces a file whole goes through fileutil; the only other renames are
+# moves, not writes: verify --fix moving a bad file into the quarantine.
+OWN_RENAMES = {"fileutil.py", "verify.py"}
+
+
+def _renames(path: Path) -> list[int]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr in ("replace", "rename")
+            and isinstance(node.value, ast.Name) and node.value.id in ("os", "shutil")]
+
+
+def test_no_module_but_fileutil_renames_files_into_place_on_its_own() -> None:
+    found = {str(p.relative_to(PACKAGE)): _renames(p) for p in PACKAGE.rglob("*.py")}
+    offenders = {rel: lines for rel, lines in found.items() if lines and rel not in OWN_RENAMES}
+    assert offenders == {}, offenders
+    assert found["fileutil.py"], "the check would prove nothing"
+
+
 def test_the_store_writes_its_summary_and_frozen_manifest_through_fileutil() -> None:
     source = (PACKAGE / "store.py").read_text(encoding="utf-8")
     tree = ast.parse(source)
