@@ -329,9 +329,13 @@ class Result:
 
 
 #: An ok line as :meth:`Result.to_json` writes it, recognised without a JSON parse: the
-#: first 16 hex digits of its key (group 1). A JSON string cannot contain ``","`` unescaped
-#: and a nested object cannot come before ``status``, so the match is the line's own fields.
-OK_LINE = re.compile(rb'\{"key":"([0-9a-f]{16})[0-9a-f]*","[^{]*?"status":"ok"')
+#: first 16 hex digits of its key (group 1). The fields before ``status`` are matched one by
+#: one (``prompt_id`` as a whole JSON string, escapes and all), so the match is the line's own
+#: fields whatever its strings hold. Lines of every earlier version have the same first four
+#: fields in this order; any other line is parsed in full.
+OK_LINE = re.compile(
+    rb'\{"key":"([0-9a-f]{16})[0-9a-f]*","index":[0-9]+,"prompt_id":"(?:[^"\\]|\\.)*",'
+    rb'"status":"ok"')
 #: The ``files`` list of such a line (group 1), to parse alone: a JSON string cannot contain
 #: ``,"files":[`` unescaped, so the first match is the field.
 FILES_FIELD = re.compile(rb',"files":(\[.*?\]),"timings":')
