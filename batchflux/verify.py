@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Literal
 
 from .display import escape_controls, item_label, plural
-from .errors import UsageError
+from .errors import ImageCheckError, UsageError
 from .fileutil import sha256_file
-from .imagecheck import ImageCheckError, inspect_image
+from .imagecheck import inspect_image
 from .models import Result
 from .results import read_results, recorded_path
 from .store import LOCK_NAME, RESULTS_NAME, STATE_DIR, BadLine, DirectoryLock, OnBadLine
