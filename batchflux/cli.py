@@ -276,7 +276,7 @@ def _warn_skipped(line: object) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .review import build_report, render_table, write_review
+    from .report import build_report, render_table, write_review
     from .store import BadLine
 
     if args.html:

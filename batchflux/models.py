@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -328,17 +329,20 @@ class Result:
             source=data.get("source") if isinstance(data.get("source"), str) else None,
             duplicate_of=data.get("duplicate_of") if isinstance(data.get("duplicate_of"), int)
             else None,
-            meta={str(k): str(v) for k, v in data["meta"].items()}
-            if isinstance(data.get("meta"), Mapping) else {},
+            meta=_meta(data.get("meta")),
             reroll_of=data.get("reroll_of") if isinstance(data.get("reroll_of"), str) else None,
             attempt=_int_or(data.get("attempt"), 0),
         )
 
 
 #: An ok line as :meth:`Result.to_json` writes it, recognised without a JSON parse: the
-#: first 16 hex digits of its key (group 1). A JSON string cannot contain ``","`` unescaped
-#: and a nested object cannot come before ``status``, so the match is the line's own fields.
-OK_LINE = re.compile(rb'\{"key":"([0-9a-f]{16})[0-9a-f]*","[^{]*?"status":"ok"')
+#: first 16 hex digits of its key (group 1). The fields before ``status`` are matched one by
+#: one (``prompt_id`` as a whole JSON string, escapes and all), so the match is the line's own
+#: fields whatever its strings hold. Lines of every earlier version have the same first four
+#: fields in this order; any other line is parsed in full.
+OK_LINE = re.compile(
+    rb'\{"key":"([0-9a-f]{16})[0-9a-f]*","index":[0-9]+,"prompt_id":"(?:[^"\\]|\\.)*",'
+    rb'"status":"ok"')
 #: The ``files`` list of such a line (group 1), to parse alone: a JSON string cannot contain
 #: ``,"files":[`` unescaped, so the first match is the field.
 FILES_FIELD = re.compile(rb',"files":(\[.*?\]),"timings":')
@@ -358,6 +362,16 @@ def _count(value: Any, name: str, *, minimum: int = 1) -> int:
 
 def _int_or(value: Any, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _meta(value: Any) -> dict[str, str]:
+    """A line's ``meta`` (absent on lines of runs before meta existed: empty); a value that is
+    not text (a hand-edited line) is kept as its JSON text."""
+    if not isinstance(value, Mapping):
+        return {}
+    return {str(name): text if isinstance(text, str)
+            else json.dumps(text, sort_keys=True, ensure_ascii=False)
+            for name, text in value.items()}
 
 
 def _seconds(value: Any) -> float | None:

@@ -24,7 +24,7 @@ from .errors import EXIT_DATAERR, EXIT_OK, ManifestError, UsageError
 from .expand import axis_summaries, count_items, expand_job
 from .manifest import load_job
 from .models import DEFAULT_RUN_OPTIONS, Diagnostic, JobSpec, WorkItem
-from .runner import scan_items, skip_reason
+from .resume import scan_items, skip_reason
 from .store import ResumeIndex
 
 #: Items whose keys are checked for duplicates (a 64-bit key prefix each, so memory is bounded).
@@ -109,7 +109,7 @@ def item_to_json(item: WorkItem) -> dict[str, Any]:
 
 class _Tally:
     """One pass over the items: the preview, the duplicate warnings, and how the run
-    directory classifies each item (the run's own :func:`~batchflux.runner.skip_reason`)."""
+    directory classifies each item (the run's own :func:`~batchflux.resume.skip_reason`)."""
 
     def __init__(self, index: ResumeIndex, retry_failed: str | None, limit: int) -> None:
         self.index = index
@@ -171,7 +171,7 @@ def make_plan(
 
     ``index`` is what the run directory ``out_dir`` holds (None: nothing yet); each item is
     classified as ``batchflux run --retry-failed=retry_failed`` would classify it, and the
-    items still to run are counted as the run counts them (:func:`batchflux.runner.scan_items`).
+    items still to run are counted as the run counts them (:func:`batchflux.resume.scan_items`).
     """
     total = count_items(spec)
     summaries = axis_summaries(spec)

@@ -22,7 +22,7 @@ from .batch import RunResult, run_batch_async
 from .config import Api, Simulator, Target
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, RunAborted
 from .models import RunOptions
-from .report import JsonReporter, LogReporter, RichReporter, summary_line
+from .progress import JsonReporter, LogReporter, RichReporter, summary_line
 from .wording import COMMAND_LINE
 
 SIM_BANNER = ("SIMULATED: images come from batchflux's built-in Apiframe simulator, not from "

@@ -24,13 +24,11 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import io
 import itertools
 import json
 import logging
 import os
 import re
-import shutil
 import time
 import unicodedata
 from array import array
@@ -43,6 +41,7 @@ from typing import Any, Self
 import aiofiles
 import aiofiles.os
 
+from . import fileutil
 from .errors import EXIT_CANTCREAT, OutputLockedError, RunAborted, UsageError
 from .filenames import (  # noqa: F401 - re-exported: the store's public names since 0.1
     FilenameTemplateError,
@@ -50,6 +49,7 @@ from .filenames import (  # noqa: F401 - re-exported: the store's public names s
     render_filename,
     safe_component,
 )
+from .fileutil import copy_atomic
 from .models import FILES_FIELD, OK_LINE, FileRecord, Result, WorkItem
 
 STATE_DIR = ".batchflux"
@@ -748,10 +748,7 @@ class RunStore:
     def freeze_manifest(self, manifest_path: Path) -> None:
         """Keep a copy of the manifest this run used (it holds no secrets: keys come from the
         environment or a key file, never from a manifest)."""
-        target = self.state_dir / f"manifest{manifest_path.suffix or '.txt'}"
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.copyfile(manifest_path, tmp)
-        os.replace(tmp, target)
+        copy_atomic(manifest_path, self.state_dir / f"manifest{manifest_path.suffix or '.txt'}")
 
     # -- images ----------------------------------------------------------------------------------
 
@@ -814,13 +811,6 @@ class RunStore:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    buf = io.StringIO()
-    json.dump(data, buf, indent=2, sort_keys=False, ensure_ascii=False)
-    buf.write("\n")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(buf.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
+    """Write ``data`` as ``path`` (indented JSON) atomically and durably: the run directory's
+    name for :func:`batchflux.fileutil.write_json_atomic`."""
+    fileutil.write_json_atomic(path, data)

@@ -19,7 +19,7 @@ ALLOWED = {
     "jsonschema": {"schema.py"},
     "aiofiles": {"store.py"},
     "PIL": {"imagecheck.py", "manifest/images.py", "review.py", "sim/render.py"},
-    "rich": {"report.py", "review.py"},
+    "rich": {"progress.py", "report.py"},
     "starlette": {"sim/app.py", "sim/faults.py", "reviewapp/app.py"},
     "uvicorn": {"sim/serve.py", "reviewapp/serve.py"},
 }
@@ -110,6 +110,30 @@ def test_plan_takes_value_types_from_models_and_only_load_job_from_the_readers()
     assert manifest_names == {"batchflux.manifest.load_job"}
 
 
+#: The post-run tools: they read a finished (or running) run directory. They share the run's
+#: values (models), its store's readers and the neutral helpers (stats, summary, fileutil),
+#: never the machinery that makes a run.
+POST_RUN_TOOLS = ("results.py", "report.py", "review.py", "merge.py", "dataset.py", "verify.py",
+                  "plan.py", "reviewapp/__init__.py", "reviewapp/app.py",
+                  "reviewapp/decisions.py", "reviewapp/serve.py")
+RUN_MACHINERY = ("runner", "lifecycle", "batch", "apiframe", "completion", "limits", "runcmd")
+
+
+@pytest.mark.parametrize("rel", POST_RUN_TOOLS)
+def test_post_run_tools_never_import_the_run_machinery(rel: str) -> None:
+    for name in absolute_imports(rel):
+        parts = name.split(".")
+        assert not (parts[0] == "batchflux" and len(parts) > 1 and parts[1] in RUN_MACHINERY), (
+            f"{rel} imports {name}")
+
+
+def test_the_post_run_tools_rule_has_teeth() -> None:
+    """Every tool the rule names exists, and the check sees the imports it must forbid."""
+    for rel in POST_RUN_TOOLS:
+        assert (PACKAGE / rel).is_file(), rel
+    assert any(n.startswith("batchflux.runner") for n in absolute_imports("batch.py"))
+
+
 def test_every_module_the_library_rules_name_exists() -> None:
     """A renamed or split module must not leave an allowance pointing at nothing."""
     for lib, allowed in ALLOWED.items():
@@ -121,7 +145,8 @@ def test_every_module_the_library_rules_name_exists() -> None:
 
 def test_the_simulator_and_the_runner_meet_only_over_http() -> None:
     runner_side = {"runner", "batch", "apiframe", "store", "report", "runcmd", "review",
-                   "merge", "dataset", "plan", "manifest", "expand"}
+                   "merge", "dataset", "plan", "manifest", "expand", "progress", "results",
+                   "verify", "resume", "lifecycle", "completion", "limits", "reviewapp"}
     for rel, names in modules().items():
         if rel.startswith("sim/"):
             for name in names:

@@ -17,7 +17,7 @@ from batchflux import batch
 from batchflux.cli import main
 from batchflux.merge import merge_runs
 from batchflux.models import RunOptions
-from batchflux.review import build_report
+from batchflux.report import build_report
 from batchflux.sim import SimSettings, serve_in_thread
 from batchflux.store import (
     JOURNAL_NAME,
@@ -141,9 +141,9 @@ def _key(n: int) -> str:
 
 
 def _ok(n: int) -> bytes:
-    # The runner's own shape (key first, status before any nested object): the fast path.
-    return (json.dumps({"key": _key(n), "index": n, "status": "ok", "files": []},
-                       separators=(",", ":")) + "\n").encode()
+    # The runner's own shape (key, index, prompt_id, status first): the fast path.
+    return (json.dumps({"key": _key(n), "index": n, "prompt_id": f"p{n}", "status": "ok",
+                        "files": []}, separators=(",", ":")) + "\n").encode()
 
 
 def test_a_bad_line_in_the_middle_is_never_repaired_away(tmp_path: Path) -> None:

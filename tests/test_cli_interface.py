@@ -19,7 +19,7 @@ from batchflux.cli import build_parser, main
 from batchflux.config import Api
 from batchflux.errors import ApiError, ConfigError
 from batchflux.models import RunOptions
-from batchflux.report import summary_line
+from batchflux.progress import summary_line
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

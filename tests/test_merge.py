@@ -108,7 +108,7 @@ async def test_ok_beats_failed_for_the_same_key(two_shards: tuple[Path, list[Pat
     # The failed line comes first and last: ok still wins.
     report = merge_runs([failed_copy, outs[0], outs[1], failed_copy], into)
     assert report.ok == 9 and report.failed == 0 and report.duplicates > 0
-    assert final_records(into)[record["key"]]["status"] == "ok"
+    assert final_records(into)[record["key"]].status == "ok"
     # A failure with no ok anywhere is kept, as a failure.
     only_failed = merge_runs([failed_copy], tmp_path / "only-failed")
     assert only_failed.failed == 1 and only_failed.ok == 0

@@ -23,7 +23,7 @@ from batchflux.apiframe import ApiframeClient, Timeouts
 from batchflux.config import Api
 from batchflux.errors import ApiError, ConfigError
 from batchflux.models import RunOptions
-from batchflux.report import RichReporter
+from batchflux.progress import RichReporter
 from batchflux.sim import SimSettings, create_app, serve_in_thread
 
 KEY = "afk_reliability_secret_7d1e0b2c94"

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from batchflux.display import item_label
 from batchflux.models import ErrorCategory, ErrorInfo, Result
-from batchflux.report import JsonReporter, LogReporter, RichReporter
+from batchflux.progress import JsonReporter, LogReporter, RichReporter
 
 
 def failed(aspect: str, bg: str | None = None, **params: Any) -> Result:

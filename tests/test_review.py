@@ -18,7 +18,9 @@ from runner_helpers import load_results, run_batch_in_thread
 from batchflux.cli import main
 from batchflux.config import Simulator
 from batchflux.models import ErrorCategory, RunOptions
-from batchflux.review import build_report, cap_timeline, prompt_groups, write_review
+from batchflux.report import build_report, cap_timeline, write_review
+from batchflux.results import read_results
+from batchflux.review import prompt_groups
 from batchflux.sim import SimSettings
 
 if TYPE_CHECKING:
@@ -223,11 +225,11 @@ def test_each_view_opened_by_url_shows_its_images_across_the_window(
 
 def test_no_image_repeats_the_params_of_its_prompt(run_with_failures: Path, page: Page) -> None:
     review = write_review(run_with_failures)
-    records = load_results(run_with_failures)
+    records = read_results(run_with_failures).ordered()
     groups = prompt_groups(records)
     common = {name for group in groups for name, _ in group.common}
     assert {"output_quality", "output_format"} <= common
-    group_of = {r["key"]: group for group in groups for r in group.records}
+    group_of = {r.key: group for group in groups for r in group.records}
     for view in VIEWS:
         page.goto(f"{review.path.as_uri()}#{view}")
         shown = page.locator(f"#{view}")
