@@ -45,8 +45,8 @@ _EXPORTS = {
     "Shard": "batchflux.shard",
     "merge_runs": "batchflux.merge",
     "export_dataset": "batchflux.dataset",
-    "write_review": "batchflux.review",
-    "build_report": "batchflux.review",
+    "write_review": "batchflux.report",
+    "build_report": "batchflux.report",
     "verify_run": "batchflux.verify",
     "VerifyReport": "batchflux.verify",
     "read_results": "batchflux.results",
@@ -104,8 +104,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .manifest import load_job
     from .merge import merge_runs
     from .models import ErrorCategory, JobSpec, RunOptions, WorkItem
+    from .report import build_report, write_review
     from .results import read_results
-    from .review import build_report, write_review
     from .shard import Shard
     from .verify import VerifyReport, verify_run
 

@@ -24,7 +24,7 @@ import mimetypes
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, NoReturn, Protocol, Self
+from typing import Any, NoReturn, Protocol, Self, TypeAlias
 
 import httpx
 
@@ -43,14 +43,15 @@ __all__ = [
     "JobState",
     "SubmitResult",
     "Timeouts",
+    "Transport",
     "UploadResult",
 ]
 
 DEFAULT_BASE_URL = "https://api.apiframe.ai"
 
-#: What carries the client's requests: httpx's own network transport when None, or another
-#: (``httpx.ASGITransport`` around the simulator, ``httpx.MockTransport`` in tests).
-Transport = httpx.AsyncBaseTransport
+#: What carries the client's requests (``httpx.ASGITransport``, ``httpx.MockTransport``...):
+#: named here so that modules that pass one along need not import httpx themselves.
+Transport: TypeAlias = httpx.AsyncBaseTransport
 
 #: JSON answers larger than this are refused (a job record is a few hundred bytes).
 MAX_JSON_BYTES = 1 << 20

@@ -21,7 +21,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -76,22 +76,10 @@ _UNAVAILABLE = (ErrorCategory.NETWORK, ErrorCategory.TIMEOUT, ErrorCategory.SERV
 
 
 @dataclass(frozen=True, slots=True)
-class _Connection:
-    """What :func:`_connect` made of the target: the client, whether it is the built-in
-    simulator (and its app, whose lifespan delivers webhooks), the expected job time, and
-    the webhook signing secret (the digest of the key, never the key)."""
-
-    client: ApiframeClient
-    simulated: bool
-    expected: float | None
-    secret: bytes
-    sim_app: Any = None
-
-
-@dataclass(frozen=True, slots=True)
 class _Webhooks:
-    """Webhook mode for one run: its settings, the bound socket, the signing secret, and the
-    in-process simulator's app when the target is :class:`~batchflux.config.Simulator`."""
+    """Webhook mode for one run: its settings, the bound socket, the signing secret (the
+    digest of the key, never the key), and the in-process simulator's app when the target is
+    :class:`~batchflux.config.Simulator` (its lifespan delivers the webhooks)."""
 
     config: WebhookConfig
     listener: socket.socket
@@ -137,11 +125,10 @@ async def run_batch_async(
             listener = held.enter_context(contextlib.closing(bind_listener(
                 config.webhook.host, config.webhook.port,
                 setting=wording.setting("webhook_listen"))))
-        connection = _connect(target, config, wording)
+        connection = _Connection(target, config, wording)
         webhooks = None
         if config.webhook is not None and listener is not None:
-            webhooks = _Webhooks(config.webhook, listener, connection.secret,
-                                 connection.sim_app)
+            webhooks = _Webhooks(config.webhook, listener, connection.secret)
         return await _run_batch(spec, options, config, connection, webhooks=webhooks,
                                 reporter=reporter, stop=stop, wording=wording)
 
@@ -152,34 +139,38 @@ async def _run_batch(spec: JobSpec, options: RunOptions | None, config: RunConfi
                      wording: Wording) -> RunResult:
     """Preflight, plan, run and export: what :func:`run_batch_async` does once the settings
     are checked (and webhook mode's port is held)."""
-    client, simulated, expected = connection.client, connection.simulated, connection.expected
     say = reporter.message if reporter is not None else (lambda text: None)
     if config.fresh:
         moved = _move_aside(config.out_dir)
         if moved is not None:
             say(f"the previous run directory was moved to {moved}")
-    async with client:
+    async with connection.open() as client:
         cost, credits = await _preflight(client, config,
                                          price_given=explicit_price(spec, options))
-        config = _fill_budget(config, cost)
-        if not config.out_dir.exists():
-            # Nothing to resume: check the plan before anything is created, so that a
-            # refused run leaves nothing behind.
-            _check_plan(spec, config, ResumeIndex(), cost=cost, credits=credits,
-                        wording=wording, say=say)
-        store = RunStore(config.out_dir, filename_template=config.filename_template)
-        index = store.open()
-        try:
-            scan = _check_plan(spec, config, index, cost=cost, credits=credits,
-                               wording=wording, say=None)
+    config = _fill_budget(config, cost)
+    if not config.out_dir.exists():
+        # Nothing to resume: check the plan before anything is created, so that a refused
+        # run leaves nothing behind.
+        _check_plan(spec, config, ResumeIndex(), cost=cost, credits=credits, wording=wording,
+                    say=say)
+    store = RunStore(config.out_dir, filename_template=config.filename_template)
+    index = store.open()
+    try:
+        scan = _check_plan(spec, config, index, cost=cost, credits=credits, wording=wording,
+                           say=None)
+        # The built-in simulator keeps its world in the run directory, so that a resumed
+        # --sim run finds its jobs, keys and uploads as it would at the real API.
+        async with connection.open(state_dir=store.state_dir / "sim") as client:
+            if webhooks is not None:
+                webhooks = replace(webhooks, sim_app=connection.app)
             summary = await _run(spec, config, store, index, client, scan=scan, cost=cost,
-                                 expected=expected, reporter=reporter, stop=stop,
-                                 simulated=simulated, say=say, webhooks=webhooks)
-        finally:
-            store.close()
+                                 expected=connection.expected, reporter=reporter, stop=stop,
+                                 simulated=connection.simulated, say=say, webhooks=webhooks)
+    finally:
+        store.close()
     return RunResult(summary, config.out_dir,
                      exit_code_for(summary, config.max_failure_rate,
-                                   limited=config.limit is not None), simulated)
+                                   limited=config.limit is not None), connection.simulated)
 
 
 def _fill_budget(config: RunConfig, cost: float) -> RunConfig:
@@ -196,8 +187,8 @@ def _check_plan(spec: JobSpec, config: RunConfig, index: ResumeIndex, *, cost: f
     """One pass over the items (lazy, 8 bytes an item to run): the exact total (of this
     shard), what is still to run, and which items repeat another's request; refuse a plan
     over the budget, with advice that works when followed; warn when the balance is short."""
-    scan = scan_items(filter_items(expand_job(spec), config.shard), index,
-                      retry_failed=config.retry_failed)
+    scan = scan_items(_all_items(spec, config), index, retry_failed=config.retry_failed,
+                      keys=True)
     if config.limit is not None and scan.to_run > config.limit:
         scan = replace(scan, to_run=config.limit)
     remaining = scan.to_run
@@ -232,6 +223,7 @@ async def _run(spec: JobSpec, config: RunConfig, store: RunStore, index: ResumeI
                say: Callable[[str], None], webhooks: _Webhooks | None) -> dict[str, Any]:
     """Run the plan, and export it."""
     store.freeze_manifest(spec.path)
+    store.write_item_keys(scan.keys)
     settings = _settings(config, cost=cost, expected=expected)
     mailbox = WebhookMailbox() if webhooks is not None else None
     completion = None
@@ -314,10 +306,22 @@ async def _sim_deliveries(app: Any, *, task_status: TaskStatus[None]) -> None:
         await anyio.sleep_forever()
 
 
+def _all_items(spec: JobSpec, config: RunConfig) -> Iterator[WorkItem]:
+    """The run's items, lazily: the manifest's (its shard's), then with ``reroll`` the
+    rerolls of its rejected images (:mod:`batchflux.reroll`)."""
+    yield from filter_items(expand_job(spec), config.shard)
+    if config.reroll is not None:
+        from .reroll import reroll_items
+
+        yield from filter_items(
+            reroll_items(expand_job(spec), config.out_dir, image_hashes=spec.image_hashes,
+                         first_index=count_items(spec)), config.shard)
+
+
 def _items(spec: JobSpec, config: RunConfig, index: ResumeIndex) -> Iterator[WorkItem]:
-    """The run's items: its shard's, and with ``limit``, up to the first ``limit`` items
-    still to do (the items after them are not reached)."""
-    items: Iterable[WorkItem] = filter_items(expand_job(spec), config.shard)
+    """The run's items (:func:`_all_items`), and with ``limit``, up to the first ``limit``
+    items still to do (the items after them are not reached)."""
+    items: Iterable[WorkItem] = _all_items(spec, config)
     if config.limit is None:
         yield from items
         return
@@ -346,11 +350,37 @@ def _settings(config: RunConfig, *, cost: float, expected: float | None) -> RunS
     )
 
 
-def _connect(target: Target, config: RunConfig, wording: Wording) -> _Connection:
-    """The API client for ``target``, and what else the run needs of it."""
-    connections = workers_for(RunSettings(max_inflight=config.inflight_ceiling)) + 4
-    if isinstance(target, Simulator):
-        from .sim import SimSettings, create_app
+class _Connection:
+    """How to reach ``target``: an API client for the preflight, then one for the run (for
+    the built-in simulator, the run's keeps its world in ``state_dir``)."""
+
+    def __init__(self, target: Target, config: RunConfig, wording: Wording) -> None:
+        if not isinstance(target, (Simulator, Api)):
+            raise UsageError(f"target must be Simulator() or Api(...), got {target!r}")
+        self.target, self.wording = target, wording
+        self.connections = workers_for(RunSettings(max_inflight=config.inflight_ceiling)) + 4
+        self.simulated = isinstance(target, Simulator)
+        #: The webhook signing secret: the digest of the key, never the key.
+        self.secret = signing_secret(target.api_key if isinstance(target, Api) else SIM_API_KEY)
+        #: The built-in simulator's app while :meth:`open` holds it (its lifespan delivers
+        #: webhooks), else None.
+        self.app: Any = None
+        self.expected = (target.job_seconds or SIM_DEFAULT_JOB_SECONDS) \
+            if isinstance(target, Simulator) else None
+        # Checked now, before anything is spent: a key the client refuses, a bad URL.
+        if isinstance(target, Api):
+            self._api_client()
+
+    @contextlib.asynccontextmanager
+    async def open(self, *, state_dir: Path | None = None) -> AsyncIterator[ApiframeClient]:
+        """A client for the target, closed (and the simulator's directory released) after."""
+        target = self.target
+        if isinstance(target, Api):
+            async with self._api_client() as client:
+                yield client
+            return
+        assert isinstance(target, Simulator)
+        from .sim import SimSettings, SimStateError, create_app
 
         settings = target.settings or SimSettings(job_seconds=SIM_DEFAULT_JOB_SECONDS,
                                                   queue_seconds=0.2,
@@ -360,20 +390,30 @@ def _connect(target: Target, config: RunConfig, wording: Wording) -> _Connection
                                queue_seconds=min(0.2, target.job_seconds / 4))
         if target.credits is not None:
             settings = replace(settings, credits=target.credits)
-        app = create_app(settings)
-        client = ApiframeClient(api_key=SIM_API_KEY, base_url=SIM_BASE_URL,
-                                transport=httpx.ASGITransport(app=app),
-                                max_connections=connections, wording=wording)
-        return _Connection(client, True, target.job_seconds or SIM_DEFAULT_JOB_SECONDS,
-                           signing_secret(SIM_API_KEY), app)
-    if not isinstance(target, Api):
-        raise UsageError(f"target must be Simulator() or Api(...), got {target!r}")
-    client = ApiframeClient(
-        api_key=target.api_key, base_url=target.base_url, transport=target.transport,
-        max_connections=connections, allow_insecure=target.allow_insecure,
-        allowed_download_hosts=target.allowed_download_hosts, wording=wording,
-        timeouts=target.timeouts)
-    return _Connection(client, False, None, signing_secret(target.api_key))
+        try:
+            app = create_app(settings, state_dir=state_dir)
+        except SimStateError as exc:
+            raise ConfigError(f"the simulator state in {state_dir} cannot be used: {exc}") \
+                from exc
+        self.app = app
+        try:
+            async with ApiframeClient(api_key=SIM_API_KEY, base_url=SIM_BASE_URL,
+                                      transport=httpx.ASGITransport(app=app),
+                                      max_connections=self.connections,
+                                      wording=self.wording) as client:
+                yield client
+        finally:
+            self.app = None
+            app.close()
+
+    def _api_client(self) -> ApiframeClient:
+        target = self.target
+        assert isinstance(target, Api)
+        return ApiframeClient(
+            api_key=target.api_key, base_url=target.base_url, transport=target.transport,
+            max_connections=self.connections, allow_insecure=target.allow_insecure,
+            allowed_download_hosts=target.allowed_download_hosts, wording=self.wording,
+            timeouts=target.timeouts)
 
 
 async def _preflight(client: ApiframeClient, config: RunConfig, *,

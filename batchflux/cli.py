@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("retryable", "all"),
                    help="count earlier failures as `run --retry-failed` would: those whose "
                    "error is retryable (the default), or all")
+    p.add_argument("--reroll", choices=("rejected",), default=None,
+                   help="count the rerolls `run --reroll rejected` would make, and their cost")
     p.set_defaults(handler=_plan)
 
     p = sub.add_parser("run", help="run every item of a manifest (resumes by default)",
@@ -103,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "later run)")
     opts.add_argument("--max-items", type=_positive_int, default=None, metavar="N",
                       help="a guard: refuse manifests that expand to more than N items")
+    opts.add_argument("--reroll", choices=("rejected",), default=None,
+                      help="also make a new image (same prompt and params, the next derived "
+                      "seed) for each item whose latest image was rejected in `batchflux "
+                      "review`; a second --reroll pays nothing new")
     opts.add_argument("--job-timeout", type=_positive_float, default=None, metavar="S",
                       help="seconds a job may take from submit to COMPLETED")
     opts.add_argument("--webhook-url", default=None, metavar="URL",
@@ -247,6 +253,7 @@ def _plan(args: argparse.Namespace) -> int:
         err=sys.stderr,
         out_dir=args.out,
         retry_failed=args.retry_failed,
+        reroll=args.reroll,
     )
 
 
@@ -277,7 +284,7 @@ def _warn_skipped(line: object) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .review import build_report, render_table, write_review
+    from .report import build_report, render_table, write_review
     from .store import BadLine
 
     if args.html:

@@ -88,7 +88,8 @@ class RunConfig:
     adaptive in-flight cap, unless ``max_inflight`` (an expert's hard ceiling) is lower.
     ``cost_per_image`` None means "ask the API's model catalogue". ``limit`` runs at most that
     many of the items still to do (the first ones, in manifest order); ``fill_budget`` runs as
-    many of them as ``budget`` pays for.
+    many of them as ``budget`` pays for; ``reroll`` (``"rejected"``) adds a new image for each
+    item whose latest image was rejected in review (:mod:`batchflux.reroll`).
     """
 
     out_dir: Path
@@ -110,6 +111,7 @@ class RunConfig:
     limit: int | None = None
     fill_budget: bool = False
     webhook: WebhookConfig | None = None
+    reroll: str | None = None
 
     @property
     def inflight_ceiling(self) -> int:
@@ -210,6 +212,7 @@ def resolve_config(spec: JobSpec | None, options: RunOptions | None = None, *,
         limit=merged.limit,
         fill_budget=bool(merged.fill_budget),
         webhook=webhook,
+        reroll=_choice(merged.reroll, ("rejected",), name("reroll")),
     )
 
 

@@ -33,8 +33,10 @@ result line as it is linked, copied or read: a missing or different file stops t
 :class:`~batchflux.errors.IntegrityError` (exit 65) naming the item and the path, and the old
 export stays. A results line that cannot be read is skipped and reported
 (``ExportResult.bad_lines``). Each export is built in a temporary directory and
-swapped in at the end, so re-running it (after a resumed run added items) replaces the old
-export whole and a crash mid-export leaves the previous one in place.
+swapped in at the end (:func:`batchflux.fileutil.replace_atomic`; ``metadata.jsonl`` is
+written with :func:`batchflux.fileutil.write_atomic`), so re-running it (after a resumed run
+added items) replaces the old export whole and a crash mid-export leaves the previous one in
+place.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ from typing import Any
 
 from .display import item_label
 from .errors import IntegrityError, UsageError
-from .fileutil import sha256_file
+from .fileutil import replace_atomic, sha256_file, write_atomic
+from .models import Result
 from .results import read_results, recorded_path
 from .reviewapp.decisions import STATES, read_decisions, review_state
 from .store import RESULTS_NAME, STATE_DIR, BadLine, OnBadLine
@@ -102,41 +105,30 @@ def dataset_rows(out_dir: Path, *, on_bad_line: OnBadLine | None = None,
     review state is one of ``only``. Unreadable results lines are passed to ``on_bad_line``
     (see :func:`batchflux.results.read_results`)."""
     decisions = read_decisions(out_dir)
-    exported: list[tuple[dict[str, Any], str]] = []
+    exported: list[tuple[Result, str]] = []
     for record in read_results(out_dir, on_bad_line=on_bad_line).ordered():
-        if record.get("status") != "ok":
+        if not record.ok:
             continue
-        decision = review_state(record["key"], decisions)
+        decision = review_state(record.key, decisions)
         if only is not None and decision not in only:
             continue
         exported.append((record, decision))
-    columns = meta_columns(record for record, _ in exported)
+    columns = meta_columns(record.meta for record, _ in exported)
     for record, decision in exported:
         yield from _rows_of(record, decision, columns)
 
 
-def _record_meta(record: Mapping[str, Any]) -> dict[str, str]:
-    """The ``"meta"`` of a result line (absent on lines written before meta existed: empty);
-    a value that is not text (a hand-edited line) is kept as its JSON text."""
-    meta = record.get("meta")
-    if not isinstance(meta, dict):
-        return {}
-    return {str(name): value if isinstance(value, str)
-            else json.dumps(value, sort_keys=True, ensure_ascii=False)
-            for name, value in meta.items()}
+def meta_columns(metas: Iterable[Mapping[str, str]]) -> dict[str, str]:
+    """Every meta name of ``metas`` (the ``meta`` of each exported record), in order of first
+    use, mapped to its column name (the name itself, or ``meta_<name>`` when that is taken by a
+    column of our own or by another meta name).
 
-
-def meta_columns(records: Iterable[Mapping[str, Any]]) -> dict[str, str]:
-    """Every meta name of ``records``, in order of first use, mapped to its column name (the
-    name itself, or ``meta_<name>`` when that is taken by a column of our own or by another
-    meta name).
-
-    >>> meta_columns([{"meta": {"sku": "A1", "seed": "x"}}, {"meta": {"category": "mugs"}}])
+    >>> meta_columns([{"sku": "A1", "seed": "x"}, {"category": "mugs"}])
     {'sku': 'sku', 'seed': 'meta_seed', 'category': 'category'}
     """
     names: dict[str, None] = {}
-    for record in records:
-        names.update(dict.fromkeys(_record_meta(record)))
+    for meta in metas:
+        names.update(dict.fromkeys(meta))
     taken = set(OWN_COLUMNS) | set(names)
     columns: dict[str, str] = {}
     for name in names:
@@ -148,37 +140,36 @@ def meta_columns(records: Iterable[Mapping[str, Any]]) -> dict[str, str]:
     return columns
 
 
-def _rows_of(record: dict[str, Any], decision: str,
+def _rows_of(record: Result, decision: str,
              columns: Mapping[str, str]) -> Iterator[DatasetRow]:
     """The rows of one ok item: one per image file, each with every meta column."""
-    meta = _record_meta(record)
-    meta_row = {column: meta.get(name) for name, column in columns.items()}
-    params = record.get("params") or {}
-    for number, f in enumerate(record.get("files") or (), start=1):
-        name = record["key"] if number == 1 else f"{record['key']}_{number}"
+    meta_row = {column: record.meta.get(name) for name, column in columns.items()}
+    params = dict(record.params)
+    for number, f in enumerate(record.files, start=1):
+        name = record.key if number == 1 else f"{record.key}_{number}"
         yield DatasetRow(
             name=name,
-            image_path=str(f["path"]),
-            text=str(record.get("prompt", "")),
+            image_path=f.path,
+            text=record.prompt,
             metadata={
-                "text": str(record.get("prompt", "")),
-                "seed": record.get("seed"),
-                "prompt_id": record.get("prompt_id"),
-                "key": record["key"],
+                "text": record.prompt,
+                "seed": record.seed,
+                "prompt_id": record.prompt_id,
+                "key": record.key,
                 "aspect_ratio": params.get("aspect_ratio"),
-                "width": f.get("width"),
-                "height": f.get("height"),
-                "output_format": f.get("format"),
-                "model": record.get("model"),
+                "width": f.width,
+                "height": f.height,
+                "output_format": f.format,
+                "model": record.model,
                 # JSON text: params differ in shape between items, and Arrow columns
                 # must not (input_images lists, width/height only with custom sizes).
                 "params": json.dumps(params, sort_keys=True, ensure_ascii=False),
-                "template": record.get("template"),
-                "job_id": record.get("job_id"),
+                "template": record.template,
+                "job_id": record.job_id,
                 "decision": decision,
                 **meta_row,
             },
-            sha256=str(f.get("sha256") or ""),
+            sha256=f.sha256,
             label=item_label(record),
         )
 
@@ -235,12 +226,12 @@ def export_dataset(out_dir: str | os.PathLike[str], fmt: str, *,
 
 def _swap_in(work: Path, final: Path) -> None:
     """Replace ``final`` by ``work``: two renames, the old export gone only once the new one
-    is complete."""
+    is complete (and on disk)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
-        os.replace(final, old)
-    os.replace(work, final)
+        replace_atomic(final, old, durable=False)  # the next rename is the one that counts
+    replace_atomic(work, final)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -278,7 +269,10 @@ def _write_imagefolder(out: Path, work: Path, rows_of: Iterable[DatasetRow]) -> 
     train = work / "train"
     train.mkdir()
     rows = 0
-    with open(train / "metadata.jsonl", "w", encoding="utf-8") as meta:
+
+    def lines() -> Iterator[bytes]:
+        """Each row's metadata line, its image linked (and checked) as the line is made."""
+        nonlocal rows
         for row in rows_of:
             source = _source(out, row)
             rel = row.image_path.removeprefix("images/")
@@ -287,8 +281,10 @@ def _write_imagefolder(out: Path, work: Path, rows_of: Iterable[DatasetRow]) -> 
             # Hash what the export now holds (a link shares the source's bytes).
             _check_digest(out, row, source, sha256_file(target))
             line = {"file_name": rel, **row.metadata}
-            meta.write(json.dumps(line, ensure_ascii=False) + "\n")
+            yield (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
             rows += 1
+
+    write_atomic(train / "metadata.jsonl", lines())
     return rows
 
 

@@ -6,10 +6,9 @@ Pure functions over values; no I/O; of batchflux's own, only the values of model
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Mapping
 from typing import Any
 
-from .models import Result
+from .models import Result, WorkItem
 
 __all__ = ["escape_controls", "item_label", "plural"]
 
@@ -58,33 +57,30 @@ def _short(value: Any) -> str:
     return text if len(text) <= _VALUE_WIDTH else text[: _VALUE_WIDTH - 1] + "…"
 
 
-def item_label(record: Mapping[str, Any] | Result) -> str:
-    """How log lines name an item (a result line, or anything with the same fields): what
-    tells it apart from its neighbours in the grid. The prompt id, the aspect ratio (or the
-    custom size), the template variables when it has any, the seed, and the first 12 hex digits
-    of the key (which tell apart even items that differ only in another param).
+def item_label(item: Result | WorkItem) -> str:
+    """How log lines name an item (its result line, or the work item itself): what tells it
+    apart from its neighbours in the grid. The prompt id, the aspect ratio (or the custom
+    size), the template variables when it has any, the seed, and the first 12 hex digits of the
+    key (which tell apart even items that differ only in another param).
 
-    >>> item_label({"prompt_id": "mug", "key": "3fa9c2e1b0d4" + "0" * 52, "seed": 7,
-    ...             "params": {"aspect_ratio": "16:9"}, "vars": {"bg": "oak"}})
+    >>> item_label(WorkItem(index=0, key="3fa9c2e1b0d4" + "0" * 52, prompt_id="mug",
+    ...                     prompt="a mug", params={"aspect_ratio": "16:9", "seed": 7},
+    ...                     vars={"bg": "oak"}))
     'mug 16:9 bg=oak seed 7 [3fa9c2e1b0d4]'
-    >>> item_label({"prompt_id": "p017", "seed": 1,
-    ...             "params": {"aspect_ratio": "custom", "width": 1024, "height": 768}})
+    >>> item_label(WorkItem(index=1, key="", prompt_id="p017", prompt="a fox",
+    ...                     params={"aspect_ratio": "custom", "width": 1024, "height": 768,
+    ...                             "seed": 1}))
     'p017 custom 1024x768 seed 1'
     """
-    if isinstance(record, Result):
-        record = record.to_json()
-    params = record.get("params") or {}
-    seed = record.get("seed", params.get("seed"))
-    parts = [str(record.get("prompt_id") or "?")]
+    params = item.params
+    parts = [item.prompt_id or "?"]
     aspect = params.get("aspect_ratio")
     if aspect == "custom":
         parts.append(f"custom {params.get('width', '?')}x{params.get('height', '?')}")
     elif aspect is not None:
         parts.append(str(aspect))
-    variables = record.get("vars") or {}
-    parts += [f"{name}={_short(value)}" for name, value in variables.items()]
-    parts.append(f"seed {seed}")
-    key = record.get("key")
-    if isinstance(key, str) and key:
-        parts.append(f"[{key[:12]}]")
+    parts += [f"{name}={_short(value)}" for name, value in item.vars.items()]
+    parts.append(f"seed {item.seed}")
+    if item.key:
+        parts.append(f"[{item.key[:12]}]")
     return escape_controls(" ".join(parts))

@@ -510,7 +510,7 @@ class Lifecycle:
             timings=Timings(rounded(current.generating), rounded(current.downloading),
                             rounded(self.clock() - current.started)),
             started_at=current.started_at, finished_at=utc_now(), source=item.source,
-            meta=dict(item.meta))
+            meta=dict(item.meta), reroll_of=item.reroll_of, attempt=item.attempt)
 
 
 # --------------------------------------------------------------------------------------------

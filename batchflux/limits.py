@@ -365,6 +365,7 @@ class SubmitRateLearner:
         self.min_window = min_window
         self.horizon = horizon
         self._clock = clock
+        self._first_sent: float | None = None  # the run's first submit
         self._window_start: float | None = None  # first submit, or when submits resumed
         self._accepted = 0  # accepted since _window_start (before the first mark)
         self._total = 0  # accepted in all
@@ -379,6 +380,8 @@ class SubmitRateLearner:
     def on_sent(self) -> None:
         """A submit is about to go out: start the first window; let the rate probe upward."""
         now = self._clock()
+        if self._first_sent is None:
+            self._first_sent = now
         if self._window_start is None:
             self._window_start = now
         if self._base_rate is not None:
@@ -423,7 +426,8 @@ class SubmitRateLearner:
             return "same"
         since_last = self._total - self._marks[-1][1] if self._marks else self._accepted
         start = self._window_start if self._window_start is not None else now
-        if since_last < self.min_samples or (not self._marks and now - start < self.min_window):
+        first = self._first_sent if self._first_sent is not None else now
+        if since_last < self.min_samples or (not self._marks and now - first < self.min_window):
             # Pacing to that number would crawl. A pause the provider asked for without its
             # bucket being the reason (a storm) says nothing of its rate either: start over,
             # measuring from when submits resume.
@@ -431,9 +435,13 @@ class SubmitRateLearner:
             self._window_start, self._accepted, self._episode_at = now + max(0.0, pause), 0, now
             return "unmeasured"
         if not self._marks:
-            span = 2 * self.min_window
+            # Submits resumed after a pause can meet an empty bucket at once: measure over at
+            # least min_window (never over nothing), and count the trailing submits over the
+            # span they are divided by.
+            window = max(self.min_window, now - start)
+            span = min(2 * self.min_window, window)
             recent = sum(1 for t in self._accepted_at if t >= now - span)
-            rate = max(self._accepted / (now - start), recent / min(span, now - start))
+            rate = max(self._accepted / window, recent / span)
             verdict: Verdict = "first"
         else:
             while len(self._marks) > 1 and now - self._marks[1][0] >= self.horizon:

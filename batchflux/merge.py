@@ -8,8 +8,10 @@ frozen manifest in ``.batchflux/``). The merge:
   one (the same rule a resumed run follows);
 - copies every image of the kept results (a hard link when source and target share a
   filesystem), then checks the sha256 of every file in the target against its result line;
-- writes the merged ``results.jsonl`` and ``summary.json`` atomically (temp file + rename),
-  so a crash mid-merge leaves the previous target intact, and merging again is safe.
+- writes the merged ``results.jsonl`` and ``summary.json`` atomically
+  (:func:`batchflux.fileutil.write_atomic`), so a crash mid-merge leaves the previous target
+  intact, and merging again is safe. The summary's counts, credits, images and latencies are a
+  :class:`~batchflux.summary.Tally` of the merged lines, as a run counts its own.
 
 The target may already hold a run (an earlier merge, or one of the shards): its results take
 part in the merge like any source.
@@ -21,17 +23,17 @@ import contextlib
 import json
 import os
 import shutil
-from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .display import item_label
 from .errors import IntegrityError, MergeError, UsageError
-from .fileutil import sha256_file
+from .fileutil import copy_atomic, replace_atomic, sha256_file, write_atomic, write_json_atomic
+from .models import Result
 from .results import choose, iter_records, read_results, recorded_path, sort_key
-from .runner import utc_now
+from .stats import utc_now
 from .store import (
     LOCK_NAME,
     RESULTS_NAME,
@@ -40,8 +42,8 @@ from .store import (
     BadLine,
     DirectoryLock,
     OnBadLine,
-    write_json_atomic,
 )
+from .summary import Tally
 
 __all__ = ["MergeError", "MergeReport", "final_records", "manifest_digest", "merge_runs"]
 
@@ -62,7 +64,7 @@ class MergeReport:
     bad_lines: tuple[BadLine, ...] = ()  # lines of the sources' results.jsonl skipped
 
 
-def final_records(out_dir: Path) -> dict[str, dict[str, Any]]:
+def final_records(out_dir: Path) -> dict[str, Result]:
     """The result that counts for each key of one run directory: the ok line if any, else
     the last line. Unreadable lines are skipped (see :func:`batchflux.results.read_results`,
     which also reports them)."""
@@ -142,24 +144,24 @@ def _merge_locked(all_dirs: list[Path], sources: list[Path], target: Path,
         if on_bad_line is not None:
             on_bad_line(line)
 
-    chosen: dict[str, dict[str, Any]] = {}
+    chosen: dict[str, Result] = {}
     origin: dict[str, Path] = {}
     duplicates = 0
     for directory in all_dirs:
         for record in iter_records(directory, skipped):
-            if record["key"] in chosen:
+            if record.key in chosen:
                 duplicates += 1
             if choose(chosen, record):
-                origin[record["key"]] = directory
+                origin[record.key] = directory
 
     linked = copied = present = 0
     claimed: dict[str, str] = {}  # target path -> sha256, to catch two items on one name
     for key, record in chosen.items():
-        if record.get("status") != "ok":
+        if not record.ok:
             continue
         source_dir = origin[key]
-        for f in record.get("files") or ():
-            rel, sha = str(f["path"]), str(f["sha256"])
+        for f in record.files:
+            rel, sha = f.path, f.sha256
             if claimed.setdefault(rel, sha) != sha:
                 raise MergeError(f"two different images claim {rel}; merge them into "
                                  "separate directories or use distinct file-name templates")
@@ -171,11 +173,11 @@ def _merge_locked(all_dirs: list[Path], sources: list[Path], target: Path,
             present += how == "present"
 
     ordered = sorted(chosen.values(), key=sort_key)
-    _write_jsonl_atomic(target / RESULTS_NAME, ordered)
+    write_atomic(target / RESULTS_NAME, _jsonl(ordered))
     for directory in sources:  # keep a manifest beside the merged results, for later merges
         frozen = sorted((directory / STATE_DIR).glob("manifest.*"))
         if frozen and not any((target / STATE_DIR).glob("manifest.*")):
-            shutil.copyfile(frozen[0], target / STATE_DIR / frozen[0].name)
+            copy_atomic(frozen[0], target / STATE_DIR / frozen[0].name)
     summary = _merged_summary(ordered, all_dirs, digests)
     write_json_atomic(target / SUMMARY_NAME, summary)
     counts = summary["counts"]
@@ -185,8 +187,7 @@ def _merge_locked(all_dirs: list[Path], sources: list[Path], target: Path,
                        bad_lines=tuple(bad))
 
 
-def _place(src: Path, dst: Path, sha: str, record: Mapping[str, Any],
-           source_dir: Path) -> str:
+def _place(src: Path, dst: Path, sha: str, record: Result, source_dir: Path) -> str:
     """Put ``src`` at ``dst`` and prove it by sha256. Returns linked, copied or present."""
     if dst.is_file() and not dst.is_symlink() and sha256_file(dst) == sha:
         return "present"
@@ -213,41 +214,34 @@ def _place(src: Path, dst: Path, sha: str, record: Mapping[str, Any],
             f"(found {actual[:12]}, recorded {sha[:12]}); `batchflux verify "
             f"{source_dir} --fix` moves it aside so that `batchflux run` fetches it "
             "again")
-    os.replace(tmp, dst)
+    replace_atomic(tmp, dst)
     return how
 
 
-def _write_jsonl_atomic(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
-                      for record in records)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _jsonl(records: Iterable[Result]) -> Iterator[bytes]:
+    """Each record as its results.jsonl line (the runner's own shape: compact, key first)."""
+    for record in records:
+        yield (json.dumps(record.to_json(), separators=(",", ":"), ensure_ascii=False)
+               + "\n").encode("utf-8")
 
 
-def _merged_summary(records: list[dict[str, Any]], dirs: list[Path],
+def _merged_summary(records: list[Result], dirs: list[Path],
                     digests: Mapping[Path, str | None]) -> dict[str, Any]:
-    status = Counter(r.get("status") for r in records)
-    categories = Counter((r.get("error") or {}).get("category") for r in records
-                         if r.get("status") != "ok")
+    tally = Tally()
+    for record in records:
+        tally.add(record)
     shards = []
     for directory in dirs:
         summary = _read_summary(directory)
         shards.append({"path": str(directory), "shard": summary.get("shard"),
                        "manifest_sha256": digests.get(directory)})
     known = {d for d in digests.values() if d}
+    counted = tally.to_json()
     return {
         "merged_at": utc_now(),
         "total_items": len(records),
-        "counts": {"ok": status.get("ok", 0), "failed": len(records) - status.get("ok", 0),
-                   "skipped": 0},
-        "errors_by_category": dict(sorted((str(k), v) for k, v in categories.items())),
-        "credits_spent": sum((r.get("credit_cost") or 0) for r in records),
-        "images": sum(len(r.get("files") or ()) for r in records if r.get("status") == "ok"),
-        "bytes": sum(f.get("bytes", 0) for r in records if r.get("status") == "ok"
-                     for f in r.get("files") or ()),
+        **counted,
+        "counts": {**counted["counts"], "skipped": 0},
         "manifest_sha256": known.pop() if len(known) == 1 else None,
         "shard": None,
         "merged_from": shards,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ _EXPLANATIONS = {
     ErrorCategory.INVALID_REQUEST: "the API rejected the request (400); fix the manifest",
     ErrorCategory.AUTH: "the API key is missing, invalid or inactive (401/403)",
     ErrorCategory.INSUFFICIENT_CREDITS: "the team has too few credits for the job (402)",
-    ErrorCategory.RATE_LIMITED: "the API asked us to slow down (429) more often than retries allow",
+    ErrorCategory.RATE_LIMITED: "the API kept asking us to slow down (429) for longer than max_total allows",
     ErrorCategory.SERVER_ERROR: "the API failed on its side (5xx) on every attempt",
     ErrorCategory.NETWORK: "the connection failed or dropped on every attempt",
     ErrorCategory.TIMEOUT: "a request or the job itself took longer than its deadline",
@@ -245,6 +246,8 @@ class Result:
     source: str | None = None
     duplicate_of: int | None = None
     meta: Mapping[str, str] = field(default_factory=dict)
+    reroll_of: str | None = None
+    attempt: int = 0
 
     @property
     def ok(self) -> bool:
@@ -281,6 +284,9 @@ class Result:
         }
         if self.duplicate_of is not None:
             line["duplicate_of"] = self.duplicate_of
+        if self.reroll_of is not None:
+            line["reroll_of"] = self.reroll_of
+            line["attempt"] = self.attempt
         return line
 
     @classmethod
@@ -323,15 +329,20 @@ class Result:
             source=data.get("source") if isinstance(data.get("source"), str) else None,
             duplicate_of=data.get("duplicate_of") if isinstance(data.get("duplicate_of"), int)
             else None,
-            meta={str(k): str(v) for k, v in data["meta"].items()}
-            if isinstance(data.get("meta"), Mapping) else {},
+            meta=_meta(data.get("meta")),
+            reroll_of=data.get("reroll_of") if isinstance(data.get("reroll_of"), str) else None,
+            attempt=_int_or(data.get("attempt"), 0),
         )
 
 
 #: An ok line as :meth:`Result.to_json` writes it, recognised without a JSON parse: the
-#: first 16 hex digits of its key (group 1). A JSON string cannot contain ``","`` unescaped
-#: and a nested object cannot come before ``status``, so the match is the line's own fields.
-OK_LINE = re.compile(rb'\{"key":"([0-9a-f]{16})[0-9a-f]*","[^{]*?"status":"ok"')
+#: first 16 hex digits of its key (group 1). The fields before ``status`` are matched one by
+#: one (``prompt_id`` as a whole JSON string, escapes and all), so the match is the line's own
+#: fields whatever its strings hold. Lines of every earlier version have the same first four
+#: fields in this order; any other line is parsed in full.
+OK_LINE = re.compile(
+    rb'\{"key":"([0-9a-f]{16})[0-9a-f]*","index":[0-9]+,"prompt_id":"(?:[^"\\]|\\.)*",'
+    rb'"status":"ok"')
 #: The ``files`` list of such a line (group 1), to parse alone: a JSON string cannot contain
 #: ``,"files":[`` unescaped, so the first match is the field.
 FILES_FIELD = re.compile(rb',"files":(\[.*?\]),"timings":')
@@ -351,6 +362,16 @@ def _count(value: Any, name: str, *, minimum: int = 1) -> int:
 
 def _int_or(value: Any, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _meta(value: Any) -> dict[str, str]:
+    """A line's ``meta`` (absent on lines of runs before meta existed: empty); a value that is
+    not text (a hand-edited line) is kept as its JSON text."""
+    if not isinstance(value, Mapping):
+        return {}
+    return {str(name): text if isinstance(text, str)
+            else json.dumps(text, sort_keys=True, ensure_ascii=False)
+            for name, text in value.items()}
 
 
 def _seconds(value: Any) -> float | None:
@@ -384,6 +405,9 @@ class WorkItem:
     #: Metadata the manifest attached to the prompt (CSV/TSV ``meta_columns``, or ``meta`` on a
     #: JSONL item or YAML entry): column name -> text. Not part of the request, so not of ``key``.
     meta: Mapping[str, str] = field(default_factory=dict)
+    #: On a reroll (batchflux.reroll): the key of the item it rerolls, and which reroll it is.
+    reroll_of: str | None = None
+    attempt: int = 0
 
     @property
     def seed(self) -> int:
@@ -452,6 +476,7 @@ class RunOptions:
     shard: str | None = None  # "I/N": only the items of shard I of N
     limit: int | None = None  # run at most this many of the items still to do
     fill_budget: bool | None = None  # run as many of them as ``budget`` pays for, then stop
+    reroll: str | None = None  # "rejected": a new image for each item whose image was rejected
 
     def merged(self, override: RunOptions) -> RunOptions:
         """Values of ``override`` where set, else ours."""

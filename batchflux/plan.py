@@ -12,6 +12,7 @@ a run), and the duplicate warnings cover the first :data:`DUPLICATE_CHECK_LIMIT`
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from .errors import EXIT_DATAERR, EXIT_OK, ManifestError, UsageError
 from .expand import axis_summaries, count_items, expand_job
 from .manifest import load_job
 from .models import DEFAULT_RUN_OPTIONS, Diagnostic, JobSpec, WorkItem
-from .runner import scan_items, skip_reason
+from .resume import scan_items, skip_reason
 from .store import ResumeIndex
 
 #: Items whose keys are checked for duplicates (a 64-bit key prefix each, so memory is bounded).
@@ -63,6 +64,7 @@ class Plan:
     out_dir: str | None = None
     out_dir_exists: bool = False
     retry_failed: str | None = None
+    rerolls: int | None = None  # with --reroll: the new images the rejected ones earn
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,6 +80,7 @@ class Plan:
             "out_dir": self.out_dir,
             "out_dir_exists": self.out_dir_exists,
             "retry_failed": self.retry_failed,
+            "rerolls": self.rerolls,
             "axes": self.axes,
             "varying_axes": list(self.varying_axes),
             "cost_per_image": self.cost_per_image,
@@ -106,7 +109,7 @@ def item_to_json(item: WorkItem) -> dict[str, Any]:
 
 class _Tally:
     """One pass over the items: the preview, the duplicate warnings, and how the run
-    directory classifies each item (the run's own :func:`~batchflux.runner.skip_reason`)."""
+    directory classifies each item (the run's own :func:`~batchflux.resume.skip_reason`)."""
 
     def __init__(self, index: ResumeIndex, retry_failed: str | None, limit: int) -> None:
         self.index = index
@@ -161,13 +164,14 @@ def make_plan(
     out_dir: str | None = None,
     out_dir_exists: bool = False,
     retry_failed: str | None = None,
+    reroll: str | None = None,
 ) -> Plan:
     """Count, preview and check ``spec``, streaming its items (memory: 8 bytes an item still
     to run, as in a run).
 
     ``index`` is what the run directory ``out_dir`` holds (None: nothing yet); each item is
     classified as ``batchflux run --retry-failed=retry_failed`` would classify it, and the
-    items still to run are counted as the run counts them (:func:`batchflux.runner.scan_items`).
+    items still to run are counted as the run counts them (:func:`batchflux.resume.scan_items`).
     """
     total = count_items(spec)
     summaries = axis_summaries(spec)
@@ -176,7 +180,17 @@ def make_plan(
              else DEFAULT_RUN_OPTIONS.cost_per_image or 0.0)
     index = index if index is not None else ResumeIndex()
     tally = _Tally(index, retry_failed, limit)
-    scan = scan_items(tally.items(expand_job(spec)), index, retry_failed=retry_failed)
+    items: Iterable[WorkItem] = expand_job(spec)
+    rerolls = 0
+    if reroll is not None and out_dir is not None:
+        from .reroll import reroll_items
+
+        extra = list(reroll_items(expand_job(spec), out_dir, image_hashes=spec.image_hashes,
+                                  first_index=total))
+        rerolls = sum(1 for item in extra if skip_reason(index, item.key, retry_failed) is None)
+        items = itertools.chain(items, extra)
+        total += len(extra)
+    scan = scan_items(tally.items(items), index, retry_failed=retry_failed)
     warnings = [str(w) for w in spec.warnings] + tally.warnings
     if tally.duplicates > 5:
         warnings.append(f"... {tally.duplicates - 5} more duplicate requests")
@@ -213,6 +227,7 @@ def make_plan(
         to_run_items=tally.to_run_items,
         reattach=tally.reattach,
         out_dir=out_dir,
+        rerolls=rerolls if reroll is not None else None,
         out_dir_exists=out_dir_exists,
         retry_failed=retry_failed,
     )
@@ -263,6 +278,7 @@ def plan_command(
     err: TextIO,
     out_dir: str | None = None,
     retry_failed: str | None = None,
+    reroll: str | None = None,
 ) -> int:
     """Print the plan of one manifest (text or one JSON object); 65 if it is invalid.
 
@@ -278,7 +294,7 @@ def plan_command(
     index = load_run_directory(directory)
     plan = make_plan(spec, limit=max(limit, 0), cost_per_image=cost_per_image, index=index,
                      out_dir=directory, out_dir_exists=index is not None,
-                     retry_failed=retry_failed)
+                     retry_failed=retry_failed, reroll=reroll)
     if as_json:
         print(json.dumps(plan.to_json(), ensure_ascii=False), file=out)
         return EXIT_OK

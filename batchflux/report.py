@@ -1,237 +1,427 @@
-"""What a run tells a person or a machine while it works and when it ends.
+"""``batchflux report OUT``: what a run did, as a terminal table, JSON, or a static HTML page.
 
-Three reporters behind one small interface (``runner.Reporter``):
+- :func:`build_report` reads a run directory (``results.jsonl``, ``summary.json`` and the
+  review decisions in ``review.jsonl``) into one JSON-able dict: counts by status and error
+  category (with the category's one-line explanation), credits, p50/p95 latencies, throughput,
+  retries, the in-flight cap over time, and the images accepted, rejected, starred and still
+  undecided. The counts come from the result lines through :class:`~batchflux.summary.Tally`,
+  the tally the run itself and ``merge`` use, so it works on merged directories too.
+- :func:`render_table` prints that dict with rich.
+- :func:`write_review` writes ``OUT/review/index.html`` (``report --html``): a contact sheet of
+  thumbnails grouped by prompt and grid views (prompt rows x seed columns, prompt rows x
+  aspect columns: the X/Y plot of image tools), one view at a time by URL fragment
+  (``#sheet``, ``#grid-seed``, ``#grid-aspect``; CSS ``:target``, no script needed). Each
+  group's header shows its prompt and the params all its items share, once; each image shows
+  only what varies (seed, aspect ratio, size, any other param that differs); failures show
+  their reason. Columns fill the window (CSS grid, ``auto-fill``). The page is
+  self-contained: one HTML file with inline CSS, relative links to ``review/thumbs/*.jpg`` and
+  to the full images, nothing external, so it works offline from the output directory, copied
+  or zipped as a whole. Every piece of user text (prompts, ids, error messages) is
+  HTML-escaped.
 
-- :class:`RichReporter` on a terminal: a live progress bar with done/total, ok/failed, images
-  per minute, ETA, the current in-flight cap, and a visible "waiting for rate limit" state.
-- :class:`LogReporter` elsewhere: a plain line every ``interval`` seconds (or none, quiet).
-- :class:`JsonReporter` (``--log-format json``): one JSON event a line, for log shippers.
+The grouping, labels and thumbnails are :mod:`batchflux.review`'s, shared with the review app
+(``batchflux review``, :mod:`batchflux.reviewapp`).
 
-Every reporter names an item by :func:`~batchflux.display.item_label` (prompt id, aspect ratio
-or custom size, template variables, seed, key prefix), so two failed items of one prompt are
-told apart. Every run ends with :func:`summary_line`, one line that says what happened and
-where the images, ``results.jsonl`` and ``summary.json`` are. No reporter ever sees the API
-key.
+>>> report = build_report("out")                                   # doctest: +SKIP
+>>> report["by_status"], report["credits_spent"]                   # doctest: +SKIP
+({'failed': 2, 'ok': 46}, 92.0)
 """
 
 from __future__ import annotations
 
+import html
 import json
-import sys
-import time
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
+from urllib.parse import quote
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
+from rich.table import Table
+
+from .errors import UsageError
+from .fileutil import write_text_atomic
+from .models import ErrorCategory, FileRecord, Result
+from .results import RunResults, read_results, recorded_path
+from .review import (
+    DEFAULT_THUMB_SIZE,
+    REVIEW_DIR,
+    THUMB_DIR,
+    PromptGroup,
+    axis_value,
+    axis_values,
+    format_value,
+    image_label,
+    make_thumbnail,
+    prompt_groups,
+    thumb_name,
+    thumb_path,
+    varying_params,
 )
-from rich.text import Text
+from .reviewapp.decisions import count_states, read_decisions
+from .stats import percentile, rounded
+from .store import RESULTS_NAME, SUMMARY_NAME, BadLine
+from .summary import Tally
 
-from .display import escape_controls, item_label, plural
-from .models import Result, RunState
-
-
-def _rate_per_minute(state: RunState, now: float) -> float:
-    elapsed = now - state.started
-    return state.ok * 60.0 / elapsed if elapsed > 0 else 0.0
-
-
-def _eta_seconds(state: RunState, now: float) -> float | None:
-    if not state.total:
-        return None
-    remaining = state.total - state.skipped - state.done
-    elapsed = now - state.started
-    if state.done == 0 or elapsed <= 0 or remaining <= 0:
-        return None
-    return remaining * elapsed / state.done
+__all__ = [
+    "ReviewPage",
+    "build_report",
+    "cap_timeline",
+    "render_html",
+    "render_table",
+    "write_review",
+]
 
 
-def _status_text(state: RunState) -> str:
-    parts = [f"ok {state.ok}", f"failed {state.failed}"]
-    if state.skipped:
-        parts.append(f"skipped {state.skipped}")
-    parts.append(f"in flight {state.inflight}/{state.inflight_cap}")
-    if state.cooldown_remaining > 0.05:
-        parts.append(f"waiting for rate limit {state.cooldown_remaining:.0f} s")
-    if state.stop_reason:
-        parts.append(f"stopping: {state.stop_reason}")
-    return " · ".join(parts)
+# --------------------------------------------------------------------------------------------
+# Numbers
 
 
-class RichReporter:
-    """A live progress bar (stderr), for terminals. Honours NO_COLOR through rich."""
-
-    def __init__(self, *, console: Console | None = None, banner: str | None = None) -> None:
-        self.console = console or Console(stderr=True)
-        self.banner = banner
-        self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TaskProgressColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[rate]:.0f} img/min"),
-            TextColumn("{task.fields[status]}"),
-            console=self.console,
-            transient=False,
-        )
-        self.task: Any = None
-        self._state = RunState()
-
-    def start(self, *, total: int | None, skipped: int, attached: int) -> None:
-        if self.banner:
-            self.console.print(self.banner)
-        self.progress.start()
-        self.task = self.progress.add_task("generating", total=total, rate=0.0, status="")
-
-    def result(self, record: Result) -> None:
-        """One item finished: advance the bar; a failure gets a line of its own."""
-        if self.task is not None:
-            self.progress.advance(self.task)
-        if record.error is not None:
-            text = Text("failed", style="red")
-            text.append(f" {item_label(record)}: {record.error.category.value}: "
-                        f"{escape_controls(record.error.message)}")
-            self.progress.console.print(text, highlight=False)
-
-    def status(self, state: RunState) -> None:
-        self._state = state
-        if self.task is None:
-            return
-        done = state.done + state.skipped
-        self.progress.update(self.task, completed=done, total=state.total,
-                             rate=_rate_per_minute(state, time.monotonic()),
-                             status=_status_text(state))
-
-    def message(self, text: str) -> None:
-        self.progress.console.print(text, markup=False, highlight=False)
-
-    def finish(self, summary: Mapping[str, Any]) -> None:
-        if self.task is not None:
-            self.status(self._state)
-        self.progress.stop()
+def _explain(category: str) -> str:
+    try:
+        return ErrorCategory(category).explanation
+    except ValueError:
+        return "unknown category"
 
 
-class LogReporter:
-    """Plain periodic lines (for pipes, CI logs and cron mail); ``interval=None`` is quiet."""
-
-    def __init__(self, *, stream: TextIO | None = None, interval: float | None = 10.0,
-                 banner: str | None = None) -> None:
-        self.stream = stream or sys.stderr
-        self.interval = interval
-        self.banner = banner
-        self._last = 0.0
-        self._state: RunState | None = None
-
-    def _emit(self, text: str) -> None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-        print(f"{stamp} batchflux: {text}", file=self.stream, flush=True)
-
-    def start(self, *, total: int | None, skipped: int, attached: int) -> None:
-        self._last = time.monotonic()
-        if self.banner:
-            self._emit(self.banner)
-        if self.interval is not None:
-            self._emit(f"starting: {plural(total, 'item') if total is not None else '? items'}")
-
-    def result(self, record: Result) -> None:
-        """A failure gets a line of its own (when progress lines are on)."""
-        if record.error is not None and self.interval is not None:
-            self._emit(f"failed {item_label(record)}: {record.error.category.value}: "
-                       f"{escape_controls(record.error.message)}")
-
-    def status(self, state: RunState) -> None:
-        self._state = state
-        now = time.monotonic()
-        if self.interval is None or now - self._last < self.interval:
-            return
-        self._last = now
-        total = state.total if state.total is not None else "?"
-        eta = _eta_seconds(state, now)
-        eta_text = f", ETA {eta:.0f} s" if eta is not None else ""
-        self._emit(f"{state.done + state.skipped}/{total} done "
-                   f"({_rate_per_minute(state, now):.0f} img/min{eta_text}); "
-                   f"{_status_text(state)}")
-
-    def message(self, text: str) -> None:
-        self._emit(text)
-
-    def finish(self, summary: Mapping[str, Any]) -> None:
-        pass
+def _results(out: Path) -> RunResults:
+    if not (out / RESULTS_NAME).is_file():
+        raise UsageError(f"{out} is not a batchflux run directory (no {RESULTS_NAME})")
+    return read_results(out)
 
 
-class JsonReporter:
-    """One JSON object a line on ``stream``: start, item, progress, message, finish events."""
-
-    def __init__(self, *, stream: TextIO | None = None, interval: float = 10.0,
-                 simulated: bool = False) -> None:
-        self.stream = stream or sys.stderr
-        self.interval = interval
-        self.simulated = simulated
-        self._last = 0.0
-
-    def _emit(self, event: str, **fields: Any) -> None:
-        record = {"ts": time.time(), "event": event, **fields}
-        print(json.dumps(record, separators=(",", ":"), default=str), file=self.stream,
-              flush=True)
-
-    def start(self, *, total: int | None, skipped: int, attached: int) -> None:
-        self._last = time.monotonic()
-        self._emit("start", total=total, simulated=self.simulated)
-
-    def result(self, record: Result) -> None:
-        """One ``item`` event per finished item."""
-        self._emit("item", key=record.key, status=record.status,
-                   label=item_label(record), prompt_id=record.prompt_id,
-                   seed=record.seed, job_id=record.job_id,
-                   category=None if record.error is None else record.error.category.value,
-                   files=[f.path for f in record.files])
-
-    def status(self, state: RunState) -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            return
-        self._last = now
-        self._emit("progress", done=state.done, ok=state.ok, failed=state.failed,
-                   skipped=state.skipped, total=state.total, inflight=state.inflight,
-                   inflight_cap=state.inflight_cap,
-                   cooldown_seconds=round(state.cooldown_remaining, 3))
-
-    def message(self, text: str) -> None:
-        self._emit("message", text=text)
-
-    def finish(self, summary: Mapping[str, Any]) -> None:
-        self._emit("finish", summary=summary)
+def _summary(out: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((out / SUMMARY_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
-def summary_line(summary: Mapping[str, Any], out_dir: Path, *, simulated: bool) -> str:
-    """The one line every run ends with."""
-    counts = summary.get("counts", {})
-    parts = [f"{counts.get('ok', 0)} ok", f"{counts.get('failed', 0)} failed"]
-    if counts.get("skipped"):
-        parts.append(f"{counts['skipped']} already done")
-    if counts.get("not_started"):
-        parts.append(f"{counts['not_started']} not started")
-    errors = summary.get("errors_by_category") or {}
-    if errors:
-        parts.append("(" + ", ".join(f"{k} {v}" for k, v in errors.items()) + ")")
-    credits = summary.get("credits_spent", 0)
-    head = "SIMULATED run" if simulated else "run"
-    line = (f"batchflux: {head}: {', '.join(parts)} in {summary.get('elapsed_seconds', 0):.1f} s, "
-            f"{plural(credits, 'credit')}. images: {out_dir / 'images'}  results: "
-            f"{out_dir / 'results.jsonl'}  summary: {out_dir / 'summary.json'}")
-    if summary.get("stop_reason"):
-        line += f"  (stopped: {summary['stop_reason']})"
-    return line
+def build_report(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Everything ``batchflux report`` shows, as one JSON-able dict.
+
+    Counts, credits, images, bytes and latencies are those of a
+    :class:`~batchflux.summary.Tally` of the final result of each item: ``credits_spent`` is
+    what was paid (a duplicate item's line and a job replayed from another run add nothing),
+    ``images`` the distinct images stored. ``bad_lines`` lists the lines of results.jsonl that
+    could not be read (``file``, ``line``, ``reason``); every other line counts.
+    """
+    out = Path(out_dir)
+    results = _results(out)
+    records = results.ordered()
+    summary = _summary(out)
+    tally = Tally()
+    for record in records:
+        tally.add(record)
+    counted = tally.to_json()
+    cap = summary.get("inflight_cap") or {}
+    decisions = count_states((r.key for r in records if r.ok and r.files), read_decisions(out))
+    return {
+        "out_dir": str(out),
+        "items": len(records),
+        "by_status": dict(sorted(tally.by_status.items())),
+        "by_category": [
+            {"category": name, "count": count, "explanation": _explain(name)}
+            for name, count in sorted(tally.by_category.items())
+        ],
+        "credits_spent": counted["credits_spent"],
+        "images": counted["images"],
+        "bytes": counted["bytes"],
+        "latency_seconds": counted["latency_seconds"],
+        "generating_seconds": {"p50": rounded(percentile(tally.generating, 0.5)),
+                               "p95": rounded(percentile(tally.generating, 0.95))},
+        "throughput": summary.get("throughput"),
+        "elapsed_seconds": summary.get("elapsed_seconds"),
+        "retries": summary.get("retries"),
+        "resubmissions": summary.get("resubmissions"),
+        "jobs": sum(r.jobs for r in records),
+        "polls": sum(r.polls for r in records),
+        "last_run": summary.get("counts"),
+        "inflight_cap": {"max": cap.get("max"), "final": cap.get("final"),
+                         "history": cap.get("history") or []},
+        "stop_reason": summary.get("stop_reason"),
+        "shard": summary.get("shard"),
+        "bad_lines": [bad.to_json() for bad in results.bad_lines],
+        "decisions": decisions,
+    }
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}{unit}"
+    return f"{value}{unit}"
+
+
+def cap_timeline(history: Sequence[Sequence[float]], *, limit: int = 12) -> str:
+    """The in-flight cap over time as text: ``16 @0s -> 8 @12.5s -> 9 @20.1s``."""
+    if not history:
+        return "-"
+    steps = [f"{int(n)} @{float(t):g}s" for t, n in history]
+    if len(steps) > limit:
+        steps = steps[: limit // 2] + [f"... {len(steps) - limit} more ..."] + steps[-limit // 2:]
+    return " -> ".join(steps)
+
+
+def render_table(report: Mapping[str, Any], *, console: Console | None = None) -> None:
+    """Print ``report`` (from :func:`build_report`) as terminal tables."""
+    console = console or Console()
+    table = Table(title=f"batchflux run: {report['out_dir']}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    statuses = report["by_status"]
+    table.add_row("items", ", ".join(f"{v} {k}" for k, v in statuses.items()) or "none")
+    table.add_row("images", f"{report['images']} ({report['bytes']:,} bytes)")
+    table.add_row("credits spent", _fmt(report["credits_spent"]))
+    lat = report["latency_seconds"]
+    table.add_row("latency p50 / p95", f"{_fmt(lat['p50'], ' s')} / {_fmt(lat['p95'], ' s')}")
+    gen = report["generating_seconds"]
+    table.add_row("generating p50 / p95", f"{_fmt(gen['p50'], ' s')} / {_fmt(gen['p95'], ' s')}")
+    throughput = report.get("throughput") or {}
+    table.add_row("throughput (last run)",
+                  f"{_fmt(throughput.get('images_per_minute'))} images/min, "
+                  f"{_fmt(throughput.get('items_per_minute'))} items/min")
+    table.add_row("jobs / polls", f"{report['jobs']} / {report['polls']}")
+    table.add_row("retries / new jobs after FAILED",
+                  f"{_fmt(report['retries'])} / {_fmt(report['resubmissions'])}")
+    cap = report["inflight_cap"]
+    table.add_row("in-flight cap", f"max {_fmt(cap['max'])}, final {_fmt(cap['final'])}: "
+                  f"{cap_timeline(cap['history'])}")
+    decisions = report.get("decisions") or {}
+    if any(decisions.get(state) for state in ("accepted", "rejected", "starred")):
+        table.add_row("review decisions", ", ".join(f"{v} {k}" for k, v in decisions.items()))
+    last = report.get("last_run") or {}
+    if last:
+        table.add_row("last run", ", ".join(f"{k} {v}" for k, v in last.items()))
+    if report.get("shard"):
+        table.add_row("shard", str(report["shard"]))
+    if report.get("stop_reason"):
+        table.add_row("stopped", str(report["stop_reason"]))
+    console.print(table)
+    if report["by_category"]:
+        errors = Table(title="failures by category")
+        errors.add_column("category", style="red")
+        errors.add_column("items", justify="right")
+        errors.add_column("what it means")
+        for row in report["by_category"]:
+            errors.add_row(row["category"], str(row["count"]), row["explanation"])
+        console.print(errors)
+
+
+# --------------------------------------------------------------------------------------------
+# The HTML review page
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewPage:
+    """Where :func:`write_review` wrote the page, and what it holds."""
+
+    path: Path
+    thumbnails: int
+    failures: int
+    bad_lines: tuple[BadLine, ...] = ()  # results.jsonl lines skipped
+
+
+@dataclass(frozen=True, slots=True)
+class _Tile:
+    record: Result
+    file: FileRecord | None
+    thumb: str | None  # relative to review/
+    image: str | None  # relative to review/
+
+
+def _tiles(out: Path, records: Iterable[Result], size: int) -> dict[str, list[_Tile]]:
+    """Each record's tiles (one per image, or one failure tile), by key."""
+    tiles: dict[str, list[_Tile]] = {}
+    for record in records:
+        if not record.ok or not record.files:
+            tiles[record.key] = [_Tile(record, None, None, None)]
+            continue
+        mine = tiles[record.key] = []
+        for number, f in enumerate(record.files, start=1):
+            thumb: str | None = f"{THUMB_DIR}/{thumb_name(record.key, number)}"
+            source = recorded_path(out, f.path)
+            try:
+                if source is None:  # a line pointing outside images/ is not followed
+                    raise FileNotFoundError(f.path)
+                make_thumbnail(source, thumb_path(out, record.key, number), size=size)
+            except OSError:
+                thumb = None  # a missing or unreadable image: shown as such, not fatal
+            mine.append(_Tile(record, f, thumb, f"../{f.path}"))
+    return tiles
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _url(rel: str) -> str:
+    return quote(rel, safe="/.")
+
+
+def _reason(record: Result) -> str:
+    """Why an item shows no image: its error, or the image gone from the disk."""
+    if record.ok:
+        return "image missing on disk"
+    if record.error is None:
+        return "missing image: "
+    return f"{record.error.category.value}: {record.error.message}"
+
+
+def _figure(tile: _Tile, group: PromptGroup) -> str:
+    record = tile.record
+    varying = "".join(f"<li><span>{_e(k)}</span> {_e(format_value(v))}</li>"
+                      for k, v in varying_params(record, group))
+    caption = (f"<figcaption><b>{_e(image_label(record, tile.file))}</b>"
+               + (f"<ul class=params>{varying}</ul>" if varying else "")
+               + f"<code>{_e(record.key[:12])}</code></figcaption>")
+    if tile.thumb is None:
+        return (f"<figure class=failed data-key={_e(record.key)}>"
+                f"<div class=reason>failed<br>{_e(_reason(record))}</div>{caption}</figure>")
+    title = _e(record.prompt)
+    return (f"<figure data-key={_e(record.key)}><a href=\"{_e(_url(tile.image or ''))}\">"
+            f"<img src=\"{_e(_url(tile.thumb))}\" alt=\"{title}\" loading=eager></a>"
+            f"{caption}</figure>")
+
+
+def _group_head(group: PromptGroup, tag: str) -> str:
+    common = "".join(f"<li><span>{_e(k)}</span> {_e(format_value(v))}</li>"
+                     for k, v in group.common)
+    return (f"<{tag} class=group-head><b class=prompt-id>{_e(group.prompt_id)}</b> "
+            f"<span class=prompt-text>{_e(group.prompt)}</span>"
+            + (f"<ul class=common>{common}</ul>" if common else "") + f"</{tag}>")
+
+
+def _sheet(groups: Sequence[PromptGroup], tiles: Mapping[str, list[_Tile]]) -> str:
+    sections = []
+    for group in groups:
+        figures = "".join(_figure(t, group) for r in group.records for t in tiles[r.key])
+        sections.append(f"<section class=group id=prompt-{group.number}>"
+                        f"{_group_head(group, 'header')}<div class=cards>{figures}</div>"
+                        "</section>")
+    return "".join(sections)
+
+
+def _grid(groups: Sequence[PromptGroup], tiles: Mapping[str, list[_Tile]], axis: str) -> str:
+    columns = axis_values((r for g in groups for r in g.records), axis)
+    name = "seed" if axis == "seed" else "aspect"
+    cells = ["<div class=corner>prompt</div>"]
+    cells += [f"<div class=colhead>{_e(name)} {_e(c)}</div>" for c in columns]
+    for group in groups:
+        cells.append(_group_head(group, "div"))
+        for column in columns:
+            inside = [t for r in group.records if axis_value(r, axis) == column
+                      for t in tiles[r.key]]
+            cells.append("<div class=cell>" + "".join(_figure(t, group) for t in inside)
+                         + "</div>")
+    return f"<div class=grid style=\"--columns:{len(columns)}\">{''.join(cells)}</div>"
+
+
+# The views are sections shown one at a time by URL fragment (CSS :target), so opening
+# index.html#grid-seed shows that view with no script. #sheet comes last in the document: it is
+# shown unless another view is the target.
+_CSS = """
+*{box-sizing:border-box}
+body{font:14px/1.4 system-ui,sans-serif;margin:0;padding:12px 16px;color:#ddd;
+background:#1b1c1e}
+a{color:#8ab4f8}h1{font-size:1.25em;margin:0 0 6px}h2{font-size:1.1em;margin:12px 0}
+nav a{margin-right:1.2em}
+.stats{border-collapse:collapse;margin:6px 0}.stats td,.stats th{padding:1px 10px 1px 0;
+text-align:left;font-weight:normal}.stats th{color:#999}
+.view{display:none}.view:target,#sheet{display:block}.view:target~#sheet{display:none}
+.group{margin:0 0 18px}
+.group-head{padding:6px 0}.prompt-id{color:#fff}.prompt-text{color:#bbb}
+ul.common,ul.params{list-style:none;margin:4px 0 0;padding:0;display:flex;flex-wrap:wrap;
+gap:4px}
+ul.common li,ul.params li{background:#2c2e31;border-radius:3px;padding:0 6px;font-size:12px}
+ul.common li span,ul.params li span{color:#999}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(180px,1fr));gap:10px}
+figure{margin:0;background:#242528;border:1px solid #333;border-radius:4px;padding:6px;
+min-width:0}
+figure img{width:100%;height:auto;max-height:256px;object-fit:contain;display:block}
+figcaption{font-size:12px;margin-top:4px;word-break:break-word}figcaption code{color:#777;display:block}
+figure.failed{border-color:#a33;background:#2a1c1c}
+.reason{color:#f88;min-height:80px;padding:8px;font-weight:bold;word-break:break-word}
+.grid{display:grid;gap:6px;grid-template-columns:minmax(180px,1.3fr)
+repeat(var(--columns),minmax(0,1fr))}
+.grid>.corner,.grid>.colhead{color:#999;padding:4px;border-bottom:1px solid #333}
+.grid>.group-head{border-top:1px solid #333;font-size:13px}
+.grid>.cell{display:grid;grid-template-columns:repeat(auto-fill,minmax(120px,1fr));gap:6px;
+align-content:start;border-top:1px solid #333;padding-top:6px}
+"""
+
+# Marks every image with whether it decoded: a visible count for people, and attributes a
+# headless browser's DOM dump can check.
+_SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = document.querySelectorAll('img'), ok = 0;
+  imgs.forEach(function (img) {
+    var good = img.complete && img.naturalWidth > 0;
+    img.setAttribute('data-loaded', good ? 'yes' : 'no');
+    img.setAttribute('data-natural-width', String(img.naturalWidth));
+    if (good) { ok += 1; }
+  });
+  document.body.setAttribute('data-images-total', String(imgs.length));
+  document.body.setAttribute('data-images-loaded', String(ok));
+  var note = document.getElementById('loaded');
+  if (note) { note.textContent = ok + ' of ' + imgs.length + ' thumbnails loaded'; }
+});
+"""
+
+
+def render_html(report: Mapping[str, Any], records: Sequence[Result],
+                tiles: Mapping[str, list[_Tile]]) -> str:
+    """The review page for ``report``, its records and their tiles (pure: no file access)."""
+    groups = prompt_groups(records)
+    decisions = report.get("decisions") or {}
+    stats = [
+        ("items", ", ".join(f"{v} {k}" for k, v in report["by_status"].items())),
+        ("images", str(report["images"])),
+        ("credits spent", _fmt(report["credits_spent"])),
+        ("latency p50 / p95", (f"{_fmt(report['latency_seconds']['p50'], ' s')} / "
+                               f"{_fmt(report['latency_seconds']['p95'], ' s')}")),
+        ("in-flight cap", cap_timeline(report["inflight_cap"]["history"])),
+    ]
+    if any(decisions.get(k) for k in ("accepted", "rejected", "starred")):
+        stats.append(("decisions", ", ".join(f"{v} {k}" for k, v in decisions.items())))
+    stats += [(f"failed: {row['category']}", f"{row['count']} — {row['explanation']}")
+              for row in report["by_category"]]
+    stat_rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in stats)
+    return (
+        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+        "<meta name=viewport content=\"width=device-width, initial-scale=1\">"
+        f"<title>batchflux review: {_e(Path(report['out_dir']).name)}</title>"
+        f"<style>{_CSS}</style></head><body>"
+        f"<header><h1>batchflux review: {_e(report['out_dir'])}</h1>"
+        "<nav><a href=\"#sheet\">contact sheet</a><a href=\"#grid-seed\">prompt x seed</a>"
+        "<a href=\"#grid-aspect\">prompt x aspect ratio</a></nav>"
+        f"<table class=stats>{stat_rows}</table><p id=loaded></p></header><main>"
+        f"<section class=view id=grid-seed><h2>Prompt x seed</h2>"
+        f"{_grid(groups, tiles, 'seed')}</section>"
+        f"<section class=view id=grid-aspect><h2>Prompt x aspect ratio</h2>"
+        f"{_grid(groups, tiles, 'aspect')}</section>"
+        f"<section class=view id=sheet><h2>Contact sheet</h2>{_sheet(groups, tiles)}</section>"
+        f"</main><script>{_SCRIPT}</script></body></html>\n"
+    )
+
+
+def write_review(out_dir: str | os.PathLike[str], *,
+                 thumb_size: int = DEFAULT_THUMB_SIZE) -> ReviewPage:
+    """Write ``OUT/review/index.html`` and its thumbnails (re-runnable: thumbnails that are
+    up to date are kept, the page is replaced atomically)."""
+    out = Path(out_dir)
+    results = _results(out)
+    records = results.ordered()
+    report = build_report(out)
+    tiles = _tiles(out, records, thumb_size)
+    page = out / REVIEW_DIR / "index.html"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(page, render_html(report, records, tiles))
+    flat = [t for ts in tiles.values() for t in ts]
+    return ReviewPage(path=page, thumbnails=sum(t.thumb is not None for t in flat),
+                      failures=sum(t.thumb is None for t in flat),
+                      bad_lines=results.bad_lines)

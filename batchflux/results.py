@@ -1,9 +1,11 @@
 """Reading what a run directory holds: the one reader of ``results.jsonl`` that the post-run
 tools (``report``, ``merge``, ``export``, ``verify``) share.
 
-A line that cannot be read (blank, garbage, no item key, an unfinished last line) is skipped
-and reported as a :class:`~batchflux.store.BadLine` naming the file and line; every good line
-counts, whatever comes before or after it.
+Every good line is a :class:`~batchflux.models.Result`. A line that cannot be read (blank,
+garbage, an unfinished last line) or that is not a result record (``Result.from_json`` refuses
+it: no item key, an unknown status or error category, a files entry without its size...) is
+skipped and reported as a :class:`~batchflux.store.BadLine` naming the file, the line and the
+reason; every good line counts, whatever comes before or after it.
 
 For each item key one line counts: an ``ok`` line beats a failed one, and a later line an
 earlier one of the same kind (the rule a resumed run follows: an ok item is never redone, a
@@ -20,11 +22,13 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from .errors import UsageError
+from .models import RecordError, Result
 from .store import RESULTS_NAME, BadLine, OnBadLine, iter_jsonl_numbered
 
-__all__ = ["RunResults", "choose", "iter_records", "read_results", "recorded_path", "sort_key"]
+__all__ = ["RunResults", "choose", "iter_records", "read_results", "recorded_path", "run_records",
+           "sort_key"]
 
 IMAGES_DIR = "images"
 
@@ -34,39 +38,38 @@ class RunResults:
     """The result that counts for each item of one run directory, and the lines skipped."""
 
     out_dir: Path
-    records: Mapping[str, dict[str, Any]]  # item key -> its final result line
+    records: Mapping[str, Result]  # item key -> its final result line
     lines: int  # good lines read (an item retried has several)
     bad_lines: tuple[BadLine, ...]
 
-    def ordered(self) -> list[dict[str, Any]]:
+    def ordered(self) -> list[Result]:
         """The final records in manifest order (item index, then key)."""
         return sorted(self.records.values(), key=sort_key)
 
 
-def sort_key(record: Mapping[str, Any]) -> tuple[int, str]:
-    """Manifest order for result lines (a hand-edited index that is not a number sorts first)."""
-    index = record.get("index")
-    return (index if isinstance(index, int) else 0, str(record.get("key")))
+def sort_key(record: Result) -> tuple[int, str]:
+    """Manifest order for result lines: item index, then key."""
+    return (record.index, record.key)
 
 
-def iter_records(out_dir: str | os.PathLike[str], on_bad_line: OnBadLine
-                 ) -> Iterator[dict[str, Any]]:
-    """Every good line of ``OUT/results.jsonl`` in file order; a line without a string ``key``
-    is reported to ``on_bad_line`` like an unreadable one."""
+def iter_records(out_dir: str | os.PathLike[str], on_bad_line: OnBadLine) -> Iterator[Result]:
+    """Every good line of ``OUT/results.jsonl`` in file order, as a :class:`Result`; a line
+    that is not a result record is reported to ``on_bad_line`` like an unreadable one."""
     path = Path(out_dir) / RESULTS_NAME
-    for number, record in iter_jsonl_numbered(path, on_bad_line=on_bad_line):
-        if isinstance(record.get("key"), str) and record["key"]:
-            yield record
-        else:
-            on_bad_line(BadLine(str(path), number, "no item key"))
+    for number, data in iter_jsonl_numbered(path, on_bad_line=on_bad_line):
+        try:
+            yield Result.from_json(data)
+        except RecordError as exc:
+            on_bad_line(BadLine(str(path), number, f"not a result line: {exc}"))
 
 
-def choose(chosen: dict[str, dict[str, Any]], record: dict[str, Any]) -> bool:
-    """Keep ``record`` in ``chosen`` if it beats what is there for its key. True when kept."""
-    current = chosen.get(record["key"])
-    if current is not None and current.get("status") == "ok" and record.get("status") != "ok":
+def choose(chosen: dict[str, Result], record: Result) -> bool:
+    """Keep ``record`` in ``chosen`` if it beats what is there for its key (an ok line beats
+    a failed one, else the later line wins). True when kept."""
+    current = chosen.get(record.key)
+    if current is not None and current.ok and not record.ok:
         return False
-    chosen[record["key"]] = record
+    chosen[record.key] = record
     return True
 
 
@@ -82,12 +85,22 @@ def read_results(out_dir: str | os.PathLike[str], *,
         if on_bad_line is not None:
             on_bad_line(line)
 
-    chosen: dict[str, dict[str, Any]] = {}
+    chosen: dict[str, Result] = {}
     lines = 0
     for record in iter_records(out, skipped):
         lines += 1
         choose(chosen, record)
     return RunResults(out_dir=out, records=chosen, lines=lines, bad_lines=tuple(bad))
+
+
+def run_records(out_dir: str | os.PathLike[str]) -> list[Result]:
+    """The result that counts for each item of run ``out_dir``, in manifest order
+    (:class:`~batchflux.errors.UsageError` when ``out_dir`` is not a run directory). Lines
+    that cannot be read are skipped (:func:`read_results` lists them)."""
+    out = Path(out_dir)
+    if not (out / RESULTS_NAME).is_file():
+        raise UsageError(f"{out} is not a batchflux run directory (no {RESULTS_NAME})")
+    return read_results(out).ordered()
 
 
 def recorded_path(out_dir: Path, rel: str) -> Path | None:

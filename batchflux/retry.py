@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .errors import ApiError
+from .models import ErrorCategory
 
 T = TypeVar("T")
 
@@ -133,11 +134,14 @@ class RetryPolicy:
         """True if ``error`` may be retried after ``attempt`` attempts and ``elapsed`` seconds.
 
         Never for errors marked non-retryable, nor for 400/401/402/403 (a bad request, key or
-        balance does not improve by asking again), nor once the attempt or time budget is spent.
+        balance does not improve by asking again), nor once the attempt or time budget is spent
+        (a 429, which says the provider is busy, counts against the time budget only).
         """
         if not error.retryable or error.http_status in _NEVER_RETRIED_STATUSES:
             return False
-        if attempt >= self.max_attempts:
+        if attempt >= self.max_attempts and error.category is not ErrorCategory.RATE_LIMITED:
+            # A 429 says the request is fine and the provider busy: it is retried (after its
+            # Retry-After) for as long as max_total allows, however many times it comes.
             return False
         return elapsed < self.max_total
 

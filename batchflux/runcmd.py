@@ -22,7 +22,7 @@ from .batch import RunResult, run_batch_async
 from .config import Api, Simulator, Target
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, RunAborted
 from .models import RunOptions
-from .report import JsonReporter, LogReporter, RichReporter, summary_line
+from .progress import JsonReporter, LogReporter, RichReporter, summary_line
 from .wording import COMMAND_LINE
 
 SIM_BANNER = ("SIMULATED: images come from batchflux's built-in Apiframe simulator, not from "
@@ -81,7 +81,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
         job_timeout=args.job_timeout, retry_failed=args.retry_failed,
         fresh=args.fresh or None, verify=args.verify, max_failure_rate=args.max_failure_rate,
         dataset=args.dataset, shard=args.shard, limit=args.limit,
-        fill_budget=args.fill_budget, webhook_url=args.webhook_url,
+        fill_budget=args.fill_budget, reroll=args.reroll, webhook_url=args.webhook_url,
         webhook_listen=args.webhook_listen)
 
 

@@ -145,26 +145,44 @@ def skip_reason(index: ResumeIndex, key: str, retry_failed: str | None) -> str |
 @dataclass(frozen=True, slots=True)
 class Scan:
     """One pass over a run's items before anything is spent: how many there are, how many
-    are still to run (each distinct request once), and which keys repeat."""
+    are still to run (each distinct request once), which keys repeat, and the key ids of all
+    of them (sorted, distinct: what "the items of the current manifest" are)."""
 
     total: int
     to_run: int
     duplicates: frozenset[int]  # key ids that more than one item has
+    keys: array = field(default_factory=lambda: array("Q"))  # type: ignore[type-arg]
 
 
 def scan_items(items: Iterable[WorkItem], index: ResumeIndex, *,
-               retry_failed: str | None = None) -> Scan:
-    """Count the items and find repeated keys in bounded memory (8 bytes an item to run)."""
+               retry_failed: str | None = None, keys: bool = False) -> Scan:
+    """Count the items and find repeated keys in bounded memory (8 bytes an item to run;
+    with ``keys``, 8 more an item for the key ids of all of them)."""
     total = 0
     pending = array("Q")
+    every = array("Q")
     for item in items:
         total += 1
+        kid = key_id(item.key)
+        if keys:
+            every.append(kid)
         if skip_reason(index, item.key, retry_failed) is None:
-            pending.append(key_id(item.key))
+            pending.append(kid)
     ordered = array("Q", sorted(pending))
     repeated = {a for a, b in zip(ordered, ordered[1:]) if a == b}
     distinct = len(ordered) - sum(1 for a, b in zip(ordered, ordered[1:]) if a == b)
-    return Scan(total=total, to_run=distinct, duplicates=frozenset(repeated))
+    return Scan(total=total, to_run=distinct, duplicates=frozenset(repeated),
+                keys=_distinct_sorted(every))
+
+
+def _distinct_sorted(values: array) -> array:  # type: ignore[type-arg]
+    out = array("Q")
+    previous = None
+    for value in sorted(values):
+        if value != previous:
+            out.append(value)
+            previous = value
+    return out
 
 
 def duplicate_record(item: WorkItem, original: Result) -> Result:
@@ -176,7 +194,8 @@ def duplicate_record(item: WorkItem, original: Result) -> Result:
                    duplicate_of=original.index, jobs=0, polls=0, replayed=False,
                    timings=replace(original.timings, generating=None, downloading=None,
                                    total=0.0),
-                   started_at=now, finished_at=now, source=item.source, meta=dict(item.meta))
+                   started_at=now, finished_at=now, source=item.source, meta=dict(item.meta),
+                   reroll_of=item.reroll_of, attempt=item.attempt)
 
 
 @dataclass

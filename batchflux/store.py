@@ -24,13 +24,11 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import io
 import itertools
 import json
 import logging
 import os
 import re
-import shutil
 import time
 import unicodedata
 from array import array
@@ -43,6 +41,7 @@ from typing import Any, Self
 import aiofiles
 import aiofiles.os
 
+from . import fileutil
 from .errors import EXIT_CANTCREAT, OutputLockedError, RunAborted, UsageError
 from .filenames import (  # noqa: F401 - re-exported: the store's public names since 0.1
     FilenameTemplateError,
@@ -50,12 +49,14 @@ from .filenames import (  # noqa: F401 - re-exported: the store's public names s
     render_filename,
     safe_component,
 )
+from .fileutil import copy_atomic
 from .models import FILES_FIELD, OK_LINE, FileRecord, Result, WebhookRequest, WorkItem
 
 STATE_DIR = ".batchflux"
 RESULTS_NAME = "results.jsonl"
 SUMMARY_NAME = "summary.json"
 JOURNAL_NAME = "journal.jsonl"
+ITEM_KEYS_NAME = "item-keys.bin"
 LOCK_NAME = "lock"
 
 EXTENSIONS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
@@ -237,7 +238,7 @@ def _iter_results(path: Path, on_bad_line: OnBadLine
             on_bad_line(BadLine(str(path), number, reason or "unreadable"))
 
 
-def _sorted_unique(values: array) -> array:
+def _sorted_unique(values: array[int]) -> array[int]:
     ordered = sorted(values)
     out = array("Q")
     previous = None
@@ -280,6 +281,25 @@ class JournalUpload:
 
     url: str
     expires_at: str | None
+
+
+def read_item_keys(out_dir: Path) -> array | None:  # type: ignore[type-arg]
+    """The key ids of the items of the manifest the latest run of ``out_dir`` ran (sorted),
+    or None for a directory of an older batchflux (every item then counts)."""
+    keys = array("Q")
+    try:
+        raw = (out_dir / STATE_DIR / ITEM_KEYS_NAME).read_bytes()
+    except FileNotFoundError:
+        return None
+    keys.frombytes(raw[: len(raw) - len(raw) % keys.itemsize])
+    return keys
+
+
+def in_keys(keys: array, key: str) -> bool:  # type: ignore[type-arg]
+    """True when the item ``key`` is one of ``keys`` (from :func:`read_item_keys`)."""
+    kid = key_id(key)
+    pos = bisect_left(keys, kid)
+    return pos < len(keys) and keys[pos] == kid
 
 
 class ResumeIndex:
@@ -721,13 +741,21 @@ class RunStore:
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         write_json_atomic(self.summary_path, summary)
 
+    def write_item_keys(self, keys: array) -> None:  # type: ignore[type-arg]
+        """Record the key ids of the current manifest's items (sorted, 8 bytes each): what
+        reports and exports mean by "the items of the manifest" (:func:`read_item_keys`)."""
+        target = self.state_dir / ITEM_KEYS_NAME
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            keys.tofile(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+
     def freeze_manifest(self, manifest_path: Path) -> None:
         """Keep a copy of the manifest this run used (it holds no secrets: keys come from the
         environment or a key file, never from a manifest)."""
-        target = self.state_dir / f"manifest{manifest_path.suffix or '.txt'}"
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.copyfile(manifest_path, tmp)
-        os.replace(tmp, target)
+        copy_atomic(manifest_path, self.state_dir / f"manifest{manifest_path.suffix or '.txt'}")
 
     # -- images ----------------------------------------------------------------------------------
 
@@ -790,15 +818,9 @@ class RunStore:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    buf = io.StringIO()
-    json.dump(data, buf, indent=2, sort_keys=False, ensure_ascii=False)
-    buf.write("\n")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(buf.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` as ``path`` (indented JSON) atomically and durably: the run directory's
+    name for :func:`batchflux.fileutil.write_json_atomic`."""
+    fileutil.write_json_atomic(path, data)
 
 
 def _journaled_webhook(value: Any) -> WebhookRequest | None:

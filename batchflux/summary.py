@@ -40,6 +40,9 @@ class Tally:
     images: int = 0
     bytes: int = 0
     latencies: array = field(default_factory=lambda: array("d"))  # type: ignore[type-arg]
+    #: Seconds from submit to the job's end of each counted ok line that has them (``report``
+    #: shows their percentiles; not part of :meth:`to_json`).
+    generating: array = field(default_factory=lambda: array("d"))  # type: ignore[type-arg]
 
     def add(self, result: Result) -> None:
         """Count one result line."""
@@ -51,6 +54,8 @@ class Tally:
             return
         if result.ok:
             self.latencies.append(result.timings.total or 0.0)
+            if result.timings.generating is not None:
+                self.generating.append(result.timings.generating)
             self.images += len(result.files)
             self.bytes += sum(f.bytes for f in result.files)
         if result.replayed:
@@ -60,10 +65,12 @@ class Tally:
 
     @property
     def ok(self) -> int:
+        """Lines with status ok."""
         return self.by_status.get("ok", 0)
 
     @property
     def failed(self) -> int:
+        """Lines with status failed."""
         return self.by_status.get("failed", 0)
 
     def to_json(self) -> dict[str, Any]:

@@ -8,6 +8,10 @@ one: the rule of :mod:`batchflux.results`), every file it lists is checked from 
 - its sha256 is the recorded ``sha256``;
 - it decodes whole (Pillow, every pixel).
 
+A line that is not a result record (say, a files entry without its sha256 or size) cannot
+say what the disk should hold: it is skipped and reported as a bad line, with its line
+number and reason (``VerifyReport.bad_lines``).
+
 Each problem names the file, what is wrong, and the item (prompt id, aspect ratio, template
 variables, seed, key). With ``fix=True`` every file that fails is moved into
 ``OUT/.batchflux/quarantine/`` under its own relative path (never deleted), so the next
@@ -24,15 +28,16 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from .display import escape_controls, item_label, plural
-from .errors import UsageError
+from .errors import ImageCheckError, UsageError
 from .fileutil import sha256_file
-from .imagecheck import ImageCheckError, inspect_image
+from .imagecheck import inspect_image
+from .models import Result
 from .results import read_results, recorded_path
 from .store import LOCK_NAME, RESULTS_NAME, STATE_DIR, BadLine, DirectoryLock, OnBadLine
 
@@ -119,10 +124,12 @@ class VerifyReport:
 
 @dataclass(frozen=True, slots=True)
 class _Claim:
+    """One ok item's record of one file: what the disk must hold at its path."""
+
     key: str
     label: str
-    bytes: int | None
-    sha256: str | None
+    bytes: int
+    sha256: str
 
 
 class _Facts:
@@ -153,10 +160,8 @@ class _Facts:
 
 
 def _check(claim: _Claim, facts: _Facts) -> tuple[ProblemKind, str] | None:
-    if claim.bytes is not None and facts.size != claim.bytes:
+    if facts.size != claim.bytes:
         return "size", f"recorded {claim.bytes} bytes, found {facts.size}"
-    if claim.sha256 is None:
-        return "sha256", "no sha256 recorded"
     if facts.sha256 != claim.sha256:
         return "sha256", f"recorded {claim.sha256[:12]}, found {facts.sha256[:12]}"
     if facts.decode_error is not None:
@@ -164,21 +169,16 @@ def _check(claim: _Claim, facts: _Facts) -> tuple[ProblemKind, str] | None:
     return None
 
 
-def _claims(records: list[dict[str, Any]]) -> dict[str, list[_Claim]]:
+def _claims(records: Iterable[Result]) -> dict[str, list[_Claim]]:
     """Recorded path -> every ok item's claim on it, in manifest order."""
     claims: dict[str, list[_Claim]] = {}
     for record in records:
-        if record.get("status") != "ok":
+        if not record.ok:
             continue
         label = item_label(record)
-        for f in record.get("files") or ():
-            if not isinstance(f, Mapping):
-                f = {}
-            size, sha = f.get("bytes"), f.get("sha256")
-            claims.setdefault(str(f.get("path", "")), []).append(_Claim(
-                key=str(record["key"]), label=label,
-                bytes=size if isinstance(size, int) else None,
-                sha256=sha if isinstance(sha, str) and sha else None))
+        for f in record.files:
+            claims.setdefault(f.path, []).append(
+                _Claim(key=record.key, label=label, bytes=f.bytes, sha256=f.sha256))
     return claims
 
 
@@ -229,9 +229,9 @@ def verify_run(out_dir: str | os.PathLike[str], *, fix: bool = False,
     finally:
         if lock is not None:
             lock.release()
-    order = {key: n for n, key in enumerate(r["key"] for r in records)}
+    order = {record.key: n for n, record in enumerate(records)}
     problems.sort(key=lambda p: (order.get(p.key, 0), p.path))
-    return VerifyReport(out_dir=out, items=sum(r.get("status") == "ok" for r in records),
+    return VerifyReport(out_dir=out, items=sum(record.ok for record in records),
                         files=len(claims), problems=tuple(problems),
                         bad_lines=results.bad_lines, fixed=fix)
 

@@ -56,7 +56,7 @@ COMMAND_LINE = Wording(
         "out_dir": "--out", "concurrency": "-j", "max_inflight": "--max-inflight",
         "rpm": "--rpm", "retries": "--retries", "budget": "--budget",
         "max_items": "--max-items", "job_timeout": "--job-timeout", "limit": "--limit",
-        "fill_budget": "--fill-budget",
+        "fill_budget": "--fill-budget", "reroll": "--reroll",
         "retry_failed": "--retry-failed", "verify": "--verify", "dataset": "--dataset",
         "max_failure_rate": "--max-failure-rate", "shard": "--shard",
         "webhook_url": "--webhook-url", "webhook_listen": "--webhook-listen",

@@ -15,7 +15,8 @@ import httpx
 import jsonschema
 from PIL import Image
 
-from batchflux.config import Api
+from batchflux.config import Api, Simulator
+from batchflux.models import RunOptions
 from batchflux.store import iter_jsonl
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "batchflux" / "schemas"
@@ -167,15 +168,17 @@ grid:
 """
 
 
-def run_batch_in_thread(manifest: Path, **kwargs: Any) -> Any:
-    """``batch.run_batch`` in a thread of its own: a browser fixture (playwright's sync API)
-    keeps an event loop marked as running in the test's thread while it is open."""
+def run_batch_in_thread(manifest: Path, options: RunOptions | None = None,
+                        **kwargs: Any) -> Any:
+    """``batch.run_batch(manifest, options, **kwargs)`` in a thread of its own: a browser
+    fixture (playwright's sync API) keeps an event loop marked as running in the test's thread
+    while it is open."""
     from concurrent.futures import ThreadPoolExecutor
 
     from batchflux import batch
 
     with ThreadPoolExecutor(1) as pool:
-        return pool.submit(batch.run_batch, manifest, **kwargs).result()
+        return pool.submit(batch.run_batch, manifest, options, **kwargs).result()
 
 
 def review_run(base: Path) -> Path:
@@ -188,7 +191,8 @@ def review_run(base: Path) -> Path:
     out = base / "run"
     settings = SimSettings(job_seconds=0.2, queue_seconds=0.02, render_mode="full",
                            fail_rate=0.3, fail_capacity_share=0.0, fault_seed=5)
-    result = run_batch_in_thread(manifest, out_dir=out, sim=settings, sim_job_seconds=0.2)
+    result = run_batch_in_thread(manifest, RunOptions(out_dir=out),
+                                 target=Simulator(settings=settings, job_seconds=0.2))
     counts = result.summary["counts"]
     assert counts["ok"] + counts["failed"] == 12
     assert 0 < counts["failed"] < 12, counts  # fault_seed 5 gives both

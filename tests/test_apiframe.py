@@ -554,7 +554,7 @@ def test_bad_keys_are_config_errors(key: str) -> None:
 
 # --- against the simulator ---------------------------------------------------------------
 
-sim = pytest.importorskip("batchflux.sim")
+from batchflux import sim  # noqa: E402  (the simulator ships in the package)
 
 
 async def test_full_job_against_the_in_process_simulator() -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "batchflux"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "batchflux"
 
 #: Each third-party library lives in as few modules as possible, so replacing one touches
 #: one place. A new import of one of these elsewhere is a design decision: make it here.
@@ -17,7 +19,7 @@ ALLOWED = {
     "jsonschema": {"schema.py"},
     "aiofiles": {"store.py"},
     "PIL": {"imagecheck.py", "manifest/images.py", "review.py", "sim/render.py"},
-    "rich": {"report.py", "review.py"},
+    "rich": {"progress.py", "report.py"},
     "starlette": {"sim/app.py", "sim/faults.py", "reviewapp/app.py", "webhooks.py"},
     "uvicorn": {"sim/serve.py", "reviewapp/serve.py", "webhooks.py"},
 }
@@ -108,6 +110,30 @@ def test_plan_takes_value_types_from_models_and_only_load_job_from_the_readers()
     assert manifest_names == {"batchflux.manifest.load_job"}
 
 
+#: The post-run tools: they read a finished (or running) run directory. They share the run's
+#: values (models), its store's readers and the neutral helpers (stats, summary, fileutil),
+#: never the machinery that makes a run.
+POST_RUN_TOOLS = ("results.py", "report.py", "review.py", "merge.py", "dataset.py", "verify.py",
+                  "plan.py", "reviewapp/__init__.py", "reviewapp/app.py",
+                  "reviewapp/decisions.py", "reviewapp/serve.py")
+RUN_MACHINERY = ("runner", "lifecycle", "batch", "apiframe", "completion", "limits", "runcmd")
+
+
+@pytest.mark.parametrize("rel", POST_RUN_TOOLS)
+def test_post_run_tools_never_import_the_run_machinery(rel: str) -> None:
+    for name in absolute_imports(rel):
+        parts = name.split(".")
+        assert not (parts[0] == "batchflux" and len(parts) > 1 and parts[1] in RUN_MACHINERY), (
+            f"{rel} imports {name}")
+
+
+def test_the_post_run_tools_rule_has_teeth() -> None:
+    """Every tool the rule names exists, and the check sees the imports it must forbid."""
+    for rel in POST_RUN_TOOLS:
+        assert (PACKAGE / rel).is_file(), rel
+    assert any(n.startswith("batchflux.runner") for n in absolute_imports("batch.py"))
+
+
 def test_every_module_the_library_rules_name_exists() -> None:
     """A renamed or split module must not leave an allowance pointing at nothing."""
     for lib, allowed in ALLOWED.items():
@@ -119,7 +145,8 @@ def test_every_module_the_library_rules_name_exists() -> None:
 
 def test_the_simulator_and_the_runner_meet_only_over_http() -> None:
     runner_side = {"runner", "batch", "apiframe", "store", "report", "runcmd", "review",
-                   "merge", "dataset", "plan", "manifest", "expand"}
+                   "merge", "dataset", "plan", "manifest", "expand", "progress", "results",
+                   "verify", "resume", "lifecycle", "completion", "limits", "reviewapp"}
     for rel, names in modules().items():
         if rel.startswith("sim/"):
             for name in names:
@@ -132,7 +159,8 @@ def test_the_simulator_and_the_runner_meet_only_over_http() -> None:
 
 
 def test_the_package_type_checks() -> None:
-    api = pytest.importorskip("mypy.api", reason="mypy is in the dev extras only")
+    from mypy import api  # in the test extras: .ci/run installs it
+
     stdout, stderr, status = api.run([str(PACKAGE), "--no-error-summary",
                                       "--cache-dir", "/tmp/batchflux-mypy-cache"])
     assert status == 0, stdout + stderr
@@ -154,3 +182,13 @@ def test_the_pure_modules_and_the_run_core_type_check_strictly() -> None:
             "batchflux/retry.py", "batchflux/lifecycle.py"} <= set(strict)
     stdout, stderr, status = api.run(["--strict", *[str(PACKAGE.parent / m) for m in strict]])
     assert status == 0, stdout + stderr
+
+
+def test_no_test_skips_itself() -> None:
+    """A test that needs a tool gets it from .ci/run and fails without it; none skips."""
+    pattern = re.compile(r"pytest\.(skip|importorskip)\(|mark\.skip(if)?\b|mark\.xfail\b")
+    found = [f"{path.name}:{number}: {line.strip()}"
+             for path in sorted((ROOT / "tests").rglob("*.py")) if path.name != Path(__file__).name
+             for number, line in enumerate(path.read_text().splitlines(), 1)
+             if pattern.search(line)]
+    assert not found, "\n".join(found)

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from runner_helpers import API_KEY, write_manifest
+from runner_helpers import loopback, write_manifest
 
 from batchflux import batch
 from batchflux.cli import main
 from batchflux.merge import merge_runs
-from batchflux.review import build_report
+from batchflux.models import RunOptions
+from batchflux.report import build_report
 from batchflux.sim import SimSettings, serve_in_thread
 from batchflux.store import (
     JOURNAL_NAME,
@@ -40,7 +41,7 @@ def finished_120(tmp_path_factory: pytest.TempPathFactory) -> Path:
     manifest = write_manifest(base, prompts=10, seeds=6)  # 10 x 6 x 2 aspect ratios
     out = base / "out"
     with serve_in_thread(FAST) as base_url:
-        result = batch.run_batch(manifest, out_dir=out, base_url=base_url, api_key=API_KEY)
+        result = batch.run_batch(manifest, RunOptions(out_dir=out), target=loopback(base_url))
     assert result.exit_code == 0
     assert (out / RESULTS_NAME).read_bytes().count(b"\n") == 120
     return out
@@ -115,7 +116,7 @@ def test_a_resumed_run_does_not_redo_the_items_after_a_bad_line(
     before = (out / RESULTS_NAME).read_bytes()
     app_settings = FAST
     with serve_in_thread(app_settings) as base_url:
-        result = batch.run_batch(manifest, out_dir=out, base_url=base_url, api_key=API_KEY)
+        result = batch.run_batch(manifest, RunOptions(out_dir=out), target=loopback(base_url))
         stats = httpx.get(f"{base_url}/_sim/stats").json()
     assert result.exit_code == 0
     assert stats["jobs_created"] == 0 and stats["idempotent_replays"] == 0, stats
@@ -140,9 +141,9 @@ def _key(n: int) -> str:
 
 
 def _ok(n: int) -> bytes:
-    # The runner's own shape (key first, status before any nested object): the fast path.
-    return (json.dumps({"key": _key(n), "index": n, "status": "ok", "files": []},
-                       separators=(",", ":")) + "\n").encode()
+    # The runner's own shape (key, index, prompt_id, status first): the fast path.
+    return (json.dumps({"key": _key(n), "index": n, "prompt_id": f"p{n}", "status": "ok",
+                        "files": []}, separators=(",", ":")) + "\n").encode()
 
 
 def test_a_bad_line_in_the_middle_is_never_repaired_away(tmp_path: Path) -> None:

@@ -16,8 +16,10 @@ import pytest
 from batchflux import batch
 from batchflux.apiframe import ApiframeClient
 from batchflux.cli import build_parser, main
+from batchflux.config import Api
 from batchflux.errors import ApiError, ConfigError
-from batchflux.report import summary_line
+from batchflux.models import RunOptions
+from batchflux.progress import summary_line
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -145,8 +147,8 @@ def test_plain_http_in_the_library_names_the_argument(tmp_path: Path) -> None:
     manifest = tmp_path / "job.yaml"
     manifest.write_text("prompts: [a red fox]\n", encoding="utf-8")
     with pytest.raises(ConfigError) as info:
-        batch.run_batch(manifest, api_key=KEY, base_url="http://api.example.com",
-                        out_dir=tmp_path / "out")
+        batch.run_batch(manifest, RunOptions(out_dir=tmp_path / "out"),
+                        target=Api(api_key=KEY, base_url="http://api.example.com"))
     assert "(use https, a loopback host, or allow_insecure=True)" in str(info.value)
     assert "--insecure-http" not in str(info.value)
     with pytest.raises(ConfigError, match=r"or allow_insecure=True\)"):

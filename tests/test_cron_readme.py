@@ -127,7 +127,7 @@ def test_datasets_example_runs(in_jobs_copy: Path) -> None:
 def test_sharding_example_runs_and_merges_everything(in_jobs_copy: Path) -> None:
     run_readme_commands("More than one machine")
     merged = final_records(in_jobs_copy / "out" / "dataset-all")
-    assert len(merged) == 80 and all(r["status"] == "ok" for r in merged.values())
+    assert len(merged) == 80 and all(r.status == "ok" for r in merged.values())
 
 
 def test_the_readme_crontab_line_is_the_file() -> None:

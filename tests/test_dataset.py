@@ -13,7 +13,9 @@ from runner_helpers import LOAD_HF, load_results, offline_env, write_manifest
 
 from batchflux import batch
 from batchflux.cli import main
+from batchflux.config import Simulator
 from batchflux.dataset import export_dataset
+from batchflux.models import RunOptions
 from batchflux.sim import SimSettings
 
 FAST = SimSettings(job_seconds=0.2, queue_seconds=0.02, render_mode="fast", credits=100_000)
@@ -22,14 +24,15 @@ FAST = SimSettings(job_seconds=0.2, queue_seconds=0.02, render_mode="fast", cred
 def finished_run(tmp_path: Path) -> Path:
     manifest = write_manifest(tmp_path, prompts=3, seeds=2)  # 12 items, 1:1 and 16:9
     out = tmp_path / "out"
-    result = batch.run_batch(manifest, out_dir=out, sim=FAST, sim_job_seconds=0.2)
+    result = batch.run_batch(manifest, RunOptions(out_dir=out),
+                             target=Simulator(settings=FAST, job_seconds=0.2))
     assert result.exit_code == 0
     return out
 
 
 def test_hf_imagefolder_loads_with_the_datasets_library(finished_run: Path,
                                                               tmp_path: Path) -> None:
-    pytest.importorskip("datasets", reason="the test extra 'datasets' is not installed")
+    import datasets  # noqa: F401  (the test extras install it; the load runs in a child)
     exported = export_dataset(finished_run, "hf")
     assert exported.rows == 12 and exported.path == finished_run / "dataset" / "hf"
     assert (exported.path / "train" / "metadata.jsonl").is_file()
@@ -53,8 +56,7 @@ def test_hf_imagefolder_loads_with_the_datasets_library(finished_run: Path,
 
 def test_webdataset_shards_read_back_with_the_webdataset_package(
         finished_run: Path) -> None:
-    wds = pytest.importorskip("webdataset",
-                              reason="the test extra 'webdataset' is not installed")
+    import webdataset as wds  # the test extras install it
     exported = export_dataset(finished_run, "webdataset", shard_size=5)
     tars = sorted(exported.path.glob("shard-*.tar"))
     assert [t.name for t in tars] == ["shard-000000.tar", "shard-000001.tar",
@@ -98,7 +100,8 @@ async def test_failed_items_are_not_exported(tmp_path: Path) -> None:
     out = tmp_path / "out"
     failing = SimSettings(job_seconds=0.2, queue_seconds=0.02, render_mode="fast",
                           fail_rate=0.5, fail_capacity_share=0.0, fault_seed=3)
-    await batch.run_batch_async(manifest, out_dir=out, sim=failing, sim_job_seconds=0.2)
+    await batch.run_batch_async(manifest, RunOptions(out_dir=out),
+                                target=Simulator(settings=failing, job_seconds=0.2))
     records = load_results(out)
     ok = {r["key"] for r in records if r["status"] == "ok"}
     assert 0 < len(ok) < 12
@@ -178,7 +181,7 @@ CATALOGUE_ITEMS = [
 
 
 def test_hf_export_has_a_column_per_meta_name_and_loads_with_datasets(tmp_path: Path) -> None:
-    pytest.importorskip("datasets", reason="the test extra 'datasets' is not installed")
+    import datasets  # noqa: F401  (the test extras install it; the load runs in a child)
     run = hand_made_run(tmp_path / "run", CATALOGUE_ITEMS)
     exported = export_dataset(run, "hf")
     assert exported.rows == 3
@@ -198,8 +201,7 @@ def test_hf_export_has_a_column_per_meta_name_and_loads_with_datasets(tmp_path: 
 
 
 def test_webdataset_json_has_a_field_per_meta_name(tmp_path: Path) -> None:
-    wds = pytest.importorskip("webdataset",
-                              reason="the test extra 'webdataset' is not installed")
+    import webdataset as wds  # the test extras install it
     run = hand_made_run(tmp_path / "run", CATALOGUE_ITEMS)
     exported = export_dataset(run, "webdataset")
     urls = [str(t) for t in sorted(exported.path.glob("shard-*.tar"))]

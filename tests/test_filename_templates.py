@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import pytest
 import yaml
-from runner_helpers import API_KEY, check_run_directory, load_results, write_manifest
+from runner_helpers import check_run_directory, load_results, loopback, write_manifest
 
 from batchflux import batch
 from batchflux.cli import main
@@ -22,7 +22,7 @@ from batchflux.errors import UsageError
 from batchflux.expand import expand_job
 from batchflux.filenames import FILENAME_PLACEHOLDERS, render_filename
 from batchflux.manifest import check_filename_template, load_job
-from batchflux.models import WorkItem
+from batchflux.models import RunOptions, WorkItem
 from batchflux.plan import validate_command
 from batchflux.sim import SimSettings, serve_in_thread
 from batchflux.store import FilenameTemplateError, RunStore
@@ -75,7 +75,7 @@ def test_a_run_with_format_specs_names_its_files_by_them(tmp_path: Path) -> None
                               extra=f"run:\n  filename_template: \"{template}\"\n")
     out = tmp_path / "out"
     with serve_in_thread(FAST) as base_url:
-        result = batch.run_batch(manifest, out_dir=out, base_url=base_url, api_key=API_KEY)
+        result = batch.run_batch(manifest, RunOptions(out_dir=out), target=loopback(base_url))
     assert result.exit_code == 0
     records = check_run_directory(out, expected_items=4)
     for record in records:
@@ -129,15 +129,15 @@ def test_inserting_a_prompt_at_the_top_overwrites_no_image(tmp_path: Path) -> No
     manifest = write_manifest(tmp_path, prompts=2, seeds=2, aspects=("1:1",), extra=extra)
     out = tmp_path / "out"
     with serve_in_thread(FAST) as base_url:
-        assert batch.run_batch(manifest, out_dir=out, base_url=base_url,
-                               api_key=API_KEY).exit_code == 0
+        assert batch.run_batch(manifest, RunOptions(out_dir=out),
+                               target=loopback(base_url)).exit_code == 0
         before = {f["path"]: f["sha256"] for r in load_results(out) for f in r["files"]}
         text = manifest.read_text().replace(
             "prompts:\n", "prompts:\n  - id: new\n    text: \"a new first prompt\"\n", 1)
         manifest.write_text(text)
         assert len(load_job(manifest).entries) == 3
-        assert batch.run_batch(manifest, out_dir=out, base_url=base_url,
-                               api_key=API_KEY).exit_code == 0
+        assert batch.run_batch(manifest, RunOptions(out_dir=out),
+                               target=loopback(base_url)).exit_code == 0
     records = check_run_directory(out, expected_items=6)
     paths = [f["path"] for r in records for f in r["files"]]
     assert len(set(paths)) == 6
@@ -287,7 +287,7 @@ def test_a_run_writes_each_variant_into_its_variable_folder(tmp_path: Path) -> N
         encoding="utf-8")
     out = tmp_path / "out"
     with serve_in_thread(FAST) as base_url:
-        result = batch.run_batch(manifest, out_dir=out, base_url=base_url, api_key=API_KEY)
+        result = batch.run_batch(manifest, RunOptions(out_dir=out), target=loopback(base_url))
     assert result.exit_code == 0
     records = check_run_directory(out, expected_items=4)
     for record in records:

@@ -104,3 +104,44 @@ def test_sim_credits_shows_the_out_of_credits_path(tmp_path: Path,
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["ok"] == 5
     assert summary["counts"]["not_started"] == 7  # every item the run did not reach
+
+
+def test_ctrl_c_then_the_same_sim_command_finishes_without_losing_or_repaying(
+        tmp_path: Path) -> None:
+    """The README's headline example (reference images), interrupted and resumed on the
+    built-in simulator: its world lives in OUT/.batchflux/sim, so the resumed run finds every
+    journaled job; nothing is lost, nothing is paid twice."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parent.parent
+    jobs_dir = tmp_path / "jobs"
+    shutil.copytree(root / "jobs", jobs_dir)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "batchflux", "run", str(jobs_dir / "product-photos.yaml"),
+               "--sim", "--out", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = out / "results.jsonl"
+    end = time.monotonic() + 120
+    while not (results.exists() and results.read_bytes().count(b"\n") >= 8):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["lost"] == 0 and summary["counts"]["failed"] == 0
+    assert summary["totals"] == {**summary["totals"], "items": 48, "ok": 48}
+    created = [json.loads(line) for line in
+               (out / ".batchflux" / "sim" / "journal.jsonl").read_text().splitlines()[1:]]
+    jobs = [r for r in created if r.get("type") == "job"]
+    assert len(jobs) == 48  # one paid job per item, across both runs
+    assert len({r["idempotency_key"] for r in jobs}) == 48
+    uploads = [r for r in created if r.get("type") == "upload"]
+    assert len(uploads) == 2  # each reference image uploaded once, the URL reused on resume

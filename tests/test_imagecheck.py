@@ -100,14 +100,14 @@ def test_auto_decodes_while_decoding_stays_under_its_share_of_the_run() -> None:
     runner = Runner(client=None, store=None, index=ResumeIndex(),  # type: ignore[arg-type]
                     settings=RunSettings(verify="auto", decode_share=0.1),
                     clock=lambda: now[0])
-    runner.state.started = 0.0
+    runner.lifecycle.started = 0.0
     now[0] = 30.0
-    runner._decode_seconds = 2.9
-    assert runner._should_decode()  # 2.9 s of 30 s: under a tenth
-    runner._decode_seconds = 3.1
-    assert not runner._should_decode()  # decoding would become the bottleneck
+    runner.stats.decode_seconds = 2.9
+    assert runner.lifecycle.fetcher._should_decode()  # 2.9 s of 30 s: under a tenth
+    runner.stats.decode_seconds = 3.1
+    assert not runner.lifecycle.fetcher._should_decode()  # decoding would become the bottleneck
     for mode, expected in (("decode", True), ("structure", False)):
         forced = Runner(client=None, store=None, index=ResumeIndex(),  # type: ignore[arg-type]
                         settings=RunSettings(verify=mode), clock=lambda: now[0])
-        forced._decode_seconds = 1e9
-        assert forced._should_decode() is expected
+        forced.stats.decode_seconds = 1e9
+        assert forced.lifecycle.fetcher._should_decode() is expected

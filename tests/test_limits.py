@@ -470,6 +470,28 @@ def test_between_two_429s_the_provider_accepted_exactly_its_rate() -> None:
         assert bucket.rate == pytest.approx(20.0)
 
 
+def test_a_429_right_after_submits_resume_is_measured() -> None:
+    """A first 429 within a second of the run's first submit measures nothing; that is about
+    the run's first submit, not every resume. After the pause the provider's refilled bucket
+    is emptied at once, and the 429 that follows is measured (the learner once measured
+    nothing ever again, so every 429 paused every submit)."""
+    t = SteppingTime()
+    bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
+    learner = SubmitRateLearner(bucket, clock=t.clock)
+    for _ in range(10):
+        learner.on_sent()
+        learner.on_accepted()
+        t.now += 0.01
+    assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "unmeasured"
+    t.now += 1.0
+    for _ in range(10):  # what the provider refilled during the pause, at once
+        learner.on_sent()
+        learner.on_accepted()
+    assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "first"
+    assert bucket.rate == pytest.approx(10.0)
+    assert [rate for _, rate in learner.history] == [pytest.approx(10.0)]
+
+
 def test_submit_rate_learner_probes_upward_but_never_past_a_configured_rate() -> None:
     t = SteppingTime()
     bucket = TokenBucket(30.0, clock=t.clock, sleep=t.sleep)

@@ -218,10 +218,10 @@ def test_rows_that_differ_only_in_meta_are_flagged_as_the_same_requests(tmp_path
 
 async def test_a_run_writes_each_items_meta_on_its_result_line(tmp_path: Path) -> None:
     """The CSV's extra columns reach results.jsonl (and from there the dataset exports)."""
-    import httpx
-    from runner_helpers import API_KEY, load_results
+    from runner_helpers import inprocess, load_results
 
     from batchflux import batch
+    from batchflux.models import RunOptions
     from batchflux.sim import SimSettings, create_app
 
     (tmp_path / "catalogue.csv").write_text(
@@ -231,9 +231,8 @@ async def test_a_run_writes_each_items_meta_on_its_result_line(tmp_path: Path) -
                         "id_column: sku, meta_columns: [sku, category]}\n"
                         "grid: {seeds: [1]}\n")
     app = create_app(SimSettings(job_seconds=0.05, queue_seconds=0.0, render_mode="fast"))
-    result = await batch.run_batch_async(manifest, out_dir=tmp_path / "out", api_key=API_KEY,
-                                         base_url="http://sim.local",
-                                         transport=httpx.ASGITransport(app=app))
+    result = await batch.run_batch_async(manifest, RunOptions(out_dir=tmp_path / "out"),
+                                         target=inprocess(app))
     assert result.exit_code == 0
     metas = sorted((r["meta"]["sku"], r["meta"]["category"])
                    for r in load_results(tmp_path / "out"))

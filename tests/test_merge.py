@@ -13,8 +13,10 @@ from runner_helpers import check_run_directory, load_results, write_manifest
 
 from batchflux import batch
 from batchflux.cli import main
+from batchflux.config import Simulator
 from batchflux.errors import IntegrityError
 from batchflux.merge import MergeError, final_records, merge_runs
+from batchflux.models import RunOptions
 from batchflux.shard import Shard
 from batchflux.sim import SimSettings
 
@@ -23,8 +25,9 @@ FAST = SimSettings(job_seconds=0.2, queue_seconds=0.02, render_mode="fast", cred
 
 async def run_shard(manifest: Path, out: Path, shard: Shard | None,
                     settings: SimSettings = FAST) -> dict[str, Any]:
-    result = await batch.run_batch_async(manifest, out_dir=out, sim=settings,
-                                         sim_job_seconds=0.2, shard=shard)
+    options = RunOptions(out_dir=out, shard=shard.label if shard is not None else None)
+    result = await batch.run_batch_async(manifest, options,
+                                         target=Simulator(settings=settings, job_seconds=0.2))
     return result.summary
 
 
@@ -105,7 +108,7 @@ async def test_ok_beats_failed_for_the_same_key(two_shards: tuple[Path, list[Pat
     # The failed line comes first and last: ok still wins.
     report = merge_runs([failed_copy, outs[0], outs[1], failed_copy], into)
     assert report.ok == 9 and report.failed == 0 and report.duplicates > 0
-    assert final_records(into)[record["key"]]["status"] == "ok"
+    assert final_records(into)[record["key"]].status == "ok"
     # A failure with no ok anywhere is kept, as a failure.
     only_failed = merge_runs([failed_copy], tmp_path / "only-failed")
     assert only_failed.failed == 1 and only_failed.ok == 0

@@ -9,9 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from runner_helpers import API_KEY
+from runner_helpers import inprocess
 
 from batchflux import batch
 from batchflux.cli import main
@@ -52,9 +51,9 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(directory.rglob("*"))}
 
 
-async def run_on(app: Any, manifest: Path, **kw: Any) -> batch.RunResult:
-    return await batch.run_batch_async(manifest, api_key=API_KEY, base_url="http://sim.local",
-                                       transport=httpx.ASGITransport(app=app), **kw)
+async def run_on(app: Any, manifest: Path, options: RunOptions | None = None
+                 ) -> batch.RunResult:
+    return await batch.run_batch_async(manifest, options, target=inprocess(app))
 
 
 async def test_plan_of_a_grown_cron_manifest_costs_what_the_next_run_spends(
@@ -111,12 +110,12 @@ async def test_plan_counts_failures_as_the_run_treats_them(
     manifest.write_text("grid: {seeds: [1]}\nprompts: [a red fox, a blue bird]\n"
                         "run: {cost_per_image: 3}\n", encoding="utf-8")
     out = tmp_path / "out"
-    no_retries = RunOptions(retries=0)
+    no_retries = RunOptions(out_dir=out, retries=0)
     policy = create_app(replace(FAST, fail_rate=1.0, fail_capacity_share=0.0))
-    assert (await run_on(policy, manifest, out_dir=out, options=no_retries)).exit_code == 1
+    assert (await run_on(policy, manifest, no_retries)).exit_code == 1
     manifest.write_text(manifest.read_text().replace("a blue bird]", "a blue bird, a cat]"))
     capacity = create_app(replace(FAST, fail_rate=1.0, fail_capacity_share=1.0))
-    assert (await run_on(capacity, manifest, out_dir=out, options=no_retries)).exit_code == 1
+    assert (await run_on(capacity, manifest, no_retries)).exit_code == 1
 
     plain = plan_json(capsys, str(manifest), "--out", str(out))
     assert (plain["items"], plain["done"], plain["failed"], plain["failed_retryable"]) == \
@@ -135,7 +134,7 @@ async def test_plan_counts_failures_as_the_run_treats_them(
     assert "estimated cost: 0.00 credits for 0 items to run (3 per image)" in text
 
     healthy = create_app(FAST)
-    result = await run_on(healthy, manifest, out_dir=out, retry_failed="retryable")
+    result = await run_on(healthy, manifest, RunOptions(out_dir=out, retry_failed="retryable"))
     assert result.summary["credits_spent"] == retry["estimated_cost"]
     assert healthy.state.sim.stats_json()["jobs_created"] == retry["to_run"]
 

@@ -11,14 +11,16 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
-from runner_helpers import API_KEY, check_run_directory, load_results, write_manifest
+from runner_helpers import API_KEY, check_run_directory, inprocess, load_results, write_manifest
 
 from batchflux import batch
 from batchflux.cli import main
+from batchflux.config import Api
 from batchflux.errors import ManifestError, RunAborted
 from batchflux.models import RunOptions
 from batchflux.sim import SimSettings, create_app
@@ -64,11 +66,15 @@ def is_image(request: httpx.Request) -> bool:
     return request.url.path.startswith("/cdn/images/")
 
 
-async def run(manifest: Path, out: Path, app: object, rewrite: Rewrite, **kw: object):
+async def run(manifest: Path, out: Path, app: object, rewrite: Rewrite,
+              options: RunOptions | None = None, **target: Any):
+    """Run ``manifest`` into ``out`` through :class:`Tamper`; ``options`` are the run's other
+    settings, ``target`` more keyword arguments of the :class:`Api` target."""
     transport = Tamper(app, rewrite)
-    result = await batch.run_batch_async(manifest, out_dir=out, api_key=API_KEY, base_url=SIM,
-                                         transport=transport, allow_insecure=True,
-                                         **kw)  # type: ignore[arg-type]
+    result = await batch.run_batch_async(
+        manifest, replace(options or RunOptions(), out_dir=out),
+        target=Api(api_key=API_KEY, base_url=SIM, transport=transport, allow_insecure=True,
+                   **target))
     return result, transport
 
 
@@ -264,7 +270,8 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                              capture_output=True, check=False)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+        pytest.fail(f"cannot mount a tmpfs here (.ci/run runs as root): "
+                    f"{mounted.stderr.decode().strip()}")
     try:
         yield path
     finally:
@@ -281,7 +288,7 @@ def test_a_read_only_output_directory_stops_cleanly_with_exit_73(
         remount = subprocess.run(["mount", "-o", "remount,ro", str(mount)],
                                  capture_output=True, check=False)
         if remount.returncode != 0:
-            pytest.skip(f"cannot remount read-only: {remount.stderr.decode().strip()}")
+            pytest.fail(f"cannot remount read-only: {remount.stderr.decode().strip()}")
         code = main(["run", str(manifest), "--sim", "--out", str(mount / "out")])
         assert list((mount / "out").iterdir()) == []
     err = capsys.readouterr().err
@@ -297,11 +304,9 @@ async def test_a_full_disk_stops_cleanly_and_resume_finishes_without_paying_twic
         out = mount / "out"
         filler = mount / "filler"
         filler.write_bytes(b"\0" * (300 << 10))  # about 100 KB left: a few images fit
-        common = {"out_dir": out, "api_key": API_KEY, "base_url": SIM,
-                      "transport": httpx.ASGITransport(app=app),
-                      "options": RunOptions(concurrency=2)}
+        options, target = RunOptions(out_dir=out, concurrency=2), inprocess(app)
         with pytest.raises(RunAborted) as caught:
-            await batch.run_batch_async(manifest, **common)
+            await batch.run_batch_async(manifest, options, target=target)
         assert caught.value.exit_code == 73
         # Nothing half-written: every line parses and its files are whole; no temp files.
         done = load_results(out)
@@ -311,7 +316,7 @@ async def test_a_full_disk_stops_cleanly_and_resume_finishes_without_paying_twic
             for f in record["files"]:
                 assert (out / f["path"]).stat().st_size == f["bytes"]
         filler.unlink()  # space is freed
-        resumed = await batch.run_batch_async(manifest, **common)
+        resumed = await batch.run_batch_async(manifest, options, target=target)
         assert resumed.exit_code == 0
         records = check_run_directory(out, expected_items=12)
     assert all(r["status"] == "ok" for r in records)

@@ -12,10 +12,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
 from runner_helpers import (
-    API_KEY,
     check_run_directory,
+    inprocess,
     line_count,
     load_results,
     start_run,
@@ -23,6 +22,7 @@ from runner_helpers import (
 )
 
 from batchflux import batch
+from batchflux.models import RunOptions
 from batchflux.sim import SimSettings, create_app, serve_in_thread
 from batchflux.store import iter_jsonl
 
@@ -103,9 +103,8 @@ async def test_torn_last_lines_are_repaired_never_fatal(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, prompts=3, seeds=2)  # 12 items
     out = tmp_path / "out"
     app = create_app(replace(SETTINGS, job_seconds=0.2))
-    common = {"out_dir": out, "api_key": API_KEY, "base_url": "http://sim.local",
-                  "transport": httpx.ASGITransport(app=app)}
-    await batch.run_batch_async(manifest, **common)
+    options, target = RunOptions(out_dir=out), inprocess(app)
+    await batch.run_batch_async(manifest, options, target=target)
     results = out / "results.jsonl"
     journal = out / ".batchflux" / "journal.jsonl"
     # A crash mid-write: the last result line is cut in half (its item is no longer
@@ -116,7 +115,7 @@ async def test_torn_last_lines_are_repaired_never_fatal(tmp_path: Path) -> None:
     results.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
     journal.write_bytes(journal.read_bytes() + b'{"t":"job","key":"' +
                         lost["key"][:20].encode())
-    resumed = await batch.run_batch_async(manifest, **common)
+    resumed = await batch.run_batch_async(manifest, options, target=target)
     assert resumed.exit_code == 0
     assert resumed.summary["counts"]["skipped"] == 11
     assert resumed.summary["counts"]["ok"] == 1

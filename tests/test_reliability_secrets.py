@@ -20,8 +20,10 @@ from runner_helpers import check_run_directory, write_manifest
 
 from batchflux import batch
 from batchflux.apiframe import ApiframeClient, Timeouts
+from batchflux.config import Api
 from batchflux.errors import ApiError, ConfigError
-from batchflux.report import RichReporter
+from batchflux.models import RunOptions
+from batchflux.progress import RichReporter
 from batchflux.sim import SimSettings, create_app, serve_in_thread
 
 KEY = "afk_reliability_secret_7d1e0b2c94"
@@ -94,9 +96,9 @@ async def test_the_key_goes_to_the_api_host_only_never_to_image_hosts(tmp_path: 
             return await inner.handle_async_request(request)
 
     manifest = write_manifest(tmp_path, prompts=2, seeds=1)
-    await batch.run_batch_async(manifest, out_dir=tmp_path / "out", api_key=KEY,
-                                base_url="http://sim.local", transport=Recording(),
-                                allow_insecure=True)
+    await batch.run_batch_async(manifest, RunOptions(out_dir=tmp_path / "out"),
+                                target=Api(api_key=KEY, base_url="http://sim.local",
+                                           transport=Recording(), allow_insecure=True))
     downloads = [r for r in seen if r.url.path.startswith("/cdn/")]
     api = [r for r in seen if r.url.path.startswith("/v2/") and r.url.path != "/v2/models"]
     assert downloads and api
@@ -117,8 +119,10 @@ async def test_debug_logs_and_the_rich_display_never_show_the_key(
     out = tmp_path / "out"
     caplog.set_level(logging.DEBUG)  # every logger, httpx and httpcore included
     with serve_in_thread(settings) as base_url:
-        await batch.run_batch_async(manifest, out_dir=out, api_key=KEY, base_url=base_url,
-                                    reporter=reporter, timeouts=Timeouts(read=0.5))
+        await batch.run_batch_async(manifest, RunOptions(out_dir=out),
+                                    target=Api(api_key=KEY, base_url=base_url,
+                                               timeouts=Timeouts(read=0.5)),
+                                    reporter=reporter)
     check_run_directory(out, expected_items=12)
     assert caplog.records, "nothing was logged: the check would prove nothing"
     for record in caplog.records:
@@ -161,7 +165,8 @@ def self_signed_tls_server(tmp_path: Path) -> Iterator[str]:
          "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
          "-keyout", str(key), "-out", str(cert)], capture_output=True, check=False)
     if made.returncode != 0:
-        pytest.skip(f"openssl cannot make a certificate: {made.stderr.decode()[:200]}")
+        pytest.fail(f"openssl cannot make a certificate (.ci/run installs openssl): "
+                    f"{made.stderr.decode()[:200]}")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     import socket

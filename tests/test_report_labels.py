@@ -10,17 +10,17 @@ from typing import Any
 from rich.console import Console
 
 from batchflux.display import item_label
-from batchflux.report import JsonReporter, LogReporter, RichReporter
+from batchflux.models import ErrorCategory, ErrorInfo, Result
+from batchflux.progress import JsonReporter, LogReporter, RichReporter
 
 
-def failed(aspect: str, bg: str | None = None, **params: Any) -> dict[str, Any]:
-    record = {"key": (aspect + (bg or "")).encode().hex().ljust(64, "0")[:64],
-              "prompt_id": "p017", "seed": 1, "status": "failed",
-              "params": {"aspect_ratio": aspect, "seed": 1, **params},
-              "vars": {"bg": bg} if bg else {},
-              "error": {"category": "generation_failed", "message": "content policy"},
-              "files": []}
-    return record
+def failed(aspect: str, bg: str | None = None, **params: Any) -> Result:
+    """A failed item's record, as the runner hands it to reporters."""
+    return Result(key=(aspect + (bg or "")).encode().hex().ljust(64, "0")[:64], index=0,
+                  prompt_id="p017", status="failed", model="flux-2-dev", prompt="a mug",
+                  seed=1, params={"aspect_ratio": aspect, "seed": 1, **params},
+                  vars={"bg": bg} if bg else {},
+                  error=ErrorInfo(ErrorCategory.GENERATION_FAILED, "content policy", False))
 
 
 # Items of one prompt and one seed that differ in one axis each.

@@ -16,8 +16,11 @@ from PIL import Image
 from runner_helpers import load_results, run_batch_in_thread
 
 from batchflux.cli import main
-from batchflux.models import ErrorCategory
-from batchflux.review import build_report, cap_timeline, prompt_groups, write_review
+from batchflux.config import Simulator
+from batchflux.models import ErrorCategory, RunOptions
+from batchflux.report import build_report, cap_timeline, write_review
+from batchflux.results import read_results
+from batchflux.review import prompt_groups
 from batchflux.sim import SimSettings
 
 if TYPE_CHECKING:
@@ -49,7 +52,8 @@ def run_with_failures(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = base / "out"
     settings = SimSettings(job_seconds=0.2, queue_seconds=0.02, render_mode="full",
                            fail_rate=0.3, fail_capacity_share=0.0, fault_seed=5)
-    result = run_batch_in_thread(manifest, out_dir=out, sim=settings, sim_job_seconds=0.2)
+    result = run_batch_in_thread(manifest, RunOptions(out_dir=out),
+                                 target=Simulator(settings=settings, job_seconds=0.2))
     counts = result.summary["counts"]
     assert counts["ok"] + counts["failed"] == ITEMS
     assert 0 < counts["failed"] < ITEMS, counts  # fault_seed 5 gives both
@@ -221,11 +225,11 @@ def test_each_view_opened_by_url_shows_its_images_across_the_window(
 
 def test_no_image_repeats_the_params_of_its_prompt(run_with_failures: Path, page: Page) -> None:
     review = write_review(run_with_failures)
-    records = load_results(run_with_failures)
+    records = read_results(run_with_failures).ordered()
     groups = prompt_groups(records)
     common = {name for group in groups for name, _ in group.common}
     assert {"output_quality", "output_format"} <= common
-    group_of = {r["key"]: group for group in groups for r in group.records}
+    group_of = {r.key: group for group in groups for r in group.records}
     for view in VIEWS:
         page.goto(f"{review.path.as_uri()}#{view}")
         shown = page.locator(f"#{view}")

@@ -34,7 +34,7 @@ from runner_helpers import load_imagefolder, load_results, review_run
 
 from batchflux.cli import build_parser, main
 from batchflux.dataset import export_dataset
-from batchflux.review import build_report
+from batchflux.report import build_report
 from batchflux.reviewapp import (
     Decision,
     DecisionKind,

@@ -23,6 +23,8 @@ import pytest
 from PIL import Image, ImageChops, ImageStat
 from runner_helpers import load_results, review_run, run_batch_in_thread
 
+from batchflux.config import Simulator
+from batchflux.models import RunOptions
 from batchflux.reviewapp import append_decision, create_app
 from batchflux.sim import SimSettings, serve_in_thread
 
@@ -314,8 +316,8 @@ def product_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """jobs/product-photos.yaml on the simulator (deterministic pictures for seed and prompt)."""
     out = tmp_path_factory.mktemp("screenshot") / "product-photos"
     settings = SimSettings(job_seconds=0.2, queue_seconds=0.02, render_mode="full")
-    result = run_batch_in_thread(ROOT / "jobs" / "product-photos.yaml", out_dir=out,
-                                 sim=settings, sim_job_seconds=0.2)
+    result = run_batch_in_thread(ROOT / "jobs" / "product-photos.yaml", RunOptions(out_dir=out),
+                                 target=Simulator(settings=settings, job_seconds=0.2))
     assert result.exit_code == 0
     return out
 

@@ -181,3 +181,46 @@ async def test_max_items_override_can_raise_the_manifest_guard(tmp_path: Path) -
         await run_inprocess(manifest, tmp_path / "out", FAST)
     result, _ = await run_inprocess(manifest, tmp_path / "out", FAST, max_items=12)
     assert result.summary["counts"]["ok"] == 12
+
+
+async def test_a_stop_event_stops_the_run_and_the_next_run_pays_for_nothing_twice(
+        tmp_path: Path) -> None:
+    """The library's ``stop`` (what Ctrl-C sets on the command line): the run ends at once
+    with its summary, what was in flight stays journaled, and the next run re-attaches to
+    those jobs instead of paying for them again."""
+    import anyio
+
+    from batchflux.models import Result
+    from batchflux.runner import NullReporter
+    from batchflux.store import ResumeIndex
+
+    manifest = write_manifest(tmp_path, prompts=4, seeds=3)  # 24 items
+    out = tmp_path / "out"
+    app = create_app(replace(FAST, job_seconds=(0.3, 1.5)))
+    stop = anyio.Event()
+
+    class StopAfterFirst(NullReporter):
+        def result(self, record: Result) -> None:
+            stop.set()
+
+    options = RunOptions(out_dir=out, concurrency=8)
+    stopped = await batch.run_batch_async(manifest, options, target=inprocess(app),
+                                          reporter=StopAfterFirst(), stop=stop)
+    assert stopped.summary["stop_reason"] == "interrupted"
+    assert stopped.exit_code == 1
+    done = len(load_results(out))
+    assert 1 <= done < 24
+    index = ResumeIndex.load(out)
+    journaled = len(index.jobs)
+    assert journaled >= 1  # jobs were in flight when it stopped, and are on the journal
+    # Every job the provider created is on a result line or the journal (a submit cut off
+    # mid-flight is there as an intent, replayed by its idempotency key next time).
+    created = stats_of(app)["jobs_created"]
+    assert done + journaled <= created <= done + journaled + len(index.intents)
+
+    again = await batch.run_batch_async(manifest, options, target=inprocess(app))
+    assert again.exit_code == 0
+    assert again.summary["counts"]["reattached"] == journaled
+    check_run_directory(out, expected_items=24)
+    stats = stats_of(app)
+    assert stats["jobs_created"] == 24 and stats["duplicate_jobs"] == 0, stats

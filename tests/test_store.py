@@ -308,3 +308,23 @@ def test_a_cut_name_keeps_its_extension_and_stays_unique() -> None:
     assert len(names) == 40
     for name in names:
         assert name.endswith(".png") and len(name) <= 120
+
+
+def test_the_run_directory_records_the_items_of_its_manifest(tmp_path: Path) -> None:
+    """What "the items of the current manifest" are, for reports and exports (issue 13)."""
+    from array import array
+
+    from batchflux.store import in_keys, read_item_keys
+
+    assert read_item_keys(tmp_path) is None  # a directory of an older batchflux
+    store = RunStore(tmp_path, filename_template=TEMPLATE)
+    store.open()
+    try:
+        keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(3)]
+        store.write_item_keys(array("Q", sorted(int(k[:16], 16) for k in keys[:2])))
+    finally:
+        store.close()
+    recorded = read_item_keys(tmp_path)
+    assert recorded is not None and len(recorded) == 2
+    assert in_keys(recorded, keys[0]) and in_keys(recorded, keys[1])
+    assert not in_keys(recorded, keys[2])

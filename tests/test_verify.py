@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from runner_helpers import API_KEY, load_results, write_manifest
+from runner_helpers import load_results, loopback, write_manifest
 
 from batchflux import batch
 from batchflux.cli import main
 from batchflux.errors import IntegrityError
 from batchflux.fileutil import sha256_file
+from batchflux.models import RunOptions
 from batchflux.sim import SimSettings, serve_in_thread
 from batchflux.store import RESULTS_NAME, RunStore
 from batchflux.verify import QUARANTINE_DIR, verify_run
@@ -31,7 +32,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     manifest = write_manifest(base, prompts=3, seeds=2)
     out = base / "out"
     with serve_in_thread(FAST) as base_url:
-        result = batch.run_batch(manifest, out_dir=out, base_url=base_url, api_key=API_KEY)
+        result = batch.run_batch(manifest, RunOptions(out_dir=out), target=loopback(base_url))
     assert result.exit_code == 0
     return out
 

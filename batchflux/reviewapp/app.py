@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -37,7 +36,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import UsageError
-from ..models import ErrorCategory
+from ..models import Result
+from ..results import run_records
 from ..review import (
     AXES,
     DEFAULT_THUMB_SIZE,
@@ -47,7 +47,6 @@ from ..review import (
     image_label,
     make_thumbnail,
     prompt_groups,
-    run_records,
     thumb_path,
     varying_params,
 )
@@ -61,7 +60,7 @@ _ASSETS = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript;
            "app.css": "text/css; charset=utf-8"}
 
 
-def load_records(out: Path) -> list[dict[str, Any]]:
+def load_records(out: Path) -> list[Result]:
     """Every item of the run (its result that counts), in manifest order.
 
     The one place the app reads ``results.jsonl``.
@@ -69,35 +68,37 @@ def load_records(out: Path) -> list[dict[str, Any]]:
     return run_records(out)
 
 
-def _is_ok(record: Mapping[str, Any]) -> bool:
-    return record.get("status") == "ok" and bool(record.get("files"))
+def _is_ok(record: Result) -> bool:
+    return record.ok and bool(record.files)
 
 
-def _explain(category: str) -> str:
-    try:
-        return ErrorCategory(category).explanation
-    except ValueError:
-        return ""
+def _error_json(record: Result) -> dict[str, str]:
+    """Why an item has no image, as the page shows it."""
+    if record.error is None:
+        return {"category": "missing image", "message": "no image recorded for this item",
+                "explanation": ""}
+    return {"category": record.error.category.value,
+            "message": record.error.message or "no image recorded for this item",
+            "explanation": record.error.category.explanation}
 
 
 @dataclass(frozen=True, slots=True)
 class _Run:
     """What the app knows of the run, rebuilt when results.jsonl changes."""
 
-    records: dict[str, dict[str, Any]]  # by key
+    records: dict[str, Result]  # by key
     files: dict[str, str]  # relative path -> key, every image the results list
     payload: dict[str, Any]  # /api/run without the decisions
 
 
-def _payload(out: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
+def _payload(out: Path, records: list[Result]) -> dict[str, Any]:
     groups = prompt_groups(records)
     items = []
     for group in groups:
         for record in group.records:
-            error = record.get("error") or {}
-            files = record.get("files") or ()
+            files = record.files
             items.append({
-                "key": record["key"],
+                "key": record.key,
                 "group": group.number,
                 "failed": not _is_ok(record),
                 "label": image_label(record, files[0] if files else None),
@@ -105,16 +106,12 @@ def _payload(out: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
                 "aspect": axis_value(record, "aspect"),
                 "varying": [[k, format_value(v)] for k, v in varying_params(record, group)],
                 "images": [
-                    {"thumb": f"/thumbs/{record['key']}/{n}",
-                     "full": "/files/" + quote(str(f["path"]), safe="/"),
-                     "width": f.get("width"), "height": f.get("height")}
+                    {"thumb": f"/thumbs/{record.key}/{n}",
+                     "full": "/files/" + quote(f.path, safe="/"),
+                     "width": f.width, "height": f.height}
                     for n, f in enumerate(files, start=1)
                 ] if _is_ok(record) else [],
-                "error": None if _is_ok(record) else {
-                    "category": str(error.get("category") or "missing image"),
-                    "message": str(error.get("message") or "no image recorded for this item"),
-                    "explanation": _explain(str(error.get("category"))),
-                },
+                "error": None if _is_ok(record) else _error_json(record),
             })
     return {
         "run": {"name": out.resolve().name, "path": str(out), "items": len(records)},
@@ -141,9 +138,8 @@ class _RunView:
         with self._lock:
             if self._run is None or stamp != self._stamp:
                 records = load_records(self.out)
-                files = {str(f["path"]): r["key"] for r in records if _is_ok(r)
-                         for f in r["files"]}
-                self._run = _Run({r["key"]: r for r in records}, files,
+                files = {f.path: r.key for r in records if _is_ok(r) for f in r.files}
+                self._run = _Run({r.key: r for r in records}, files,
                                  _payload(self.out, records))
                 self._stamp = stamp
             return self._run
@@ -258,9 +254,9 @@ def create_app(out_dir: str | os.PathLike[str], *, loopback_only: bool = True,
         key, number = request.path_params["key"], request.path_params["number"]
         run = await anyio.to_thread.run_sync(view.current)
         record = run.records.get(key)
-        if record is None or not _is_ok(record) or not 1 <= number <= len(record["files"]):
+        if record is None or not _is_ok(record) or not 1 <= number <= len(record.files):
             return _error(404, "no such image")
-        source = view.inside(str(record["files"][number - 1]["path"]))
+        source = view.inside(record.files[number - 1].path)
         if source is None:
             return _error(404, "image missing")
         target = thumb_path(out, key, number)

@@ -1,8 +1,9 @@
 """The ASGI app: routes, auth, validation, jobs, idempotency, uploads, images, test hooks.
 
 Build it with ``create_app(settings)``; the world it serves lives in ``app.state.sim``
-(a ``SimState``). Routes outside ``/v2/`` and ``/cdn/`` (``/_sim/...``) are for tests and
-benchmarks only.
+(a ``SimState``), in memory, or also in a state directory (``state_dir``) that a later app
+continues. Routes outside ``/v2/`` and ``/cdn/`` (``/_sim/...``) are for tests and benchmarks
+only.
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
+import os
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,15 +35,18 @@ from starlette.types import Message, Receive, Scope, Send
 from batchflux.models import FLUX_MODELS
 
 from .faults import SimulatedDrop, retry_after_seconds, send_dropped
+from .persist import SimStateError, StateJournal
 from .render import CONTENT_TYPES, image_size, render_bytes, size_for
 from .settings import SimSettings, settings_to_json, settings_with
-from .state import Clock, IdempotencyEntry, Job, SimState, Upload, canonical_hash, iso_ms
+from .state import Clock, Job, SimState, canonical_hash, iso_ms
 from .validate import validate_generate
 from .webhooks import WebhookSender
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 IMAGE_NAME_RE = re.compile(r"^([0-9a-f-]{36})-(\d+)\.(jpg|png|webp)$")
 UPLOAD_PATH_RE = re.compile(r"/cdn/uploads/([0-9a-f-]{36})\.[a-z0-9]+$")
+
+_log = logging.getLogger(__name__)
 
 MODEL_LABELS = {
     "flux-2-dev": "FLUX.2 [dev]", "flux-2-pro": "FLUX.2 [pro]", "flux-2-flex": "FLUX.2 [flex]",
@@ -92,6 +100,7 @@ def _authenticate(request: Request) -> tuple[str, None] | tuple[None, JSONRespon
         return None, _error(401, "Invalid API key")
     if api_key in settings.inactive_keys:
         return None, _error(403, "API key is inactive")
+    _state(request).owner_of(api_key)  # remembered for signing its jobs' webhooks
     return api_key, None
 
 
@@ -149,6 +158,7 @@ async def generate(request: Request) -> Response:
     if failure is not None:
         return failure
     assert api_key is not None
+    owner = state.owner_of(api_key)
     settings = state.settings
     if (injected := _injected_error(state, "submit")) is not None:
         return injected
@@ -180,7 +190,7 @@ async def generate(request: Request) -> Response:
 
     body_hash = canonical_hash(body)
     if idempotency_key is not None:
-        entry = state.idempotency.get((api_key, idempotency_key))
+        entry = state.idempotency.get((owner, idempotency_key))
         if entry is not None and entry.expires > now:
             if entry.body_hash != body_hash:
                 return _error(409, "Idempotency key reused with a different request body")
@@ -189,7 +199,7 @@ async def generate(request: Request) -> Response:
             status, _ = original.status_at(now, settings.progress_steps)
             return _json({"jobId": original.id, "status": status}, 202)
 
-    inflight_wait = state.inflight_wait(api_key, now)
+    inflight_wait = state.inflight_wait(owner, now)
     if inflight_wait is not None:
         state.counters.rate_limited += 1
         return _error(429, "Rate limit exceeded",
@@ -210,11 +220,8 @@ async def generate(request: Request) -> Response:
         params.get("height"),
         _input_size(state, body) if params.get("aspect_ratio") == "match_input_image" else None,
     )
-    job = state.create_job(api_key=api_key, body=body, body_hash=body_hash, now=now, size=size,
+    job = state.create_job(owner=owner, body=body, body_hash=body_hash, now=now, size=size,
                            base_url=_base_url(request), idempotency_key=idempotency_key)
-    if idempotency_key is not None:
-        state.idempotency[(api_key, idempotency_key)] = IdempotencyEntry(
-            body_hash, job.id, now + settings.idempotency_ttl)
     accepted = {"jobId": job.id, "status": "QUEUED"}
     await _maybe_stall(state, "submit")
     if drop:
@@ -238,8 +245,9 @@ async def get_job(request: Request) -> Response:
     job_id = request.path_params["id"]
     if not UUID_RE.match(job_id):
         return _error(400, "Invalid job id: expected a UUID")
+    assert api_key is not None
     job = state.jobs.get(job_id.lower())
-    if job is None or job.api_key != api_key:
+    if job is None or job.owner != state.owner_of(api_key):
         return _error(404, "Job not found")
     data = state.job_json(job, now, _base_url(request))
     await _maybe_stall(state, "poll")
@@ -297,7 +305,7 @@ async def list_jobs(request: Request) -> Response:
 
     # Both lists are in creation order; a cursor is a position in the list being paged.
     keyed: list[Job] = (list(state.jobs.values()) if query.get("scope") == "team"
-                        else state.jobs_by_key[api_key])
+                        else state.jobs_by_key[state.owner_of(api_key)])
     position = len(keyed) if start is None else min(start, len(keyed))
     model_filter = query.get("model")
     page: list[Job] = []
@@ -345,8 +353,8 @@ async def models(request: Request) -> Response:
     modality = request.query_params.get("modality")
     if modality is not None and modality not in ("image", "video", "music"):
         return _error(400, "Validation failed",
-                      details={"modality": ["Invalid enum value. Expected 'image' | 'video' | "
-                                            "'music'"]})
+                      details={"modality": [("Invalid enum value. Expected 'image' | 'video' "
+                                             "| 'music'")]})
     cost = _state(request).settings.cost_per_image
     entries = [
         {"id": model, "label": MODEL_LABELS.get(model, model), "modality": "image",
@@ -411,17 +419,15 @@ async def upload(request: Request) -> Response:
     sniffed = sniff(data)
     if sniffed is None:
         return _error(400, "Unsupported file type",
-                      details={"file": ["Expected PNG, JPEG, WebP, GIF, MP4, WebM, MOV, MP3, "
-                                        "WAV, OGG or M4A"]})
+                      details={"file": [("Expected PNG, JPEG, WebP, GIF, MP4, WebM, MOV, MP3, "
+                                         "WAV, OGG or M4A")]})
     content_type, kind, ext = sniffed
     limit = settings.max_video_upload_bytes if kind == "video" else settings.max_upload_bytes
     if len(data) > limit:
         return _error(400, "File too large",
                       details={"file": [f"Must be at most {limit} bytes for {kind}"]})
-    item = Upload(id=str(uuid.uuid4()), api_key=api_key, data=data, content_type=content_type,
-                  kind=kind, ext=ext, created=now, expires=now + settings.upload_ttl)
-    state.uploads[item.id] = item
-    state.counters.uploads += 1
+    item = state.add_upload(owner=state.owner_of(api_key), data=data,
+                            content_type=content_type, kind=kind, ext=ext, now=now)
     return _json({
         "id": item.id,
         "url": f"{_base_url(request)}/cdn/uploads/{item.id}.{ext}",
@@ -527,8 +533,11 @@ async def sim_settings(request: Request) -> Response:
     if request.method == "POST":
         try:
             patch = json.loads(await request.body() or b"{}")
-            if not isinstance(patch, dict):
-                raise ValueError("expected a JSON object")
+        except ValueError as exc:
+            return _error(400, str(exc))
+        if not isinstance(patch, dict):
+            return _error(400, "expected a JSON object")
+        try:
             state.update_settings(settings_with(state.settings, patch))
         except ValueError as exc:
             return _error(400, str(exc))
@@ -546,8 +555,9 @@ async def sim_cancel(request: Request) -> Response:
     job = state.jobs.get(request.path_params["id"])
     if job is None:
         return _error(404, "Job not found")
-    state.cancel(job, state.clock())
-    return _json(state.job_json(job, state.clock(), _base_url(request)))
+    now = state.clock()
+    state.cancel(job, now)
+    return _json(state.job_json(job, now, _base_url(request)))
 
 
 # -- assembly ---------------------------------------------------------------------------------------
@@ -606,11 +616,18 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     return _error(code, "Not found" if code == 404 else "Method not allowed")
 
 
+async def _state_failure(request: Request, exc: Exception) -> Response:
+    """The state directory could not take a change: nothing changed, the client may retry."""
+    _log.error("simulator state: %s", exc)
+    return _error(500, "Internal server error")
+
+
 def create_app(
     settings: SimSettings | None = None,
     *,
     clock: Clock | None = None,
     webhook_transport: httpx.AsyncBaseTransport | None = None,
+    state_dir: str | os.PathLike[str] | None = None,
 ) -> Any:
     """The simulator as an ASGI app.
 
@@ -618,12 +635,30 @@ def create_app(
     limiter, so tests can move time by hand. ``webhook_transport`` replaces the HTTP transport
     used for webhook deliveries. The ``SimState`` is at ``app.state.sim``.
 
+    ``state_dir`` keeps the world (jobs, idempotency keys, credits, uploads, cancels, webhook
+    outcomes) in that directory, created if missing: every change is journaled before a client
+    sees it, and a new app on the same directory, in this process or a later one, continues
+    where the last one stopped, at the clock's current time (the default clock is wall time, so
+    jobs kept running while no simulator did). One simulator at a time holds a directory; a
+    new app in the same process takes it over from an older one. ``app.close()`` releases it.
+    Raises :class:`~batchflux.sim.SimStateError` for a directory it cannot use (another
+    process holds it, an unknown format version, a corrupt journal).
+
     >>> import httpx
     >>> app = create_app(SimSettings(job_seconds=0.5))
     >>> client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
     ...                            base_url="http://sim.local")
+    >>> kept = create_app(SimSettings(), state_dir="out/.batchflux/sim")  # survives restarts
     """
-    state = SimState(settings or SimSettings(), **({"clock": clock} if clock else {}))
+    settings = settings or SimSettings()
+    clock = clock or time.time
+    journal = StateJournal.open(Path(state_dir), now=clock()) if state_dir is not None else None
+    try:
+        state = SimState(settings, clock=clock, journal=journal)
+    except BaseException:
+        if journal is not None:
+            journal.close()
+        raise
     sender = WebhookSender(state, transport=webhook_transport)
 
     @asynccontextmanager
@@ -635,7 +670,8 @@ def create_app(
 
     routes = [Route(path, endpoint, methods=[method]) for method, path, endpoint in ROUTES]
     inner = Starlette(routes=routes, lifespan=lifespan,
-                      exception_handlers={404: _not_found, 405: _not_found})
+                      exception_handlers={404: _not_found, 405: _not_found,
+                                          SimStateError: _state_failure})
     inner.state.sim = state
     labels = {(method, endpoint): f"{method} {path}" for method, path, endpoint in ROUTES}
     outer = _Observe(inner, state, labels)
@@ -653,3 +689,8 @@ class _App:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._outer(scope, receive, send)
+
+    def close(self) -> None:
+        """Release the state directory, if the app has one (the in-memory world stays
+        readable; changes are refused from now on). Idempotent."""
+        self.sim.close()

@@ -203,5 +203,5 @@ def image_size(data: bytes) -> tuple[int, int] | None:
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.size
-    except Exception:  # any undecodable input: callers fall back to a default size
+    except Exception:  # noqa: BLE001 - Pillow raises many kinds; callers fall back to 1:1
         return None

@@ -6,16 +6,19 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 
 from .app import create_app
 from .faults import DropLogFilter
+from .persist import SimStateError
 from .settings import SimSettings, parse_spread
 
 
@@ -74,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--render", choices=("full", "fast"), default=d.render_mode,
       help="full: gradient + prompt text; fast: flat colour (default: %(default)s)")
     a("--log-level", default="info", help="uvicorn log level (default: %(default)s)")
+    a("--state-dir", type=Path, default=None, metavar="DIR",
+      help="keep the simulated world (jobs, idempotency keys, credits, uploads) in DIR, so "
+      "that a restarted simulator on the same DIR continues it (default: in memory only)")
     a("--access-log", action="store_true",
       help="log every request, one line each (off by default: a run of 3,000 items writes "
       "about 1 MB of them)")
@@ -125,11 +131,18 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"batchflux sim serve: {exc}")
         return 2
+    try:
+        app = create_app(settings, state_dir=args.state_dir)
+    except SimStateError as exc:
+        print(f"batchflux sim serve: {exc}", file=sys.stderr)
+        return 1
     _quiet_drops()
-    config = uvicorn.Config(create_app(settings), host=args.host, port=args.port,
-                            log_level=args.log_level, lifespan="on",
-                            access_log=args.access_log)
-    uvicorn.Server(config).run()
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            lifespan="on", access_log=args.access_log)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        app.close()
     return 0
 
 

@@ -10,10 +10,14 @@ arrives, and the sender counts it ``dropped``, as a provider whose request a pro
 would believe it delivered), or arrive twice (``webhook_dup_rate``). A receiver that answers
 other than 2xx, or cannot be reached, is retried ``webhook_retries`` times with backoff, then
 the job's ``webhookStatus`` is ``failed``.
+
+Payloads are signed with the API key, which the simulator keeps in memory only: a job replayed
+from a state directory gets its webhooks once a request with its key reached the new process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -23,6 +27,7 @@ import anyio
 import httpx
 
 from .settings import spread_bounds
+from .persist import SimStateError
 from .state import Job, SimState, iso_ms
 
 
@@ -79,11 +84,12 @@ class WebhookSender:
                 await anyio.sleep(self.state.settings.webhook_tick)
 
     def tick(self, tg: anyio.abc.TaskGroup, client: httpx.AsyncClient) -> None:
+        """Start a delivery for every job that owes events (and whose key is known)."""
         state = self.state
         now = state.clock()
         state.settle(now)
         for job in list(state.webhook_jobs.values()):
-            if job.wh_busy:
+            if job.wh_busy or state.api_key_for(job.owner) is None:
                 continue
             events = due_events(state, job, now)
             if events or job.wh_final:
@@ -99,8 +105,9 @@ class WebhookSender:
         finally:
             job.wh_busy = False
             if job.wh_final:
-                job.webhook_status = "failed" if job.wh_failed else "delivered"
-                self.state.webhook_jobs.pop(job.id, None)
+                # A released state directory keeps the job pending there.
+                with contextlib.suppress(SimStateError):
+                    self.state.settle_webhook(job, "failed" if job.wh_failed else "delivered")
 
     async def _post(self, client: httpx.AsyncClient, job: Job, payload: dict[str, Any]) -> bool:
         settings = self.state.settings
@@ -129,10 +136,12 @@ class WebhookSender:
         settings = self.state.settings
         counters = self.state.counters
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        api_key = self.state.api_key_for(job.owner)
+        assert api_key is not None  # tick() waits for it
         headers = {
             "Content-Type": "application/json",
             "X-Webhook-Event": payload["event"],
-            "X-Webhook-Signature": sign(job.api_key, body),
+            "X-Webhook-Signature": sign(api_key, body),
         }
         delay = settings.webhook_backoff
         assert job.webhook_url is not None

@@ -24,12 +24,14 @@ FIGURES_ENV = "BATCHFLUX_CHAOS_FIGURES"
 
 @dataclass(frozen=True, slots=True)
 class Profile:
-    """One repeatable fault profile: simulator settings and what the run must end with."""
+    """One repeatable fault profile: simulator settings, the API target's own settings
+    (keyword arguments of :class:`batchflux.config.Api`, e.g. ``timeouts``) and what the run
+    must end with."""
 
     name: str
     sim: dict[str, Any]
     expect_ok_only: bool = True
-    run: dict[str, Any] = field(default_factory=dict)
+    target: dict[str, Any] = field(default_factory=dict)
     check: Callable[..., None] | None = None
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from chaos_helpers import BASE, Profile, audit, log_figures
-from runner_helpers import API_KEY, load_results, write_manifest
+from runner_helpers import load_results, loopback, write_manifest
 
 from batchflux import batch
 from batchflux.apiframe import Timeouts
@@ -103,7 +103,7 @@ PROFILES = [
     Profile("5xx-20pct", {"error_rate": 0.2}, check=check_5xx),
     Profile("dropped-connections-10pct", {"drop_rate": 0.1}, check=check_drops),
     Profile("read-timeouts", {"stall_rate": 0.15, "stall_seconds": 1.5},
-            run={"timeouts": Timeouts(connect=5.0, read=0.5)}, check=check_timeouts),
+            target={"timeouts": Timeouts(connect=5.0, read=0.5)}, check=check_timeouts),
     Profile("429-storm-long-retry-after", {"storm_seconds": 1.0, "storm_retry_after": 2},
             check=check_storm),
     Profile("truncated-and-corrupt-images", {"truncate_rate": 0.2, "corrupt_rate": 0.2},
@@ -116,7 +116,7 @@ PROFILES = [
             {"error_rate": 0.1, "drop_rate": 0.05, "truncate_rate": 0.1, "corrupt_rate": 0.05,
              "fail_rate": 0.2, "stall_rate": 0.05, "stall_seconds": 1.5, "rps": 40,
              "max_inflight": 6},
-            run={"timeouts": Timeouts(connect=5.0, read=0.5)}, expect_ok_only=False,
+            target={"timeouts": Timeouts(connect=5.0, read=0.5)}, expect_ok_only=False,
             check=check_mixed),
 ]
 
@@ -127,9 +127,8 @@ async def test_fault_profile_ends_clean(tmp_path: Path, profile: Profile) -> Non
     out = tmp_path / "out"
     app = create_app(replace(BASE, **profile.sim))
     with serve_in_thread(app=app) as base_url:
-        result = await batch.run_batch_async(
-            manifest, out_dir=out, api_key=API_KEY, base_url=base_url, options=OPTIONS,
-            **profile.run)
+        result = await batch.run_batch_async(manifest, replace(OPTIONS, out_dir=out),
+                                             target=loopback(base_url, **profile.target))
         stats = httpx.get(f"{base_url}/_sim/stats").json()
     records, summary = audit(out, expected_items=ITEMS)
     assert stats["duplicate_jobs"] == 0, stats
@@ -154,20 +153,20 @@ async def test_credits_running_out_halfway_stops_cleanly_and_resume_pays_once(
     app = create_app(replace(BASE, credits=affordable * BASE.cost_per_image,
                              error_rate=0.1, fault_seed=5))
     with serve_in_thread(app=app) as base_url:
-        common = {"out_dir": out, "api_key": API_KEY, "base_url": base_url, "options": OPTIONS}
+        options, target = replace(OPTIONS, out_dir=out), loopback(base_url)
         with pytest.raises(RunAborted) as caught:
-            await batch.run_batch_async(manifest, **common)
+            await batch.run_batch_async(manifest, options, target=target)
         assert caught.value.exit_code == 1
         assert "credits" in str(caught.value)
         partial = load_results(out)
         # Every job that was paid for finished and was recorded; nothing is marked failed
         # for want of credits (those items were never started).
         assert [r["status"] for r in partial] == ["ok"] * affordable
-        summary = caught.value.result.summary  # type: ignore[attr-defined]
+        summary = caught.value.summary
         assert summary["stop_reason"] and "credits" in summary["stop_reason"]
         assert summary["counts"]["ok"] == affordable and summary["counts"]["failed"] == 0
         httpx.post(f"{base_url}/_sim/settings", json={"credits": 100_000})  # a top-up
-        resumed = await batch.run_batch_async(manifest, **common)
+        resumed = await batch.run_batch_async(manifest, options, target=target)
         stats = httpx.get(f"{base_url}/_sim/stats").json()
     assert resumed.exit_code == 0
     records, summary = audit(out, expected_items=ITEMS)

@@ -1,0 +1,71 @@
+"""Reroll (issue 15): a new image for each rejected one, paid exactly once per rejection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from runner_helpers import check_run_directory, inprocess, load_results, write_manifest
+
+from batchflux import batch
+from batchflux.cli import main
+from batchflux.models import RunOptions
+from batchflux.reroll import reroll_seed
+from batchflux.reviewapp.decisions import append_decision
+from batchflux.sim import SimSettings, create_app
+
+FAST = SimSettings(job_seconds=0.1, queue_seconds=0.0, render_mode="fast", credits=100_000)
+
+
+async def test_reroll_pays_once_per_rejected_image_and_chains(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = write_manifest(tmp_path, prompts=2, seeds=2, aspects=("1:1",))  # 4 items
+    out = tmp_path / "out"
+    app = create_app(FAST)
+    target = inprocess(app)
+
+    def jobs() -> int:
+        return int(app.state.sim.counters.jobs_created)
+
+    await batch.run_batch_async(manifest, RunOptions(out_dir=out), target=target)
+    originals = {r["key"]: r for r in load_results(out)}
+    rejected = sorted(originals)[:2]
+    for key in rejected:
+        append_decision(out, key, "reject")
+    append_decision(out, sorted(originals)[2], "accept")
+
+    # plan shows the count and the cost first, and spends nothing.
+    assert main(["plan", str(manifest), "--out", str(out), "--reroll", "rejected",
+                 "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert (planned["rerolls"], planned["to_run"], planned["estimated_cost"]) == (2, 2, 4.0)
+    assert jobs() == 4
+
+    reroll = RunOptions(out_dir=out, reroll="rejected")
+    result = await batch.run_batch_async(manifest, reroll, target=target)
+    assert result.exit_code == 0 and jobs() == 4 + 2
+    rerolls = [r for r in load_results(out) if r.get("reroll_of")]
+    assert sorted(r["reroll_of"] for r in rerolls) == rejected
+    for record in rerolls:
+        original = originals[record["reroll_of"]]
+        assert record["attempt"] == 1 and record["status"] == "ok"
+        assert record["prompt"] == original["prompt"] and record["prompt_id"] == original["prompt_id"]
+        assert record["seed"] == reroll_seed(original["key"], 1) != original["seed"]
+        assert record["key"] != original["key"] and record["index"] >= 4
+    check_run_directory(out, expected_items=6)
+
+    again = await batch.run_batch_async(manifest, reroll, target=target)
+    assert again.exit_code == 0 and jobs() == 6  # the same rerolls again: nothing new to pay
+
+    # The first reroll of the first rejected item is rejected in turn: attempt 2 of it.
+    first = next(r for r in rerolls if r["reroll_of"] == rejected[0])
+    append_decision(out, first["key"], "reject")
+    await batch.run_batch_async(manifest, reroll, target=target)
+    assert jobs() == 7
+    second = [r for r in load_results(out) if r.get("reroll_of") == rejected[0]
+              and r.get("attempt") == 2]
+    assert len(second) == 1 and second[0]["seed"] == reroll_seed(rejected[0], 2)
+    # Without --reroll, the run is the manifest alone: nothing to do, nothing paid.
+    plain = await batch.run_batch_async(manifest, RunOptions(out_dir=out), target=target)
+    assert plain.exit_code == 0 and jobs() == 7
