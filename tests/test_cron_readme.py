@@ -135,8 +135,8 @@ def test_the_readme_crontab_line_is_the_file() -> None:
     assert block.strip() in (DEPLOY / "crontab").read_text().splitlines()
 
 
-def test_the_readme_systemd_snippet_matches_the_units() -> None:
-    (block,) = code_blocks(section("Scheduled runs"), "ini")
+def test_the_systemd_snippet_of_docs_cron_matches_the_units() -> None:
+    (block,) = code_blocks((ROOT / "docs" / "cron.md").read_text(encoding="utf-8"), "ini")
     service = configparser.ConfigParser(interpolation=None, strict=False)
     service.read_string((DEPLOY / "batchflux-nightly.service").read_text())
     timer = configparser.ConfigParser(interpolation=None, strict=False)
@@ -146,8 +146,8 @@ def test_the_readme_systemd_snippet_matches_the_units() -> None:
             assert value in block, key
 
 
-def test_the_readme_kubernetes_snippet_matches_the_file() -> None:
-    (block,) = code_blocks(section("More than one machine"), "text")
+def test_the_kubernetes_snippet_of_docs_sharding_matches_the_file() -> None:
+    (block,) = code_blocks((ROOT / "docs" / "sharding.md").read_text(encoding="utf-8"), "yaml")
     shown = yaml.safe_load(block)
     real = yaml.safe_load((DEPLOY / "k8s-indexed-job.yaml").read_text())
     for key in ("completionMode", "completions", "parallelism"):
