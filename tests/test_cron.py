@@ -133,7 +133,7 @@ def test_a_plan_over_the_budget_is_refused_before_any_submit(tmp_path: Path) -> 
     done = cli("run", str(manifest), *SIM, "--out", str(out), "--budget", "10")
     assert done.returncode == 1
     assert "about 16 credits for 8 items" in done.stderr and "over the budget of 10" in done.stderr
-    assert not (out / "results.jsonl").read_text()
+    assert not out.exists()  # refused before anything was created
     done = cli("run", str(manifest), *SIM, "--out", str(out), "--max-items", "5")
     assert done.returncode == 2 and "8 items, over the limit of 5" in done.stderr
 
