@@ -9,9 +9,11 @@ The API key travels only in the ``X-API-Key`` header and only to the API base UR
 images (a CDN host on the real service) are fetched without it, and only from hosts the
 download policy allows. The key never appears in a URL, a log line or an error message.
 
->>> async with ApiframeClient(api_key=key) as api:          # doctest: +SKIP
-...     accepted = await api.submit(body, idempotency_key=item.idempotency_key)
-...     job = await api.get_job(accepted.job_id)
+In a coroutine::
+
+    async with ApiframeClient(api_key=key) as api:
+        accepted = await api.submit(body, idempotency_key=item.idempotency_key)
+        job = await api.get_job(accepted.job_id)
 """
 
 from __future__ import annotations

@@ -13,8 +13,10 @@ The item lifecycle (:mod:`batchflux.lifecycle`) hands each accepted job to a
   net for an event that never comes; when no webhook arrives at all, it polls as
   :class:`PollingCompletion` does.
 
->>> source = PollingCompletion(fetch=fetch, timings=JobTimings())       # doctest: +SKIP
->>> state = await source.wait(Waiting("3f2b8c1e-...", submitted=now, deadline=now + 600))
+In the lifecycle (``fetch`` is one ``GET /v2/jobs/{id}`` with the run's retries)::
+
+    source = PollingCompletion(fetch=fetch, timings=JobTimings())
+    state = await source.wait(Waiting(job_id, submitted=now, deadline=now + 600))
 """
 
 from __future__ import annotations

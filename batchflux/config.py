@@ -90,6 +90,11 @@ class RunConfig:
     many of the items still to do (the first ones, in manifest order); ``fill_budget`` runs as
     many of them as ``budget`` pays for; ``reroll`` (``"rejected"``) adds a new image for each
     item whose latest image was rejected in review (:mod:`batchflux.reroll`).
+
+    >>> from batchflux import RunOptions, load_job, resolve_config
+    >>> config = resolve_config(load_job("jobs/nightly.yaml"), RunOptions(concurrency=16))
+    >>> config.jobs, config.budget, config.out_dir.as_posix()
+    (16, 40.0, 'out/nightly')
     """
 
     out_dir: Path
@@ -126,6 +131,12 @@ class Simulator:
     ``settings`` replaces its defaults (a :class:`batchflux.sim.SimSettings`); ``job_seconds``
     sets how long its jobs take (default 2 s, so a first run is quick); ``credits`` its balance
     (default: enough that it never limits a trial).
+
+    >>> from batchflux import RunOptions, Simulator, run_batch
+    >>> quick = Simulator(job_seconds=0.1)       # jobs of 0.1 s instead of 2 s
+    >>> result = run_batch("jobs/nightly.yaml", RunOptions(out_dir="out/quick"), target=quick)
+    >>> result.simulated, result.summary["counts"]["ok"]
+    (True, 12)
     """
 
     settings: SimSettings | None = None
@@ -141,6 +152,15 @@ class Api:
     refused off loopback unless ``allow_insecure``; result images are fetched only from the
     API host, ``*.apiframe.ai`` over https and ``allowed_download_hosts``. ``transport``
     replaces httpx's (tests: ``httpx.ASGITransport``, ``httpx.MockTransport``).
+
+    >>> from batchflux import Api, run_batch
+    >>> api = Api("afk_example", base_url="http://127.0.0.1:8000")   # e.g. batchflux sim serve
+    >>> api.base_url, "afk_example" in repr(api)
+    ('http://127.0.0.1:8000', False)
+    >>> run_batch("jobs/nightly.yaml", target=Api("afk_x", base_url="http://api.example.com"))
+    Traceback (most recent call last):
+    ...
+    batchflux.errors.ConfigError: ...
     """
 
     api_key: str = field(repr=False)
@@ -161,6 +181,15 @@ def resolve_config(spec: JobSpec | None, options: RunOptions | None = None, *,
     Raises :class:`~batchflux.errors.UsageError` naming the setting (in ``wording``: a flag on
     the command line, an argument in the library) for any value out of range, an unknown
     choice, or a file-name template that cannot name every item's files apart.
+
+    >>> from batchflux import RunOptions, load_job, resolve_config
+    >>> spec = load_job("jobs/nightly.yaml")
+    >>> resolve_config(spec).budget, resolve_config(spec, RunOptions(budget=5)).budget
+    (40.0, 5)
+    >>> resolve_config(spec, RunOptions(filename_template="{bogus}.{ext}"))
+    Traceback (most recent call last):
+    ...
+    batchflux.errors.UsageError: ...
     """
     merged = DEFAULT_RUN_OPTIONS
     if spec is not None:

@@ -183,6 +183,11 @@ def export_dataset(out_dir: str | os.PathLike[str], fmt: str, *,
     Raises :class:`~batchflux.errors.IntegrityError` when an image is missing or does not
     match its sha256, :class:`~batchflux.errors.UsageError` for a bad format or directory, or
     an ``only`` that keeps nothing.
+
+    >>> from batchflux import export_dataset
+    >>> export = export_dataset("out/nightly", "hf")
+    >>> export.path.as_posix(), export.rows
+    ('out/nightly/dataset/hf', 12)
     """
     out = Path(out_dir)
     if only is not None:

@@ -45,7 +45,15 @@ EXIT_SIGTERM = 143
 
 
 class BatchfluxError(Exception):
-    """Base class for every error batchflux raises on purpose."""
+    """Base class for every error batchflux raises on purpose.
+
+    >>> from batchflux import BatchfluxError, load_job
+    >>> try:
+    ...     load_job("jobs/no-such-manifest.yaml")
+    ... except BatchfluxError as exc:
+    ...     print(type(exc).__name__, exc.exit_code)
+    ManifestError 65
+    """
 
     exit_code: int = EXIT_ITEMS_FAILED
 
@@ -55,23 +63,64 @@ class UsageError(BatchfluxError):
 
 
 class ConfigError(BatchfluxError):
+    """The environment or a setting outside the manifest is wrong (a key the client refuses, a
+    base URL, a port that is taken): exit 78, nothing spent.
+
+    >>> from batchflux import Api, ConfigError, run_batch
+    >>> try:
+    ...     run_batch("jobs/nightly.yaml", target=Api("afk_x", base_url="http://api.example.com"))
+    ... except ConfigError as exc:
+    ...     print(exc.exit_code)
+    78
+    """
+
     exit_code = EXIT_CONFIG
 
 
 class OutputLockedError(BatchfluxError):
+    """Another process holds the run directory's lock (it names the holder's pid): exit 75.
+
+    >>> from batchflux import OutputLockedError
+    >>> OutputLockedError.exit_code    # EX_TEMPFAIL: cron and systemd try again later
+    75
+    """
+
     exit_code = EXIT_TEMPFAIL
 
 
 class IntegrityError(BatchfluxError):
     """A file a result line lists is missing, or its content is not what the line recorded
     (sha256). Raised before anything is copied on from it; ``batchflux verify OUT --fix``
-    moves such files aside so that the next ``batchflux run`` fetches them again."""
+    moves such files aside so that the next ``batchflux run`` fetches them again.
+
+    >>> import shutil
+    >>> from pathlib import Path
+    >>> from batchflux import IntegrityError, export_dataset, read_results
+    >>> _ = shutil.copytree("out/nightly", "out/damaged")
+    >>> image = Path("out/damaged", read_results("out/damaged").ordered()[0].files[0].path)
+    >>> _ = image.write_bytes(image.read_bytes()[:-1] + b"?")    # one byte changed
+    >>> try:
+    ...     export_dataset("out/damaged", "hf")
+    ... except IntegrityError as exc:
+    ...     print(exc.exit_code, "sha256" in str(exc))
+    65 True
+    """
 
     exit_code = EXIT_DATAERR
 
 
 class ManifestError(BatchfluxError):
-    """A manifest is invalid. Carries every diagnostic found, sorted."""
+    """A manifest is invalid. Carries every diagnostic found, sorted.
+
+    >>> from pathlib import Path
+    >>> from batchflux import ManifestError, load_job
+    >>> _ = Path("bad.yaml").write_text("version: 1\\nmodel: flux-2-dev\\nprompts: [{text: 7}]")
+    >>> try:
+    ...     load_job("bad.yaml")
+    ... except ManifestError as exc:
+    ...     print(exc.diagnostics[0])
+    bad.yaml:3:...
+    """
 
     exit_code = EXIT_DATAERR
 
@@ -86,6 +135,12 @@ class ApiError(BatchfluxError):
     ``category`` says what kind of failure it was and ``retryable`` whether trying the same
     request again can help. ``retry_after`` is the server's ``Retry-After`` in seconds, if any.
     The message never contains the API key.
+
+    >>> from batchflux import ApiError, ErrorCategory
+    >>> error = ApiError("429 Too Many Requests", category=ErrorCategory.RATE_LIMITED,
+    ...                  retryable=True, retry_after=2.0)
+    >>> error.category.value, error.retryable, error.retry_after
+    ('rate_limited', True, 2.0)
     """
 
     def __init__(
@@ -133,6 +188,15 @@ class RunAborted(BatchfluxError):
     ``summary`` is the run's summary.json as it was written (None when the run stopped
     before it started), ``out_dir`` its output directory, ``simulated`` whether it ran on
     the built-in simulator.
+
+    >>> from batchflux import RunAborted, RunOptions, Simulator, run_batch
+    >>> try:
+    ...     run_batch("jobs/nightly.yaml", RunOptions(out_dir="out/broke"),
+    ...               target=Simulator(job_seconds=0.1, credits=10))
+    ... except RunAborted as exc:
+    ...     print(exc.exit_code, exc.summary["counts"]["ok"])
+    ... 
+    1 5
     """
 
     def __init__(self, message: str, *, category: ErrorCategory | None = None,

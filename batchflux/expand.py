@@ -166,7 +166,13 @@ def expand_entry(
 
 
 def expand_job(spec: JobSpec) -> Iterator[WorkItem]:
-    """Every work item of ``spec``, lazily, in expansion order (``index`` 0, 1, 2, ...)."""
+    """Every work item of ``spec``, lazily, in expansion order (``index`` 0, 1, 2, ...).
+
+    >>> from batchflux import expand_job, load_job
+    >>> items = expand_job(load_job("jobs/nightly.yaml"))
+    >>> [(item.prompt_id, item.params["seed"]) for item in items][:3]
+    [('lighthouse', 11), ('lighthouse', 22), ('market', 11)]
+    """
     index = 0
     for entry in spec.entries:
         yield from expand_entry(entry, model=spec.model, image_hashes=spec.image_hashes,
@@ -175,7 +181,12 @@ def expand_job(spec: JobSpec) -> Iterator[WorkItem]:
 
 
 def count_items(spec: JobSpec) -> int:
-    """How many items ``spec`` expands to, by arithmetic (nothing is expanded)."""
+    """How many items ``spec`` expands to, by arithmetic (nothing is expanded).
+
+    >>> from batchflux import count_items, load_job
+    >>> count_items(load_job("jobs/nightly.yaml"))    # 5 prompts x 2 seeds, one in 2 aspects
+    12
+    """
     return sum(entry.size for entry in spec.entries)
 
 

@@ -43,8 +43,9 @@ class TokenBucket:
 
     ``rate_per_second=None`` (or ``math.inf``) means unlimited: :meth:`acquire` returns at once.
 
+    >>> import anyio
     >>> bucket = TokenBucket(500 / 60, burst=5)   # 500 requests per minute
-    >>> await bucket.acquire()                     # doctest: +SKIP
+    >>> anyio.run(bucket.acquire)                 # a token is there: at once
     """
 
     __slots__ = ("_burst_span", "_clock", "_generation", "_interval", "_next_due", "_sleep",
@@ -488,7 +489,14 @@ class CapDetector:
     settled, and reports a cap when ``agree`` of them in a row found the same number.
 
     >>> caps = CapDetector()
-    >>> caps.limited(10.0); caps.job(8.0, 12.0)             # doctest: +SKIP
+    >>> for n, second in enumerate((10.0, 12.0, 14.0)):   # three 429s, two jobs running at each
+    ...     caps.started(2 * n, at=second - 1.0)
+    ...     caps.started(2 * n + 1, at=second - 0.5)
+    ...     caps.limited(second)
+    ...     caps.ended(2 * n, second + 1.0)
+    ...     caps.ended(2 * n + 1, second + 1.0)
+    >>> caps.cap(now=30.0)
+    2
     """
 
     def __init__(self, *, agree: int = 3, gap: float = 1.0, size: int = 4096) -> None:

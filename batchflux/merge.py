@@ -106,7 +106,16 @@ def merge_runs(sources: Iterable[str | os.PathLike[str]], into: str | os.PathLik
     """Merge run directories ``sources`` into ``into`` (created if missing). See the module
     docstring. Raises :class:`MergeError`, :class:`~batchflux.errors.IntegrityError` or
     :class:`~batchflux.errors.UsageError`. Each unreadable results line is in the report's
-    ``bad_lines`` and is also passed to ``on_bad_line`` as it is met."""
+    ``bad_lines`` and is also passed to ``on_bad_line`` as it is met.
+
+    >>> from batchflux import RunOptions, Shard, Simulator, merge_runs, run_batch
+    >>> for index in range(2):
+    ...     _ = run_batch("jobs/nightly.yaml", RunOptions(out_dir=f"out/part-{index}",
+    ...                   shard=f"{index}/2"), target=Simulator(job_seconds=0.1))
+    >>> report = merge_runs(["out/part-0", "out/part-1"], "out/merged")
+    >>> report.items, report.ok, report.failed
+    (12, 12, 0)
+    """
     target = Path(into)
     paths = [Path(s) for s in sources]
     if not paths:

@@ -45,7 +45,14 @@ FLUX_MODELS: tuple[str, ...] = (
 
 
 class ErrorCategory(str, enum.Enum):
-    """Why an item (or one request) failed. Each has a retryable default and an explanation."""
+    """Why an item (or one request) failed. Each has a retryable default and an explanation.
+
+    >>> from batchflux import ErrorCategory
+    >>> ErrorCategory("rate_limited").retryable, ErrorCategory.AUTH.retryable
+    (True, False)
+    >>> ErrorCategory.EXPIRED.explanation
+    "the job's images were purged before they could be downloaded"
+    """
 
     INVALID_REQUEST = "invalid_request"
     AUTH = "auth"
@@ -158,7 +165,13 @@ class ErrorInfo:
 @dataclass(frozen=True, slots=True)
 class FileRecord:
     """One stored image of an item: where it is (relative to the output directory, with
-    ``/``), its sha256 and size, and how it was verified (``decode`` or ``structure``)."""
+    ``/``), its sha256 and size, and how it was verified (``decode`` or ``structure``).
+
+    >>> from batchflux import read_results
+    >>> image = read_results("out/nightly").ordered()[0].files[0]
+    >>> image.check, len(image.sha256), image.bytes > 0
+    ('decode', 64, True)
+    """
 
     path: str
     sha256: str
@@ -217,9 +230,12 @@ class Result:
     job cost; ``replayed`` says the API answered with a job this run did not create (it did not
     pay); ``duplicate_of`` is set on an item whose request is an earlier item's (same key).
 
-    >>> result = Result.from_json(line)                                  # doctest: +SKIP
-    >>> result.ok, result.files[0].path                                  # doctest: +SKIP
-    (True, 'images/mug/1x1/e1a6e9353803_1000.png')
+    >>> from batchflux import read_results
+    >>> result = read_results("out/nightly").ordered()[0]
+    >>> result.ok, result.prompt_id, result.seed, result.files[0].path
+    (True, 'lighthouse', 11, 'images/lighthouse/11_16x9_....webp')
+    >>> type(result).from_json(result.to_json()) == result
+    True
     """
 
     key: str
@@ -391,6 +407,11 @@ class WorkItem:
     ``key`` is the hex sha256 of the canonical request (model, prompt, params, with local files
     replaced by their content hash). It names the item's files, joins it to its result line
     and derives its ``Idempotency-Key``; adding items to a manifest never changes it.
+
+    >>> from batchflux import expand_job, load_job
+    >>> item = next(expand_job(load_job("jobs/nightly.yaml")))
+    >>> item.index, item.prompt_id, item.params["seed"], item.params["aspect_ratio"], len(item.key)
+    (0, 'lighthouse', 11, '16:9', 64)
     """
 
     index: int
@@ -453,6 +474,12 @@ class RunOptions:
 
     ``None`` means "not set here": the next layer (caller > manifest > default) decides.
     :func:`batchflux.config.resolve_config` merges the layers and checks them.
+
+    >>> from batchflux import RunOptions
+    >>> RunOptions(budget=40).merged(RunOptions(budget=10, concurrency=8)).budget
+    10
+    >>> RunOptions(budget=40).merged(RunOptions(concurrency=8)).budget    # None: not set here
+    40
     """
 
     out_dir: str | Path | None = None
@@ -588,6 +615,11 @@ class JobSpec:
     merge with ``DEFAULT_RUN_OPTIONS.merged(spec.options).merged(cli_options)``.
     ``image_hashes`` maps each local reference image (absolute path) to
     ``"sha256:<hex>"`` of its content; ``warnings`` are non-fatal findings for ``plan``.
+
+    >>> from batchflux import load_job
+    >>> spec = load_job("jobs/nightly.yaml")
+    >>> spec.path.name, [entry.prompt_id for entry in spec.entries][:3]
+    ('nightly.yaml', ['lighthouse', 'market', 'cabin'])
     """
 
     path: Path

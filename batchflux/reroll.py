@@ -16,7 +16,11 @@ asks for the same image every time and a resumed reroll is never paid twice. A r
 key is the hash of its own request, like any item's; it joins its original through
 ``reroll_of``.
 
->>> extra = list(reroll_items(expand_job(spec), out_dir))     # doctest: +SKIP
+>>> from batchflux import expand_job, load_job
+>>> spec = load_job("jobs/nightly.yaml")
+>>> list(reroll_items(expand_job(spec), "out/nightly", image_hashes=spec.image_hashes,
+...                   first_index=12))    # nothing rejected yet: nothing to reroll
+[]
 """
 
 from __future__ import annotations

@@ -11,9 +11,13 @@ For each item key one line counts: an ``ok`` line beats a failed one, and a late
 earlier one of the same kind (the rule a resumed run follows: an ok item is never redone, a
 failure retried later is replaced by its newer outcome).
 
-    >>> results = read_results("out")                       # doctest: +SKIP
-    >>> len(results.records), [str(b) for b in results.bad_lines]    # doctest: +SKIP
-    (120, ['out/results.jsonl:41: not valid JSON; line skipped'])
+    >>> import shutil
+    >>> _ = shutil.copytree("out/nightly", "out/torn")
+    >>> with open("out/torn/results.jsonl", "a") as results_file:
+    ...     _ = results_file.write("{not json\\n")
+    >>> results = read_results("out/torn")
+    >>> len(results.records), [str(b) for b in results.bad_lines]
+    (12, ['out/torn/results.jsonl:13: ...'])
 """
 
 from __future__ import annotations
@@ -76,7 +80,13 @@ def choose(chosen: dict[str, Result], record: Result) -> bool:
 def read_results(out_dir: str | os.PathLike[str], *,
                  on_bad_line: OnBadLine | None = None) -> RunResults:
     """The final result of every item in ``out_dir`` (see the module doc). Every skipped line
-    is in ``bad_lines``, and also passed to ``on_bad_line`` when given, as it is met."""
+    is in ``bad_lines``, and also passed to ``on_bad_line`` when given, as it is met.
+
+    >>> from batchflux import read_results
+    >>> results = read_results("out/nightly")
+    >>> len(results.records), results.bad_lines, results.ordered()[0].prompt_id
+    (12, (), 'lighthouse')
+    """
     out = Path(out_dir)
     bad: list[BadLine] = []
 

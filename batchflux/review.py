@@ -14,9 +14,10 @@ review app (``batchflux review``, :mod:`batchflux.reviewapp`) both show a run th
 
 Everything here works on :class:`~batchflux.models.Result` records.
 
->>> groups = prompt_groups(read_results("out").ordered())       # doctest: +SKIP
->>> [(g.prompt_id, len(g.records), dict(g.common)) for g in groups]    # doctest: +SKIP
-[('mug', 8, {'go_fast': True, 'output_format': 'webp', 'output_quality': 90})]
+>>> from batchflux import read_results
+>>> groups = prompt_groups(read_results("out/nightly").ordered())
+>>> [(g.prompt_id, len(g.records), dict(g.common)) for g in groups][0]
+('lighthouse', 2, {...})
 """
 
 from __future__ import annotations

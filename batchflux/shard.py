@@ -35,7 +35,14 @@ def shard_of(key: str, count: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Shard:
-    """Shard ``index`` of ``count`` (``0 <= index < count``)."""
+    """Shard ``index`` of ``count`` (``0 <= index < count``).
+
+    >>> from batchflux import Shard, expand_job, load_job
+    >>> items = list(expand_job(load_job("jobs/nightly.yaml")))
+    >>> shards = [Shard(index, 3) for index in range(3)]
+    >>> sum(len([i for i in items if shard.contains(i.key)]) for shard in shards), shards[1].label
+    (12, '1/3')
+    """
 
     index: int
     count: int

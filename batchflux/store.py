@@ -486,9 +486,12 @@ class DirectoryLock:
     file after locking, only so that the refusal can name it; nothing is decided from it.
     The file is never unlinked (a holder and a newcomer could then lock different inodes).
 
-    >>> lock = DirectoryLock(Path("out/.batchflux/lock"))  # doctest: +SKIP
-    >>> with lock:                                           # doctest: +SKIP
-    ...     ...  # the directory is ours
+    >>> lock = DirectoryLock(Path("out/nightly/.batchflux/lock"))
+    >>> with lock:
+    ...     DirectoryLock(Path("out/nightly/.batchflux/lock")).acquire()
+    Traceback (most recent call last):
+    ...
+    batchflux.errors.OutputLockedError: ...
     """
 
     def __init__(self, path: Path) -> None:

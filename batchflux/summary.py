@@ -5,10 +5,12 @@ only counters and a bounded list of latencies, so a run of a million items talli
 memory. :meth:`Tally.to_json` is the part of ``summary.json`` (and of ``report --json``) that
 depends on the records alone; a run adds what only it knows (requests, limits, timings).
 
+>>> from batchflux import read_results
 >>> tally = Tally()
->>> for result in results: tally.add(result)                     # doctest: +SKIP
->>> tally.to_json()["counts"]                                     # doctest: +SKIP
-{'ok': 46, 'failed': 2}
+>>> for result in read_results("out/nightly").ordered():
+...     tally.add(result)
+>>> tally.to_json()["counts"]
+{...'ok': 12...}
 """
 
 from __future__ import annotations

@@ -19,9 +19,14 @@ variables, seed, key). With ``fix=True`` every file that fails is moved into
 that two result lines share is moved only when it matches neither. ``--fix`` holds the
 directory lock while it moves files, so it never races a run.
 
-    >>> report = verify_run("out")                          # doctest: +SKIP
-    >>> report.ok, report.files, [str(p) for p in report.problems]   # doctest: +SKIP
-    (False, 120, ['images/p0/58d6..._3_1x1.webp: sha256 differs (...); item p0 1:1 seed 3 ...'])
+    >>> import shutil
+    >>> from pathlib import Path
+    >>> _ = shutil.copytree("out/nightly", "out/damaged")
+    >>> first = next(Path("out/damaged/images/lighthouse").iterdir())
+    >>> _ = first.write_bytes(first.read_bytes() + b"?")
+    >>> report = verify_run("out/damaged")
+    >>> report.ok, report.files, [str(p) for p in report.problems]
+    (False, 12, ['images/lighthouse/...: ...'])
 """
 
 from __future__ import annotations
@@ -81,7 +86,13 @@ class FileProblem:
 
 @dataclass(frozen=True, slots=True)
 class VerifyReport:
-    """What :func:`verify_run` found."""
+    """What :func:`verify_run` found.
+
+    >>> from batchflux import verify_run
+    >>> report = verify_run("out/nightly")
+    >>> report.ok, report.problems, report.fixed
+    (True, (), False)
+    """
 
     out_dir: Path
     items: int  # ok items checked
@@ -203,6 +214,11 @@ def verify_run(out_dir: str | os.PathLike[str], *, fix: bool = False,
     ``fix``); ``on_bad_line`` with each results line that could not be read. Raises
     :class:`~batchflux.errors.UsageError` when ``out_dir`` is not a run directory, and
     :class:`~batchflux.errors.OutputLockedError` when ``fix`` meets a run in progress.
+
+    >>> from batchflux import verify_run
+    >>> report = verify_run("out/nightly")
+    >>> report.ok, report.items, report.files
+    (True, 12, 12)
     """
     out = Path(out_dir)
     if not (out / RESULTS_NAME).is_file():

@@ -51,8 +51,8 @@ def load_job(path: str | os.PathLike[str], *, max_items: int | None = None) -> J
     ``DEFAULT_RUN_OPTIONS.max_items``). Raises :class:`~batchflux.errors.ManifestError`
     carrying every diagnostic found, sorted; never a traceback for bad input.
 
-        >>> spec = load_job("jobs/product-photos.yaml")          # doctest: +SKIP
-        >>> spec.entries[0].prompt_id, sum(entry.size for entry in spec.entries)  # doctest: +SKIP
+        >>> spec = load_job("jobs/product-photos.yaml")
+        >>> spec.entries[0].prompt_id, sum(entry.size for entry in spec.entries)
         ('mug', 48)
     """
     manifest = Path(path)

@@ -13,8 +13,12 @@ of the review. Each line is written whole, at once, under two locks: an in-proce
 interleave or tear lines. A torn last line (a crash mid-write) is skipped by the reader and
 closed off by the next append.
 
->>> decisions = read_decisions("out/product-photos")      # doctest: +SKIP
->>> [k for k, d in decisions.items() if d.state == "accepted"]  # doctest: +SKIP
+>>> from batchflux import read_results
+>>> first = read_results("out/nightly").ordered()[0].key
+>>> _ = append_decision("out/nightly", first, "accept")
+>>> decisions = read_decisions("out/nightly")
+>>> [k for k, d in decisions.items() if d.state == "accepted"] == [first]
+True
 
 This module imports nothing from the web app: exports and reports use it too.
 """

@@ -203,9 +203,11 @@ _OPEN: dict[Path, StateJournal] = {}
 class StateJournal:
     """An open state directory: the lock, the append descriptor, the upload files.
 
-    >>> journal = StateJournal.open(Path("out/.batchflux/sim"), now=time.time())
+    >>> import time
+    >>> journal = StateJournal.open(Path("sim-state"), now=time.time())
     >>> for record in journal.records(): ...   # replay, once, before the first append
     >>> journal.append(CreditsSet(at=time.time(), balance=1000))
+    >>> journal.close()
     """
 
     def __init__(self, directory: Path, lock_fd: int, append_fd: int, size: int) -> None:

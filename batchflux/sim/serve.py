@@ -157,8 +157,10 @@ def serve_in_thread(
 ) -> Iterator[str]:
     """Run the simulator with uvicorn in a background thread; yield its base URL.
 
+    >>> import httpx
     >>> with serve_in_thread(SimSettings(job_seconds=0.2)) as base_url:
-    ...     ...  # e.g. httpx.get(f"{base_url}/v2/models")
+    ...     httpx.get(f"{base_url}/v2/me", headers={"X-API-Key": "afk_x"}).json()["team"]["credits"]
+    1000
 
     ``app`` serves an app you built yourself (``create_app(...)``, to keep a handle on its
     ``state.sim``); otherwise one is created from ``settings``. Port 0 picks a free port.
