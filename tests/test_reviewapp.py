@@ -30,7 +30,13 @@ import httpx
 import jsonschema
 import pytest
 from PIL import Image
-from runner_helpers import load_imagefolder, load_results, review_run
+from runner_helpers import (
+    Rerolled,
+    load_imagefolder,
+    load_results,
+    rerolled_run,
+    review_run,
+)
 
 from batchflux.cli import build_parser, main
 from batchflux.dataset import export_dataset
@@ -365,6 +371,63 @@ def test_items_a_resumed_run_adds_meanwhile_appear_without_a_restart(served: str
     assert httpx.get(served + "/api/run").json()["run"]["items"] == before + 1
     assert httpx.post(served + "/api/decisions",
                       json={"key": "f" * 64, "decision": "accept"}).status_code == 200
+
+
+# --------------------------------------------------------------------------------------------
+# Rerolls (run --reroll rejected) in the app
+
+
+@pytest.fixture(scope="module")
+def rerolled(finished: Path, tmp_path_factory: pytest.TempPathFactory) -> Rerolled:
+    return rerolled_run(finished, tmp_path_factory.mktemp("reviewapp-rerolled"))
+
+
+def test_a_reroll_comes_right_after_its_original_labelled_in_its_cells(
+        rerolled: Rerolled) -> None:
+    records = {r["key"]: r for r in load_results(rerolled.out)}
+    with serve_in_thread(app=create_app(rerolled.out)) as served:
+        data = httpx.get(served + "/api/run").json()
+    keys = [item["key"] for item in data["items"]]
+    assert sorted(keys) == sorted(records)
+    items = {item["key"]: item for item in data["items"]}
+    for original, chain in rerolled.rerolls.items():
+        at = keys.index(original)
+        assert keys[at:at + 1 + len(chain)] == [original, *chain]  # by attempt, right after
+        head = records[original]
+        short = f"seed {head['seed']} · {head['params']['aspect_ratio']}"
+        for attempt, key in enumerate(chain, start=1):
+            item = items[key]
+            assert (item["reroll_of"], item["attempt"]) == (original, attempt)
+            assert item["reroll"] == f"reroll {attempt} of {short}"
+            assert item["label"].startswith(f"seed {records[key]['seed']} · ")  # its own seed
+            # In the grids it sits in its original's cell, not in a column of its own seed.
+            assert (item["group"], item["seed"], item["aspect"]) == (
+                items[original]["group"], items[original]["seed"], items[original]["aspect"])
+            assert records[key]["seed"] != head["seed"]
+    for key, item in items.items():
+        if not records[key].get("reroll_of"):
+            assert (item["reroll_of"], item["attempt"], item["reroll"]) == (None, 0, None)
+    assert data["axes"] == {"seed": ["1", "2", "3"], "aspect": ["1:1", "16:9"]}
+
+
+def test_a_reroll_is_accepted_or_rejected_like_any_image(rerolled: Rerolled,
+                                                         tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(rerolled.out, run)
+    second_try, third_try = rerolled.rerolls[rerolled.first]
+    (other,) = rerolled.rerolls[rerolled.second]
+    with serve_in_thread(app=create_app(run)) as served:
+        for key, decision in ((third_try, "accept"), (other, "reject"), (other, "star")):
+            answer = httpx.post(served + "/api/decisions", json={"key": key,
+                                                                 "decision": decision})
+            assert answer.status_code == 200, answer.text
+        decisions = httpx.get(served + "/api/run").json()["decisions"]
+    assert {k: d["decision"] for k, d in decisions.items()} == {
+        rerolled.first: "reject", rerolled.second: "reject", second_try: "reject",
+        third_try: "accept", other: "star"}
+    assert [(line["key"], line["decision"]) for line in review_lines(run)][-3:] == [
+        (third_try, "accept"), (other, "reject"), (other, "star")]
+    assert read_decisions(run)[third_try].state == "accepted"
 
 
 # --------------------------------------------------------------------------------------------
