@@ -41,6 +41,10 @@ async def test_reroll_pays_once_per_rejected_image_and_chains(
                  "--json"]) == 0
     planned = json.loads(capsys.readouterr().out)
     assert (planned["rerolls"], planned["to_run"], planned["estimated_cost"]) == (2, 2, 4.0)
+    assert main(["plan", str(manifest), "--out", str(out), "--reroll", "rejected"]) == 0
+    text = capsys.readouterr().out
+    assert "reroll rejected: 2 new images for the rejected ones, 4.00 credits" in text
+    assert text.index("reroll rejected:") < text.index("estimated cost: 4.00 credits")
     assert jobs() == 4
 
     reroll = RunOptions(out_dir=out, reroll="rejected")
