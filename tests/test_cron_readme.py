@@ -153,6 +153,16 @@ def test_the_review_loop_in_four_commands_pays_once_per_rejection_and_exports_th
             post(base, key, "reject")
         post(base, keys[3], "star")
 
+    # docs/review.md's plan line, as written: the count and the cost first, nothing spent.
+    (plan,) = [argv for argv in commands((ROOT / "docs" / "review.md").read_text())
+               if argv[0] == "plan"]
+    assert plan == ["plan", run[1], "--reroll", "rejected"]
+    capsys.readouterr()
+    assert main(plan) == 0
+    assert (f"reroll rejected: {len(rejected)} new images for the rejected ones, "
+            f"{2 * len(rejected)}.00 credits") in capsys.readouterr().out
+    assert sim_jobs_created(out) == items
+
     assert main(reroll + fast) == 0
     assert sim_jobs_created(out) == items + len(rejected)  # exactly one per rejected image
     rerolls = {r["reroll_of"]: r for r in load_results(out) if r.get("reroll_of")}

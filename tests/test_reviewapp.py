@@ -583,11 +583,13 @@ def test_the_review_examples_in_the_readme_and_docs_work(run: Path,
     for command in commands:
         args = [str(run) if arg == "out/product-photos" else arg for arg in command[1:]]
         seen.add(args[0])
-        if args[0] in ("run", "review"):  # a 20 s run, a server: their flags must parse
+        # A 20 s run, a server, and a plan of the example manifest: their flags must parse
+        # (test_cron_readme.py runs them, the plan --reroll line included, on the example).
+        if args[0] in ("run", "review", "plan"):
             build_parser().parse_args(args)
         else:
             assert main(args) == 0, command
-    assert seen == {"run", "review", "export", "report", "verify"}
+    assert seen == {"run", "review", "plan", "export", "report", "verify"}
     assert "review decisions" in capsys.readouterr().out
 
     validator = jsonschema.Draft202012Validator(REVIEW_SCHEMA,

@@ -411,12 +411,34 @@ def _difference(a: Image.Image, b: Image.Image) -> float:
 
 def test_the_docs_screenshot_is_from_this_code(page: Page, product_photos: Path,
                                                tmp_path: Path) -> None:
+    """The loop once: a review by keyboard, ``--reroll rejected``, the reroll of the first
+    rejected image accepted; the picture shows each reroll after the image it replaces."""
     with serve_in_thread(app=create_app(product_photos)) as url:
         open_app(page, url)
         for key in ("j", "a", "a", "r", "a", "s", "a", "r"):
             page.keyboard.press(key)
         expect(count(page, "accepted")).to_have_text("4")
         expect(count(page, "starred")).to_have_text("1")
+        rejected = [key for key, decision in review_lines(product_photos)
+                    if decision == "reject"]
+        assert len(rejected) == 2
+        settings = SimSettings(job_seconds=0.2, queue_seconds=0.02, render_mode="full")
+        result = run_batch_in_thread(ROOT / "jobs" / "product-photos.yaml",
+                                     RunOptions(out_dir=product_photos, reroll="rejected"),
+                                     target=Simulator(settings=settings, job_seconds=0.2))
+        assert result.exit_code == 0 and result.summary["counts"]["new"] == 2
+        rerolls = {r["reroll_of"]: r["key"] for r in load_results(product_photos)
+                   if r.get("reroll_of")}
+        assert sorted(rerolls) == sorted(rejected)
+        page.reload()
+        expect(page.locator("body")).to_have_attribute("data-ready", "yes")
+        keys = sheet_keys(page)
+        for original in rejected:
+            assert keys[keys.index(original) + 1] == rerolls[original]
+        card(page, rerolls[rejected[0]]).get_by_role("button", name="Accept", exact=True).click()
+        expect(count(page, "accepted")).to_have_text("5")
+        expect(count(page, "all")).to_have_text("50")
+        expect(card(page, rerolls[rejected[1]]).locator(".reroll-tag")).to_be_visible()
         page.wait_for_function(
             "[...document.querySelectorAll('.card img')].filter("
             "i => i.getBoundingClientRect().top < innerHeight).every("
