@@ -430,6 +430,29 @@ def test_a_reroll_is_accepted_or_rejected_like_any_image(rerolled: Rerolled,
     assert read_decisions(run)[third_try].state == "accepted"
 
 
+def test_export_only_takes_a_reroll_by_its_own_state(rerolled: Rerolled, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(rerolled.out, run)
+    second_try, third_try = rerolled.rerolls[rerolled.first]
+    (other,) = rerolled.rerolls[rerolled.second]
+    append_decision(run, third_try, "accept")
+    append_decision(run, other, "star")
+
+    def exported(state: str) -> list[str]:
+        done = export_dataset(run, "hf", only=(state,))
+        rows = [json.loads(line) for line in
+                (done.path / "train" / "metadata.jsonl").read_text().splitlines()]
+        assert {row["decision"] for row in rows} == {state}
+        return sorted(row["key"] for row in rows)
+
+    assert exported("accepted") == [third_try]
+    assert exported("starred") == [other]
+    assert exported("rejected") == sorted([rerolled.first, rerolled.second, second_try])
+    decided = {rerolled.first, rerolled.second, second_try, third_try, other}
+    assert exported("undecided") == sorted(r["key"] for r in ok_records(run)
+                                           if r["key"] not in decided)
+
+
 # --------------------------------------------------------------------------------------------
 # The command
 
