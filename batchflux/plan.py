@@ -320,6 +320,9 @@ def _text_lines(plan: Plan) -> Iterator[str]:
     if plan.varying_axes:
         yield "  (* differs between prompts; the largest size is shown)"
     yield from _progress_lines(plan)
+    if plan.rerolls is not None:
+        yield (f"reroll rejected: {plural(plan.rerolls, 'new image')} for the rejected ones, "
+               f"{plan.rerolls * plan.cost_per_image:,.2f} credits (counted in the cost below)")
     yield (f"estimated cost: {plan.estimated_cost:,.2f} credits for "
            f"{plural(plan.to_run, 'item')} to run ({plan.cost_per_image:g} per image)")
     if plan.preview:

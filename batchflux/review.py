@@ -9,6 +9,10 @@ review app (``batchflux review``, :mod:`batchflux.reviewapp`) both show a run th
   :func:`image_label` (seed, aspect ratio, size) and :func:`varying_params`.
 - :func:`axis_value` and :func:`axis_values` give the columns of the grid views (prompt rows x
   seed columns, prompt rows x aspect columns: the X/Y plot of image tools).
+- A reroll (``batchflux run M --reroll rejected``, :mod:`batchflux.reroll`) sits right after its
+  original: :func:`chain_order` puts each original's rerolls after it, by attempt; given the
+  run's records, the grid functions put a reroll in its original's column, and
+  :func:`reroll_label` says what it rerolls (``reroll 1 of seed 1002 · 1:1``).
 - :func:`make_thumbnail` makes a JPEG of an image, cached in ``OUT/review/thumbs/``
   (:func:`thumb_path`), for both.
 
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,10 +46,12 @@ __all__ = [
     "PromptGroup",
     "axis_value",
     "axis_values",
+    "chain_order",
     "format_value",
     "image_label",
     "make_thumbnail",
     "prompt_groups",
+    "reroll_label",
     "thumb_name",
     "thumb_path",
     "varying_params",
@@ -67,7 +73,8 @@ AXES = ("seed", "aspect")
 
 @dataclass(frozen=True, slots=True)
 class PromptGroup:
-    """The items of one prompt (same prompt id and resolved text), in run order.
+    """The items of one prompt (same prompt id and resolved text), in run order with each
+    original's rerolls right after it (:func:`chain_order`).
 
     ``common`` holds the params sent with the same value to every item of the group (seed,
     aspect ratio and size aside: those are shown on each image). A page shows them once, in the
@@ -85,10 +92,26 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
+def chain_order(records: Iterable[Result]) -> list[Result]:
+    """``records`` in their order, except that each reroll comes right after its original,
+    the rerolls of one original by attempt (1, 2, ...). A reroll whose original is not among
+    ``records`` keeps its place."""
+    listed = list(records)
+    position = {record.key: n for n, record in enumerate(listed)}
+
+    def place(n: int) -> tuple[int, int, int]:
+        record = listed[n]
+        root = position.get(record.reroll_of) if record.reroll_of is not None else None
+        return (n, 0, n) if root is None else (root, record.attempt, n)
+
+    return [listed[n] for n in sorted(range(len(listed)), key=place)]
+
+
 def prompt_groups(records: Iterable[Result]) -> list[PromptGroup]:
-    """``records`` grouped by prompt, groups in order of first appearance."""
+    """``records`` grouped by prompt, groups in order of first appearance; in a group, each
+    original's rerolls come right after it (:func:`chain_order`)."""
     grouped: dict[tuple[str, str], list[Result]] = {}
-    for record in records:
+    for record in chain_order(records):
         grouped.setdefault((record.prompt_id, record.prompt), []).append(record)
     groups = []
     for number, ((prompt_id, prompt), members) in enumerate(grouped.items()):
@@ -139,17 +162,37 @@ def image_label(record: Result, file: FileRecord | None = None) -> str:
     return " · ".join(bits)
 
 
-def axis_value(record: Result, axis: str) -> str:
-    """The column of ``record`` in the prompt x ``axis`` grid (``axis`` in :data:`AXES`)."""
+def reroll_label(record: Result, originals: Mapping[str, Result]) -> str | None:
+    """``reroll 2 of seed 1002 · 1:1``: what a reroll rerolls, by the short label of its
+    original (found in ``originals``, the run's records by key; else by its key's first 12
+    characters). None for an item that is not a reroll."""
+    if record.reroll_of is None:
+        return None
+    original = originals.get(record.reroll_of)
+    name = image_label(original) if original is not None else record.reroll_of[:12]
+    return f"reroll {record.attempt} of {name}"
+
+
+def axis_value(record: Result, axis: str,
+               originals: Mapping[str, Result] | None = None) -> str:
+    """The column of ``record`` in the prompt x ``axis`` grid (``axis`` in :data:`AXES`).
+
+    Given ``originals`` (the run's records by key), a reroll takes its original's column, so
+    that it sits next to it rather than in a column of its own derived seed.
+    """
+    if originals is not None and record.reroll_of is not None:
+        record = originals.get(record.reroll_of, record)
     if axis == "seed":
         return str(record.seed)
     return str(record.params.get("aspect_ratio", ""))
 
 
-def axis_values(records: Iterable[Result], axis: str) -> list[str]:
+def axis_values(records: Iterable[Result], axis: str,
+                originals: Mapping[str, Result] | None = None) -> list[str]:
     """The columns of the prompt x ``axis`` grid: seeds in numeric order, aspect ratios in
-    order of first appearance."""
-    values = list(dict.fromkeys(axis_value(record, axis) for record in records))
+    order of first appearance (with ``originals``, rerolls in their originals' columns, as
+    :func:`axis_value`)."""
+    values = list(dict.fromkeys(axis_value(record, axis, originals) for record in records))
     if axis == "seed":
         values.sort(key=lambda v: (len(v), v))
     return values

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -197,3 +199,71 @@ def review_run(base: Path) -> Path:
     assert counts["ok"] + counts["failed"] == 12
     assert 0 < counts["failed"] < 12, counts  # fault_seed 5 gives both
     return out
+
+
+def sim_jobs_created(out: Path) -> int:
+    """The jobs the built-in simulator created (each one paid) for run directory ``out``
+    across all its runs: the job records of its journal, ``OUT/.batchflux/sim``."""
+    journal = out / ".batchflux" / "sim" / "journal.jsonl"
+    return sum(1 for _, line in iter_jsonl(journal) if line.get("type") == "job")
+
+
+def reroll_rejected(manifest: Path, out: Path) -> Any:
+    """``batchflux run manifest --reroll rejected`` on the built-in simulator (no faults, full
+    pictures, short jobs), in a thread of its own (:func:`run_batch_in_thread`). Nothing it
+    runs fails (the exit code also counts the directory's earlier failures)."""
+    from batchflux.sim import SimSettings
+
+    settings = SimSettings(job_seconds=0.2, queue_seconds=0.02, render_mode="full")
+    result = run_batch_in_thread(manifest, RunOptions(out_dir=out, reroll="rejected"),
+                                 target=Simulator(settings=settings, job_seconds=0.2))
+    assert result.summary["counts"]["failed"] == 0, result.summary
+    return result
+
+
+@dataclass(frozen=True)
+class Rerolled:
+    """A :func:`review_run` directory after two review rounds and two rerolls: ``first`` and
+    ``second`` (ok items of different prompts) rejected; ``--reroll rejected`` made attempt 1
+    of each; attempt 1 of ``first`` rejected in turn; the second ``--reroll rejected`` made
+    attempt 2 of ``first`` and nothing else. ``rerolls`` maps each original to its rerolls'
+    keys, by attempt."""
+
+    out: Path
+    first: str
+    second: str
+    rerolls: dict[str, list[str]]
+
+
+def rerolled_run(finished: Path, base: Path) -> Rerolled:
+    """A copy of the :func:`review_run` directory ``finished`` in ``base``, rerolled as
+    :class:`Rerolled` says; each reroll paid exactly once (the simulator's jobs)."""
+    from batchflux.reviewapp import append_decision
+
+    out = base / "run"
+    shutil.copytree(finished, out)
+    manifest = finished.parent / "manifest.yaml"
+    ok = [r for r in load_results(out) if r["status"] == "ok"]
+    first = next(r["key"] for r in ok if r["prompt_id"] == "mug")
+    second = next(r["key"] for r in reversed(ok) if r["prompt_id"] == "vase")
+    jobs = sim_jobs_created(out)
+    append_decision(out, first, "reject")
+    append_decision(out, second, "reject")
+    reroll_rejected(manifest, out)
+    assert sim_jobs_created(out) == jobs + 2
+    by_original: dict[str, list[str]] = {first: [], second: []}
+    for record in load_results(out):
+        if record.get("reroll_of"):
+            by_original[record["reroll_of"]].append(record["key"])
+    assert all(len(keys) == 1 for keys in by_original.values()), by_original
+    append_decision(out, by_original[first][0], "reject")
+    reroll_rejected(manifest, out)
+    assert sim_jobs_created(out) == jobs + 3
+    attempts = {r["key"]: (r["reroll_of"], r["attempt"])
+                for r in load_results(out) if r.get("reroll_of")}
+    rerolls = {original: sorted((k for k, (o, _) in attempts.items() if o == original),
+                                key=lambda k: attempts[k][1])
+               for original in (first, second)}
+    assert [attempts[k][1] for k in rerolls[first]] == [1, 2]
+    assert [attempts[k][1] for k in rerolls[second]] == [1]
+    return Rerolled(out, first, second, rerolls)

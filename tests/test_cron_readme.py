@@ -1,6 +1,7 @@
 """The README sections for scheduled runs, review, datasets and sharding cannot drift: their
 commands are run (on the simulator, with short jobs) from a copy of jobs/, and their crontab,
-systemd and Kubernetes snippets match the files in jobs/deploy."""
+systemd and Kubernetes snippets match the files in jobs/deploy. The review loop (run, review,
+run --reroll rejected, export --only accepted) is also checked for what it pays and exports."""
 
 from __future__ import annotations
 
@@ -18,9 +19,13 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from runner_helpers import load_imagefolder, load_results, sim_jobs_created
 
 from batchflux.cli import build_parser, main
 from batchflux.merge import final_records
+from batchflux.reroll import reroll_seed
+from batchflux.reviewapp import create_app
+from batchflux.sim import serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -115,6 +120,76 @@ def test_reviewing_a_run_example_runs(in_jobs_copy: Path,
     assert decisions == ["accept", "accept", "reject"]
     rows = (out / "dataset" / "hf" / "train" / "metadata.jsonl").read_text().splitlines()
     assert [json.loads(row)["decision"] for row in rows] == ["accepted", "accepted"]
+
+
+def test_the_review_loop_in_four_commands_pays_once_per_rejection_and_exports_the_accepted(
+        in_jobs_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's loop, its first block as written, on the built-in simulator: run, review
+    (decisions through the review app's HTTP API, as its page sends them), run --reroll
+    rejected, review the rerolls, export --only accepted, loaded with the datasets library."""
+    loop = code_blocks(section("Reviewing a run"), "sh")[0]
+    run, review, reroll, export = commands(f"```sh\n{loop}```")  # the first block: 4 commands
+    assert [run[0], review[0], reroll[0], export[0]] == ["run", "review", "run", "export"]
+    assert reroll == [*run, "--reroll", "rejected"]
+    assert export[export.index("--only") + 1] == "accepted"
+    fast = ["--sim-job-seconds", "0.2", "-j", "16", "--rpm", "60000"]
+    out = in_jobs_copy / review[1]
+
+    assert main(run + fast) == 0
+    items = len(load_results(out))
+    assert sim_jobs_created(out) == items  # one paid job per item
+
+    def post(base: str, key: str, decision: str) -> None:
+        answer = httpx.post(base + "/api/decisions", json={"key": key, "decision": decision})
+        assert answer.status_code == 200, answer.text
+
+    with serve_in_thread(app=create_app(out)) as base:
+        keys = [item["key"] for item in httpx.get(base + "/api/run").json()["items"]]
+        accepted = [keys[0], keys[1], keys[5]]
+        rejected = [keys[2], keys[7], keys[30]]
+        for key in accepted:
+            post(base, key, "accept")
+        for key in rejected:
+            post(base, key, "reject")
+        post(base, keys[3], "star")
+
+    # docs/review.md's plan line, as written: the count and the cost first, nothing spent.
+    (plan,) = [argv for argv in commands((ROOT / "docs" / "review.md").read_text())
+               if argv[0] == "plan"]
+    assert plan == ["plan", run[1], "--reroll", "rejected"]
+    capsys.readouterr()
+    assert main(plan) == 0
+    assert (f"reroll rejected: {len(rejected)} new images for the rejected ones, "
+            f"{2 * len(rejected)}.00 credits") in capsys.readouterr().out
+    assert sim_jobs_created(out) == items
+
+    assert main(reroll + fast) == 0
+    assert sim_jobs_created(out) == items + len(rejected)  # exactly one per rejected image
+    rerolls = {r["reroll_of"]: r for r in load_results(out) if r.get("reroll_of")}
+    assert sorted(rerolls) == sorted(rejected)
+    for original, record in rerolls.items():
+        assert record["status"] == "ok" and record["attempt"] == 1
+        assert record["seed"] == reroll_seed(original, 1)
+
+    with serve_in_thread(app=create_app(out)) as base:  # the review again: rerolls in it
+        shown = [item["key"] for item in httpx.get(base + "/api/run").json()["items"]]
+        for original in rejected:
+            assert shown[shown.index(original) + 1] == rerolls[original]["key"]
+        post(base, rerolls[rejected[0]]["key"], "accept")
+        post(base, rerolls[rejected[1]]["key"], "star")
+    accepted.append(rerolls[rejected[0]]["key"])
+
+    assert main(reroll + fast) == 0  # no reroll was rejected: nothing new to pay
+    assert sim_jobs_created(out) == items + len(rejected)
+
+    capsys.readouterr()
+    assert main(export) == 0
+    assert f"{len(accepted)} images (accepted only)" in capsys.readouterr().out
+    loaded = load_imagefolder(out / "dataset" / "hf", tmp_path)
+    assert sorted(row["key"] for row in loaded["rows"]) == sorted(accepted)
+    assert {row["decision"] for row in loaded["rows"]} == {"accepted"}
+    by_key = {row["key"]: row for row in loaded["rows"]}
+    assert by_key[rerolls[rejected[0]]["key"]]["seed"] == reroll_seed(rejected[0], 1)
 
 
 def test_datasets_example_runs(in_jobs_copy: Path) -> None:

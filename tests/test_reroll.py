@@ -10,8 +10,9 @@ from runner_helpers import check_run_directory, inprocess, load_results, write_m
 
 from batchflux import batch
 from batchflux.cli import main
-from batchflux.models import RunOptions
+from batchflux.models import Result, RunOptions
 from batchflux.reroll import reroll_seed
+from batchflux.review import axis_value, axis_values, chain_order, prompt_groups, reroll_label
 from batchflux.reviewapp.decisions import append_decision
 from batchflux.sim import SimSettings, create_app
 
@@ -40,6 +41,10 @@ async def test_reroll_pays_once_per_rejected_image_and_chains(
                  "--json"]) == 0
     planned = json.loads(capsys.readouterr().out)
     assert (planned["rerolls"], planned["to_run"], planned["estimated_cost"]) == (2, 2, 4.0)
+    assert main(["plan", str(manifest), "--out", str(out), "--reroll", "rejected"]) == 0
+    text = capsys.readouterr().out
+    assert "reroll rejected: 2 new images for the rejected ones, 4.00 credits" in text
+    assert text.index("reroll rejected:") < text.index("estimated cost: 4.00 credits")
     assert jobs() == 4
 
     reroll = RunOptions(out_dir=out, reroll="rejected")
@@ -69,3 +74,40 @@ async def test_reroll_pays_once_per_rejected_image_and_chains(
     # Without --reroll, the run is the manifest alone: nothing to do, nothing paid.
     plain = await batch.run_batch_async(manifest, RunOptions(out_dir=out), target=target)
     assert plain.exit_code == 0 and jobs() == 7
+
+
+def record(name: str, index: int, seed: int, *, prompt: str = "mug", aspect: str = "1:1",
+           reroll_of: str | None = None, attempt: int = 0) -> Result:
+    """A result line as the review reads it, keyed by ``name``."""
+    return Result(key=name.ljust(64, "0"), index=index, prompt_id=prompt, status="ok",
+                  model="flux-2-dev", prompt=f"a {prompt}", seed=seed,
+                  params={"seed": seed, "aspect_ratio": aspect}, reroll_of=reroll_of,
+                  attempt=attempt)
+
+
+def test_the_review_puts_each_reroll_right_after_its_original_by_attempt() -> None:
+    a, b, c = record("a", 0, 1), record("b", 1, 2, aspect="16:9"), record("c", 2, 1, prompt="vase")
+    # Indexes as a second reroll hands them out: the chains made so far, then the new attempt.
+    a1 = record("a1", 3, 9001, reroll_of=a.key, attempt=1)
+    b1 = record("b1", 4, 9002, aspect="16:9", reroll_of=b.key, attempt=1)
+    a2 = record("a2", 4, 9003, reroll_of=a.key, attempt=2)
+    c1 = record("c1", 5, 9004, prompt="vase", reroll_of=c.key, attempt=1)
+    orphan = record("o1", 6, 9005, reroll_of="gone".ljust(64, "0"), attempt=1)
+    ordered = chain_order([a, b, c, a2, a1, orphan, b1, c1])
+    assert [r.key[:2].rstrip("0") for r in ordered] == ["a", "a1", "a2", "b", "b1", "c", "c1",
+                                                         "o1"]
+    groups = prompt_groups([a, b, c, a2, a1, orphan, b1, c1])
+    assert [[r.key[:2].rstrip("0") for r in g.records] for g in groups] == [
+        ["a", "a1", "a2", "b", "b1", "o1"], ["c", "c1"]]
+
+    by_key = {r.key: r for r in ordered}
+    assert reroll_label(a2, by_key) == "reroll 2 of seed 1 · 1:1"
+    assert reroll_label(b1, by_key) == "reroll 1 of seed 2 · 16:9"
+    assert reroll_label(orphan, by_key) == "reroll 1 of gone00000000"
+    assert reroll_label(a, by_key) is None
+    # In the grids a reroll takes its original's column (an orphan keeps its own).
+    assert [axis_value(r, "seed", by_key) for r in (a1, a2, b1, orphan)] == [
+        "1", "1", "2", "9005"]
+    assert axis_value(a1, "seed") == "9001"  # without the run's records: its own seed
+    assert axis_values(ordered, "seed", by_key) == ["1", "2", "9005"]
+    assert axis_values(ordered, "aspect", by_key) == ["1:1", "16:9"]

@@ -30,7 +30,13 @@ import httpx
 import jsonschema
 import pytest
 from PIL import Image
-from runner_helpers import load_imagefolder, load_results, review_run
+from runner_helpers import (
+    Rerolled,
+    load_imagefolder,
+    load_results,
+    rerolled_run,
+    review_run,
+)
 
 from batchflux.cli import build_parser, main
 from batchflux.dataset import export_dataset
@@ -368,6 +374,86 @@ def test_items_a_resumed_run_adds_meanwhile_appear_without_a_restart(served: str
 
 
 # --------------------------------------------------------------------------------------------
+# Rerolls (run --reroll rejected) in the app
+
+
+@pytest.fixture(scope="module")
+def rerolled(finished: Path, tmp_path_factory: pytest.TempPathFactory) -> Rerolled:
+    return rerolled_run(finished, tmp_path_factory.mktemp("reviewapp-rerolled"))
+
+
+def test_a_reroll_comes_right_after_its_original_labelled_in_its_cells(
+        rerolled: Rerolled) -> None:
+    records = {r["key"]: r for r in load_results(rerolled.out)}
+    with serve_in_thread(app=create_app(rerolled.out)) as served:
+        data = httpx.get(served + "/api/run").json()
+    keys = [item["key"] for item in data["items"]]
+    assert sorted(keys) == sorted(records)
+    items = {item["key"]: item for item in data["items"]}
+    for original, chain in rerolled.rerolls.items():
+        at = keys.index(original)
+        assert keys[at:at + 1 + len(chain)] == [original, *chain]  # by attempt, right after
+        head = records[original]
+        short = f"seed {head['seed']} · {head['params']['aspect_ratio']}"
+        for attempt, key in enumerate(chain, start=1):
+            item = items[key]
+            assert (item["reroll_of"], item["attempt"]) == (original, attempt)
+            assert item["reroll"] == f"reroll {attempt} of {short}"
+            assert item["label"].startswith(f"seed {records[key]['seed']} · ")  # its own seed
+            # In the grids it sits in its original's cell, not in a column of its own seed.
+            assert (item["group"], item["seed"], item["aspect"]) == (
+                items[original]["group"], items[original]["seed"], items[original]["aspect"])
+            assert records[key]["seed"] != head["seed"]
+    for key, item in items.items():
+        if not records[key].get("reroll_of"):
+            assert (item["reroll_of"], item["attempt"], item["reroll"]) == (None, 0, None)
+    assert data["axes"] == {"seed": ["1", "2", "3"], "aspect": ["1:1", "16:9"]}
+
+
+def test_a_reroll_is_accepted_or_rejected_like_any_image(rerolled: Rerolled,
+                                                         tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(rerolled.out, run)
+    second_try, third_try = rerolled.rerolls[rerolled.first]
+    (other,) = rerolled.rerolls[rerolled.second]
+    with serve_in_thread(app=create_app(run)) as served:
+        for key, decision in ((third_try, "accept"), (other, "reject"), (other, "star")):
+            answer = httpx.post(served + "/api/decisions", json={"key": key,
+                                                                 "decision": decision})
+            assert answer.status_code == 200, answer.text
+        decisions = httpx.get(served + "/api/run").json()["decisions"]
+    assert {k: d["decision"] for k, d in decisions.items()} == {
+        rerolled.first: "reject", rerolled.second: "reject", second_try: "reject",
+        third_try: "accept", other: "star"}
+    assert [(line["key"], line["decision"]) for line in review_lines(run)][-3:] == [
+        (third_try, "accept"), (other, "reject"), (other, "star")]
+    assert read_decisions(run)[third_try].state == "accepted"
+
+
+def test_export_only_takes_a_reroll_by_its_own_state(rerolled: Rerolled, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(rerolled.out, run)
+    second_try, third_try = rerolled.rerolls[rerolled.first]
+    (other,) = rerolled.rerolls[rerolled.second]
+    append_decision(run, third_try, "accept")
+    append_decision(run, other, "star")
+
+    def exported(state: str) -> list[str]:
+        done = export_dataset(run, "hf", only=(state,))
+        rows = [json.loads(line) for line in
+                (done.path / "train" / "metadata.jsonl").read_text().splitlines()]
+        assert {row["decision"] for row in rows} == {state}
+        return sorted(row["key"] for row in rows)
+
+    assert exported("accepted") == [third_try]
+    assert exported("starred") == [other]
+    assert exported("rejected") == sorted([rerolled.first, rerolled.second, second_try])
+    decided = {rerolled.first, rerolled.second, second_try, third_try, other}
+    assert exported("undecided") == sorted(r["key"] for r in ok_records(run)
+                                           if r["key"] not in decided)
+
+
+# --------------------------------------------------------------------------------------------
 # The command
 
 
@@ -520,11 +606,13 @@ def test_the_review_examples_in_the_readme_and_docs_work(run: Path,
     for command in commands:
         args = [str(run) if arg == "out/product-photos" else arg for arg in command[1:]]
         seen.add(args[0])
-        if args[0] in ("run", "review"):  # a 20 s run, a server: their flags must parse
+        # A 20 s run, a server, and a plan of the example manifest: their flags must parse
+        # (test_cron_readme.py runs them, the plan --reroll line included, on the example).
+        if args[0] in ("run", "review", "plan"):
             build_parser().parse_args(args)
         else:
             assert main(args) == 0, command
-    assert seen == {"run", "review", "export", "report", "verify"}
+    assert seen == {"run", "review", "plan", "export", "report", "verify"}
     assert "review decisions" in capsys.readouterr().out
 
     validator = jsonschema.Draft202012Validator(REVIEW_SCHEMA,

@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any
 import jsonschema
 import pytest
 from PIL import Image, ImageChops, ImageStat
-from runner_helpers import load_results, review_run, run_batch_in_thread
+from runner_helpers import (
+    Rerolled,
+    load_results,
+    rerolled_run,
+    review_run,
+    run_batch_in_thread,
+)
 
 from batchflux.config import Simulator
 from batchflux.models import RunOptions
@@ -308,6 +314,80 @@ def test_decisions_from_another_tab_show_up_without_a_reload(page: Page, app_url
 
 
 # --------------------------------------------------------------------------------------------
+# Rerolls: next to their originals, decided like any image
+
+
+@pytest.fixture(scope="module")
+def rerolled(finished: Path, tmp_path_factory: pytest.TempPathFactory) -> Rerolled:
+    return rerolled_run(finished, tmp_path_factory.mktemp("reviewapp-browser-rerolled"))
+
+
+def view_keys(page: Page, view: str) -> list[str]:
+    keys: list[str] = page.locator(f"{view} .card").evaluate_all(
+        "els => els.map(e => e.dataset.key)")
+    return keys
+
+
+def short_label(record: dict[str, Any]) -> str:
+    return f"seed {record['seed']} · {record['params']['aspect_ratio']}"
+
+
+@pytest.mark.parametrize("fragment", ["sheet", "grid-seed", "grid-aspect", "compare"])
+def test_a_reroll_sits_right_after_its_original_in_every_view_labelled_with_its_buttons(
+        page: Page, rerolled: Rerolled, tmp_path: Path, fragment: str) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(rerolled.out, run)
+    records = {r["key"]: r for r in load_results(run)}
+    groups = {"mug": 0, "vase": 1}
+    with serve_in_thread(app=create_app(run)) as url:
+        for original, chain in rerolled.rerolls.items():
+            where = (f"compare/{groups[records[original]['prompt_id']]}"
+                     if fragment == "compare" else fragment)
+            open_app(page, f"{url}/#{where}")
+            view = f"#{fragment}"
+            keys = view_keys(page, view)
+            at = keys.index(original)
+            assert keys[at:at + 1 + len(chain)] == [original, *chain]
+            expect(card(page, original).locator(".reroll-tag")).to_have_count(0)
+            for attempt, key in enumerate(chain, start=1):
+                node = card(page, key)
+                expect(node).to_have_attribute("data-reroll-of", original)
+                expect(node).to_have_attribute("data-attempt", str(attempt))
+                tag = node.locator(".reroll-tag")
+                expect(tag).to_be_visible()
+                expect(tag).to_have_text(f"reroll {attempt} of {short_label(records[original])}")
+                assert f"seed {records[key]['seed']}" in node.inner_text()
+                for name in ("Accept", "Reject", "Star"):
+                    expect(node.get_by_role("button", name=name, exact=True)).to_have_count(1)
+                if fragment.startswith("grid"):  # in its original's cell, not a column of its own
+                    assert node.evaluate(
+                        "(n, k) => n.parentElement === document.querySelector("
+                        "`.card[data-key=\"${k}\"]`).parentElement", original)
+        if fragment.startswith("grid"):  # no column for a reroll's seed
+            columns = {"grid-seed": ["seed 1", "seed 2", "seed 3"],
+                       "grid-aspect": ["aspect 1:1", "aspect 16:9"]}[fragment]
+            assert page.locator(f"{view} .colhead").all_inner_texts() == columns
+
+        # Decided like any image: a click on its own button, a shortcut after its original.
+        second_try, third_try = rerolled.rerolls[rerolled.first]
+        open_app(page, f"{url}/#{'compare/0' if fragment == 'compare' else fragment}")
+        card(page, third_try).get_by_role("button", name="Accept", exact=True).click()
+        expect(card(page, third_try)).to_have_attribute("data-state", "accepted")
+        expect(card(page, second_try)).to_have_attribute("data-state", "rejected")
+        card(page, rerolled.first).locator(".caption").click()
+        page.keyboard.press("j")
+        expect(card(page, second_try)).to_have_class(re.compile(r"\bselected\b"))
+        page.keyboard.press("s")
+        expect(card(page, second_try)).to_have_attribute("data-state", "starred")
+        assert review_lines(run)[-2:] == [(third_try, "accept"), (second_try, "star")]
+        page.reload()
+        expect(page.locator("body")).to_have_attribute("data-ready", "yes")
+        expect(card(page, third_try)).to_have_attribute("data-state", "accepted")
+        expect(card(page, second_try)).to_have_attribute("data-state", "starred")
+        expect(card(page, rerolled.first)).to_have_attribute("data-state", "rejected")
+
+
+# --------------------------------------------------------------------------------------------
 # The screenshot in docs/review.md
 
 
@@ -331,12 +411,34 @@ def _difference(a: Image.Image, b: Image.Image) -> float:
 
 def test_the_docs_screenshot_is_from_this_code(page: Page, product_photos: Path,
                                                tmp_path: Path) -> None:
+    """The loop once: a review by keyboard, ``--reroll rejected``, the reroll of the first
+    rejected image accepted; the picture shows each reroll after the image it replaces."""
     with serve_in_thread(app=create_app(product_photos)) as url:
         open_app(page, url)
         for key in ("j", "a", "a", "r", "a", "s", "a", "r"):
             page.keyboard.press(key)
         expect(count(page, "accepted")).to_have_text("4")
         expect(count(page, "starred")).to_have_text("1")
+        rejected = [key for key, decision in review_lines(product_photos)
+                    if decision == "reject"]
+        assert len(rejected) == 2
+        settings = SimSettings(job_seconds=0.2, queue_seconds=0.02, render_mode="full")
+        result = run_batch_in_thread(ROOT / "jobs" / "product-photos.yaml",
+                                     RunOptions(out_dir=product_photos, reroll="rejected"),
+                                     target=Simulator(settings=settings, job_seconds=0.2))
+        assert result.exit_code == 0 and result.summary["counts"]["new"] == 2
+        rerolls = {r["reroll_of"]: r["key"] for r in load_results(product_photos)
+                   if r.get("reroll_of")}
+        assert sorted(rerolls) == sorted(rejected)
+        page.reload()
+        expect(page.locator("body")).to_have_attribute("data-ready", "yes")
+        keys = sheet_keys(page)
+        for original in rejected:
+            assert keys[keys.index(original) + 1] == rerolls[original]
+        card(page, rerolls[rejected[0]]).get_by_role("button", name="Accept", exact=True).click()
+        expect(count(page, "accepted")).to_have_text("5")
+        expect(count(page, "all")).to_have_text("50")
+        expect(card(page, rerolls[rejected[1]]).locator(".reroll-tag")).to_be_visible()
         page.wait_for_function(
             "[...document.querySelectorAll('.card img')].filter("
             "i => i.getBoundingClientRect().top < innerHeight).every("

@@ -5,7 +5,8 @@
     GET  /                      the page (static/index.html); views by URL fragment:
                                 #sheet, #grid-seed, #grid-aspect, #compare/<group number>
     GET  /static/<name>         the page's own script and style (shipped in the package)
-    GET  /api/run               the run: groups (params once each), items, decisions
+    GET  /api/run               the run: groups (params once each), items (a reroll right
+                                after its original), decisions
     GET  /api/decisions         the current decision of each decided item
     POST /api/decisions         {"key", "decision", "note"?}: one line appended to review.jsonl
     GET  /thumbs/<key>/<n>      thumbnail of image n of an item (made once, cached in OUT)
@@ -47,6 +48,7 @@ from ..review import (
     image_label,
     make_thumbnail,
     prompt_groups,
+    reroll_label,
     thumb_path,
     varying_params,
 )
@@ -92,7 +94,10 @@ class _Run:
 
 
 def _payload(out: Path, records: list[Result]) -> dict[str, Any]:
+    """``/api/run`` without the decisions: items in view order, each original's rerolls right
+    after it and in its grid cells (``seed``, ``aspect``: the original's columns)."""
     groups = prompt_groups(records)
+    by_key = {record.key: record for record in records}
     items = []
     for group in groups:
         for record in group.records:
@@ -102,8 +107,11 @@ def _payload(out: Path, records: list[Result]) -> dict[str, Any]:
                 "group": group.number,
                 "failed": not _is_ok(record),
                 "label": image_label(record, files[0] if files else None),
-                "seed": axis_value(record, "seed"),
-                "aspect": axis_value(record, "aspect"),
+                "reroll_of": record.reroll_of,
+                "attempt": record.attempt,
+                "reroll": reroll_label(record, by_key),
+                "seed": axis_value(record, "seed", by_key),
+                "aspect": axis_value(record, "aspect", by_key),
                 "varying": [[k, format_value(v)] for k, v in varying_params(record, group)],
                 "images": [
                     {"thumb": f"/thumbs/{record.key}/{n}",
@@ -115,7 +123,7 @@ def _payload(out: Path, records: list[Result]) -> dict[str, Any]:
             })
     return {
         "run": {"name": out.resolve().name, "path": str(out), "items": len(records)},
-        "axes": {axis: axis_values(records, axis) for axis in AXES},
+        "axes": {axis: axis_values(records, axis, by_key) for axis in AXES},
         "groups": [{"number": g.number, "prompt_id": g.prompt_id, "prompt": g.prompt,
                     "common": [[k, format_value(v)] for k, v in g.common]} for g in groups],
         "items": items,

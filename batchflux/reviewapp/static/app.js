@@ -2,6 +2,8 @@
  *
  * Views by URL fragment: #sheet, #grid-seed, #grid-aspect, #compare/<group number>.
  * Filter by query string: ?show=undecided|accepted|rejected|starred|failed.
+ * A reroll (run --reroll rejected) comes right after its original in every view (the server
+ * orders the items and puts it in its original's grid cell) and is labelled as one.
  * Every decision is POSTed to /api/decisions (one line of OUT/review.jsonl) before the page
  * shows it; posts go one at a time, in order. User text is only ever set as textContent.
  */
@@ -86,9 +88,17 @@
   // ---------------------------------------------------------------------------------------
   // Rendering
 
+  // A reroll (run --reroll rejected) says what it rerolls: "reroll 1 of seed 1002 · 1:1".
+  function rerollTag(item) {
+    return item.reroll ? el('span', { 'class': 'reroll-tag', text: item.reroll }) : null;
+  }
+
   function card(item, large) {
-    var attrs = { 'class': 'card' + (item.failed ? ' failed' : ''), 'data-key': item.key,
-                  'data-state': stateOf(item), 'tabindex': '-1', 'aria-label': item.label };
+    var attrs = { 'class': 'card' + (item.failed ? ' failed' : '') + (item.reroll ? ' reroll' : ''),
+                  'data-key': item.key, 'data-state': stateOf(item), 'tabindex': '-1',
+                  'data-reroll-of': item.reroll ? item.reroll_of : null,
+                  'data-attempt': item.reroll ? String(item.attempt) : null,
+                  'aria-label': item.reroll ? item.reroll + ': ' + item.label : item.label };
     if (item.failed) {
       return el('article', attrs, [
         el('div', { 'class': 'reason' }, [
@@ -96,7 +106,8 @@
           item.error.explanation ? el('p', { 'class': 'explanation', text: item.error.explanation }) : null,
           el('p', { 'class': 'message', text: item.error.message })
         ]),
-        el('div', { 'class': 'caption' }, [el('b', { text: item.label }), chips(item.varying)])
+        el('div', { 'class': 'caption' }, [rerollTag(item), el('b', { text: item.label }),
+                                           chips(item.varying)])
       ]);
     }
     var images = large ? item.images : item.images.slice(0, 1);
@@ -110,7 +121,8 @@
       ? el('span', { 'class': 'more', text: '+' + (item.images.length - 1) + ' more' }) : null;
     var node = el('article', attrs, frames.concat([
       el('span', { 'class': 'badge', text: stateOf(item) }),
-      el('div', { 'class': 'caption' }, [el('b', { text: item.label }), more, chips(item.varying)]),
+      el('div', { 'class': 'caption' }, [rerollTag(item), el('b', { text: item.label }), more,
+                                         chips(item.varying)]),
       el('div', { 'class': 'actions' }, BUTTONS.map(function (b) {
         return el('button', { type: 'button', 'data-decision': b[0], 'aria-pressed': 'false',
                               text: b[1] });
