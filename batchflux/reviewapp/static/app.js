@@ -87,7 +87,8 @@
   // Rendering
 
   function card(item, large) {
-    var attrs = { 'class': 'card' + (item.failed ? ' failed' : ''), 'data-key': item.key,
+    var attrs = { 'class': 'card' + (item.failed ? ' failed' : '') + (item.stale ? ' stale' : ''),
+                  'data-key': item.key,
                   'data-state': stateOf(item), 'tabindex': '-1', 'aria-label': item.label };
     if (item.failed) {
       return el('article', attrs, [
@@ -96,7 +97,8 @@
           item.error.explanation ? el('p', { 'class': 'explanation', text: item.error.explanation }) : null,
           el('p', { 'class': 'message', text: item.error.message })
         ]),
-        el('div', { 'class': 'caption' }, [el('b', { text: item.label }), chips(item.varying)])
+        el('div', { 'class': 'caption' }, [el('b', { text: item.label }), staleNote(item),
+                                           chips(item.varying)])
       ]);
     }
     var images = large ? item.images : item.images.slice(0, 1);
@@ -110,7 +112,8 @@
       ? el('span', { 'class': 'more', text: '+' + (item.images.length - 1) + ' more' }) : null;
     var node = el('article', attrs, frames.concat([
       el('span', { 'class': 'badge', text: stateOf(item) }),
-      el('div', { 'class': 'caption' }, [el('b', { text: item.label }), more, chips(item.varying)]),
+      el('div', { 'class': 'caption' }, [el('b', { text: item.label }), more, staleNote(item),
+                                         chips(item.varying)]),
       el('div', { 'class': 'actions' }, BUTTONS.map(function (b) {
         return el('button', { type: 'button', 'data-decision': b[0], 'aria-pressed': 'false',
                               text: b[1] });
@@ -118,6 +121,11 @@
     ]));
     paint(node, item);
     return node;
+  }
+
+  // A result of an item the current manifest no longer has (shown with --all only).
+  function staleNote(item) {
+    return item.stale ? el('span', { 'class': 'stale-note', text: 'not in the manifest' }) : null;
   }
 
   function paint(node, item) {
@@ -395,6 +403,9 @@
     run = data;
     run.items.forEach(function (item) { byKey[item.key] = item; });
     document.getElementById('run-name').textContent = run.run.name;
+    var note = document.getElementById('manifest-note');
+    note.textContent = run.run.note || '';
+    note.hidden = !run.run.note;
     document.title = 'batchflux review: ' + run.run.name;
     readFilter();
     render();
