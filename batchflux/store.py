@@ -326,12 +326,7 @@ def save_item_keys(out_dir: Path, keys: array) -> None:  # type: ignore[type-arg
     (:func:`read_item_keys` reads them). Atomic: readers see the old file or the new one."""
     path = item_keys_path(out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        keys.tofile(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    fileutil.write_atomic(path, keys.tobytes())
 
 
 def forget_item_keys(out_dir: Path) -> None:
