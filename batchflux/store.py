@@ -337,8 +337,12 @@ def forget_item_keys(out_dir: Path) -> None:
 
 
 def in_keys(keys: array, key: str) -> bool:  # type: ignore[type-arg]
-    """True when the item ``key`` is one of ``keys`` (from :func:`read_item_keys`)."""
-    kid = key_id(key)
+    """True when the item ``key`` is one of ``keys`` (from :func:`read_item_keys`); never for
+    a key batchflux did not make (not hex: a hand-edited line)."""
+    try:
+        kid = key_id(key)
+    except ValueError:
+        return False
     pos = bisect_left(keys, kid)
     return pos < len(keys) and keys[pos] == kid
 

@@ -245,6 +245,15 @@ def test_a_reroll_of_a_current_item_counts_as_current(
     assert (report["items"], report["not_in_manifest"]) == (54 + 1, 18 + 1)
 
 
+def test_a_hand_written_line_with_a_key_batchflux_never_makes_is_not_in_the_manifest(
+        out: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = {**load_results(out)[0], "key": "not-a-hex-key", "reroll_of": "neither"}
+    with open(out / "results.jsonl", "a") as fh:
+        fh.write(json.dumps(line) + "\n")
+    report = report_json(out, capsys)
+    assert (report["items"], report["not_in_manifest"]) == (54, 19)
+
+
 # --------------------------------------------------------------------------------------------
 # a damaged keys file
 
