@@ -154,33 +154,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="what a run did: table, JSON, or an HTML review page",
                        description="Summarise the run directory OUT: counts by status, error "
                        "categories explained, credits, latencies and throughput, as a table, "
-                       "as JSON (--json), or as an offline HTML review page (--html).")
+                       "as JSON (--json), or as an offline HTML review page (--html). Only "
+                       "the items of the manifest the latest run ran count; results of items "
+                       "it no longer has are counted as 'not in the manifest' (--all includes "
+                       "them).")
     p.add_argument("out", metavar="OUT", help="a run directory (the --out of a run)")
     p.add_argument("--json", action="store_true", help="machine-readable report on stdout")
     p.add_argument("--html", action="store_true",
                    help="write OUT/review/index.html (contact sheet and grids, offline)")
     p.add_argument("--thumb-size", type=_positive_int, default=256, metavar="PX",
                    help="thumbnail size for --html")
+    _all_argument(p)
     p.set_defaults(handler=_report)
 
     p = sub.add_parser("review", help="review a run in the browser: accept, reject, star",
                        description="Serve a local web app over the run directory OUT: contact "
                        "sheet, grids and compare view; Accept, Reject and Star each image "
                        "(keys a, r, s; u undoes). Every decision is one line of "
-                       "OUT/review.jsonl.")
+                       "OUT/review.jsonl. Shows the items of the manifest the latest run ran "
+                       "(--all: also those it no longer has, marked).")
     p.add_argument("out", metavar="OUT", help="a run directory")
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=_port, default=None, metavar="P",
                    help="port (default: 8765, or a free one when taken; 0: any free port)")
     p.add_argument("--open", action="store_true", help="open the page in the web browser")
+    _all_argument(p)
     p.set_defaults(handler=_review)
 
     p = sub.add_parser("merge", help="combine run directories (shards) into one",
                        description="Combine the run directories OUT (shards of one manifest, "
                        "run with --shard I/N) into the run directory given by --into: result "
                        "lines deduplicated by item key, every image checked by sha256 and "
-                       "hard-linked or copied. Exit 65 when an image is missing or differs.")
+                       "hard-linked or copied. Exit 65 when an image is missing or differs. "
+                       "Results of items the manifest no longer has are merged too, with a "
+                       "warning; report, export and review leave them out unless --all.")
     p.add_argument("sources", nargs="+", metavar="OUT",
                    help="a run directory to merge: each shard's --out")
     p.add_argument("--into", required=True, metavar="OUT", help="the merged run directory")
@@ -192,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export the ok images of the run directory OUT as a "
                        "dataset: hf writes OUT/dataset/hf (a Hugging Face ImageFolder with "
                        "metadata.jsonl), webdataset writes tar shards to "
-                       "OUT/dataset/webdataset. Every image's sha256 is checked first.")
+                       "OUT/dataset/webdataset. Every image's sha256 is checked first. Only "
+                       "the items of the manifest the latest run ran are exported (--all: "
+                       "also those it no longer has).")
     p.add_argument("out", metavar="OUT", help="a run directory (the --out of a run)")
     p.add_argument("--dataset", choices=("hf", "webdataset"), required=True,
                    help="the layout: hf (Hugging Face ImageFolder) or webdataset (tar shards)")
@@ -201,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", type=_states, default=None, metavar="STATE[,STATE]",
                    help="export only images in these review states (batchflux review): "
                    "accepted, rejected, starred, undecided")
+    _all_argument(p)
     p.set_defaults(handler=_export)
 
     p = sub.add_parser("verify", help="re-check every image of a run against its result line",
@@ -232,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=sim_serve.main)
 
     return parser
+
+
+def _all_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--all", action="store_true", dest="include_all",
+                        help="also the results of items the manifest no longer has (after "
+                        "an edit); by default they are left out and counted as not in the "
+                        "manifest")
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -288,18 +306,28 @@ def _report(args: argparse.Namespace) -> int:
     from .store import BadLine
 
     if args.html:
-        page = write_review(args.out, thumb_size=args.thumb_size)
+        page = write_review(args.out, thumb_size=args.thumb_size, include_all=args.include_all)
         print(f"batchflux: review page: {page.path} ({plural(page.thumbnails, 'image')}, "
               f"{plural(page.failures, 'failure')})",
               file=sys.stderr if args.json else sys.stdout)
-    report = build_report(args.out)
+    report = build_report(args.out, include_all=args.include_all)
     for bad in report["bad_lines"]:
         _warn_skipped(BadLine(**bad))
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     elif not args.html:
         render_table(report)
+    else:
+        _note_not_in_manifest(report["not_in_manifest"], args.include_all)
     return 0
+
+
+def _note_not_in_manifest(count: int, include_all: bool) -> None:
+    """The count of results not in the manifest, on stderr, when there are any."""
+    if count:
+        from .review import manifest_note
+
+        print(f"batchflux: {manifest_note(count, include_all=include_all)}", file=sys.stderr)
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -311,6 +339,10 @@ def _merge(args: argparse.Namespace) -> int:
           f"files {done.files_linked} linked, "
           f"{done.files_copied} copied, {done.files_present} already there; every file's "
           "sha256 checked")
+    if done.not_in_manifest:
+        print(f"batchflux: warning: {plural(done.not_in_manifest, 'merged result')} not in "
+              "the manifest (kept: report, export and review leave them out unless --all)",
+              file=sys.stderr)
     return 0
 
 
@@ -318,10 +350,12 @@ def _export(args: argparse.Namespace) -> int:
     from .dataset import export_dataset
 
     done = export_dataset(args.out, args.dataset, shard_size=args.shard_size,
-                          on_bad_line=_warn_skipped, only=args.only)
+                          on_bad_line=_warn_skipped, only=args.only,
+                          include_all=args.include_all)
     which = f" ({', '.join(args.only)} only)" if args.only else ""
     print(f"batchflux: dataset ({done.format}): {plural(done.rows, 'image')}{which} in "
           f"{done.path}; every file's sha256 checked")
+    _note_not_in_manifest(done.not_in_manifest, done.include_all)
     return 0
 
 
@@ -358,7 +392,8 @@ def _port(text: str) -> int:
 def _review(args: argparse.Namespace) -> int:
     from .reviewapp.serve import review_command
 
-    return review_command(args.out, host=args.host, port=args.port, open_browser=args.open)
+    return review_command(args.out, host=args.host, port=args.port, open_browser=args.open,
+                          include_all=args.include_all)
 
 
 def _positive_float(text: str) -> float:

@@ -25,7 +25,10 @@ for all rows. A meta name that is already one of the columns above is written as
 model that made the image.
 
 A sample's name is the item key (plus ``_2``, ``_3``... for extra images of one item). Only
-items whose result is ``ok`` are exported; ``only`` (``--only accepted``, ``--only
+items of the current manifest (:func:`~batchflux.results.split_by_manifest`: the manifest the
+latest run ran, rerolls of its items included) whose result is ``ok`` are exported; results of
+items the manifest no longer has are left out and counted (``ExportResult.not_in_manifest``)
+unless ``include_all`` (``--all``); ``only`` (``--only accepted``, ``--only
 accepted,starred``) keeps the items in those review states (``batchflux review`` writes them
 to ``OUT/review.jsonl``: ``accepted``, ``rejected``, ``starred``, ``undecided``), and every
 row carries its review state as ``decision``. Every image is checked against the sha256 on its
@@ -57,7 +60,7 @@ from .display import item_label
 from .errors import IntegrityError, UsageError
 from .fileutil import replace_atomic, sha256_file, write_atomic
 from .models import Result
-from .results import read_results, recorded_path
+from .results import recorded_path, split_by_manifest
 from .reviewapp.decisions import STATES, read_decisions, review_state
 from .store import RESULTS_NAME, STATE_DIR, BadLine, OnBadLine
 
@@ -85,6 +88,10 @@ class ExportResult:
     rows: int
     shards: int = 0
     bad_lines: tuple[BadLine, ...] = ()  # results.jsonl lines skipped
+    #: Items with a result that the manifest no longer has: left out, or with ``include_all``
+    #: exported with the rest.
+    not_in_manifest: int = 0
+    include_all: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,13 +107,21 @@ class DatasetRow:
 
 
 def dataset_rows(out_dir: Path, *, on_bad_line: OnBadLine | None = None,
-                 only: Collection[str] | None = None) -> Iterator[DatasetRow]:
-    """Every image of every ok item, in manifest order; with ``only``, of the items whose
-    review state is one of ``only``. Unreadable results lines are passed to ``on_bad_line``
-    (see :func:`batchflux.results.read_results`)."""
+                 only: Collection[str] | None = None,
+                 include_all: bool = False) -> Iterator[DatasetRow]:
+    """Every image of every ok item of the current manifest (of every item with
+    ``include_all``), in manifest order; with ``only``, of the items whose review state is one
+    of ``only``. Unreadable results lines are passed to ``on_bad_line`` (see
+    :func:`batchflux.results.read_results`)."""
+    split = split_by_manifest(out_dir, on_bad_line=on_bad_line)
+    yield from _rows(out_dir, split.records(include_all=include_all), only)
+
+
+def _rows(out_dir: Path, records: Iterable[Result],
+          only: Collection[str] | None) -> Iterator[DatasetRow]:
     decisions = read_decisions(out_dir)
     exported: list[tuple[Result, str]] = []
-    for record in read_results(out_dir, on_bad_line=on_bad_line).ordered():
+    for record in records:
         if not record.ok:
             continue
         decision = review_state(record.key, decisions)
@@ -177,12 +192,15 @@ def _rows_of(record: Result, decision: str,
 def export_dataset(out_dir: str | os.PathLike[str], fmt: str, *,
                    shard_size: int = DEFAULT_SHARD_SIZE,
                    on_bad_line: OnBadLine | None = None,
-                   only: Collection[str] | None = None) -> ExportResult:
-    """Write (or rewrite) the ``fmt`` export of the run in ``out_dir``. See the module doc.
+                   only: Collection[str] | None = None,
+                   include_all: bool = False) -> ExportResult:
+    """Write (or rewrite) the ``fmt`` export of the run in ``out_dir``: the items of its
+    current manifest, or with ``include_all`` every item with a result. See the module doc.
 
     Raises :class:`~batchflux.errors.IntegrityError` when an image is missing or does not
     match its sha256, :class:`~batchflux.errors.UsageError` for a bad format or directory, or
-    an ``only`` that keeps nothing.
+    an ``only`` that keeps nothing, :class:`~batchflux.errors.RunDirectoryError` when the
+    record of the manifest's items is damaged.
 
     >>> from batchflux import export_dataset
     >>> export = export_dataset("out/nightly", "hf")
@@ -209,7 +227,8 @@ def export_dataset(out_dir: str | os.PathLike[str], fmt: str, *,
         if on_bad_line is not None:
             on_bad_line(line)
 
-    rows_of = dataset_rows(out, on_bad_line=skipped, only=only)
+    split = split_by_manifest(out, on_bad_line=skipped)
+    rows_of = _rows(out, split.records(include_all=include_all), only)
     final = out / EXPORT_DIR / fmt
     work = out / STATE_DIR / f"export-{fmt}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
@@ -226,7 +245,8 @@ def export_dataset(out_dir: str | os.PathLike[str], fmt: str, *,
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return ExportResult(format=fmt, path=final, rows=rows, shards=shards, bad_lines=tuple(bad))
+    return ExportResult(format=fmt, path=final, rows=rows, shards=shards, bad_lines=tuple(bad),
+                        not_in_manifest=split.not_in_manifest, include_all=include_all)
 
 
 def _swap_in(work: Path, final: Path) -> None:

@@ -9,6 +9,8 @@
     ├── OutputLockedError               another run holds the output dir       exit 75
     ├── IntegrityError                  a recorded file is missing or differs  exit 65
     │                                   from its result line (export, merge)
+    ├── RunDirectoryError               a run directory's own record in        exit 65
+    │                                   .batchflux/ is damaged (item keys)
     ├── MergeError                      run directories that cannot be merged  exit 1
     ├── FilenameTemplateError           a file-name template cannot render     exit 2
     ├── ImageCheckError                 a downloaded file is not the image the job promised
@@ -166,6 +168,14 @@ class ApiError(BatchfluxError):
             f"{type(self).__name__}({self.message!r}, category={self.category.value!r}, "
             f"retryable={self.retryable}, http_status={self.http_status})"
         )
+
+
+class RunDirectoryError(BatchfluxError):
+    """A file batchflux keeps in a run directory's ``.batchflux/`` cannot be read as written
+    (the item keys of its manifest: cut short, out of order, not a file). The message names
+    the file and how to make it again (re-run the manifest)."""
+
+    exit_code = EXIT_DATAERR
 
 
 class MergeError(BatchfluxError):

@@ -15,14 +15,24 @@ frozen manifest in ``.batchflux/``). The merge:
 
 The target may already hold a run (an earlier merge, or one of the shards): its results take
 part in the merge like any source.
+
+Results of items the manifest no longer has (a prompt edited after a shard ran) are merged
+too: a merge combines what the shards hold and drops nothing it could not get back. They are
+counted (``MergeReport.not_in_manifest``, a warning on the command line), and the target
+records the items of the manifest as the union of the sources' records
+(``.batchflux/item-keys.bin``), so that ``report``, ``export`` and ``review`` on the merged
+directory leave them out unless ``--all``, as on each shard. When one of the directories has
+no such record (an older batchflux made it), neither has the target: every item counts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import os
 import shutil
+from array import array
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +42,7 @@ from .display import item_label
 from .errors import IntegrityError, MergeError, UsageError
 from .fileutil import copy_atomic, replace_atomic, sha256_file, write_atomic, write_json_atomic
 from .models import Result
-from .results import choose, iter_records, read_results, recorded_path, sort_key
+from .results import choose, in_manifest, iter_records, read_results, recorded_path, sort_key
 from .stats import utc_now
 from .store import (
     LOCK_NAME,
@@ -42,10 +52,14 @@ from .store import (
     BadLine,
     DirectoryLock,
     OnBadLine,
+    forget_item_keys,
+    read_item_keys,
+    save_item_keys,
 )
 from .summary import Tally
 
-__all__ = ["MergeError", "MergeReport", "final_records", "manifest_digest", "merge_runs"]
+__all__ = ["MergeError", "MergeReport", "final_records", "manifest_digest", "merge_runs",
+           "merged_item_keys"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +76,9 @@ class MergeReport:
     files_present: int
     duplicates: int
     bad_lines: tuple[BadLine, ...] = ()  # lines of the sources' results.jsonl skipped
+    #: Merged items that are not in the manifest (kept; report, export and review hide them
+    #: unless --all).
+    not_in_manifest: int = 0
 
 
 def final_records(out_dir: Path) -> dict[str, Result]:
@@ -82,6 +99,23 @@ def manifest_digest(out_dir: Path) -> str | None:
     summary = _read_summary(out_dir)
     digest = summary.get("manifest_sha256")
     return digest if isinstance(digest, str) else None
+
+
+def merged_item_keys(dirs: Iterable[Path]) -> array | None:  # type: ignore[type-arg]
+    """The items of the manifest of a merge of ``dirs``: the union of each directory's record
+    (sorted, distinct), or None when one of them has none (every item then counts). Raises
+    :class:`~batchflux.errors.RunDirectoryError` for a damaged record."""
+    records = []
+    for directory in dirs:
+        keys = read_item_keys(directory)
+        if keys is None:
+            return None
+        records.append(keys)
+    union = array("Q")
+    for kid in heapq.merge(*records):  # each is sorted: 8 bytes an item, no set
+        if not union or union[-1] != kid:
+            union.append(kid)
+    return union
 
 
 def _read_summary(out_dir: Path) -> dict[str, Any]:
@@ -133,18 +167,19 @@ def merge_runs(sources: Iterable[str | os.PathLike[str]], into: str | os.PathLik
         listing = "; ".join(f"{p}: {(d or 'unknown')[:12]}" for p, d in digests.items())
         raise MergeError("the run directories were made from different manifests "
                          f"({listing}); pass --force to merge them anyway")
+    keys = merged_item_keys(all_dirs)  # a damaged record stops the merge before any change
 
     (target / STATE_DIR).mkdir(parents=True, exist_ok=True)
     lock = DirectoryLock(target / STATE_DIR / LOCK_NAME)
     lock.acquire()
     try:
-        return _merge_locked(all_dirs, paths, target, digests, on_bad_line)
+        return _merge_locked(all_dirs, paths, target, digests, keys, on_bad_line)
     finally:
         lock.release()
 
 
 def _merge_locked(all_dirs: list[Path], sources: list[Path], target: Path,
-                  digests: Mapping[Path, str | None],
+                  digests: Mapping[Path, str | None], keys: array | None,  # type: ignore[type-arg]
                   on_bad_line: OnBadLine | None) -> MergeReport:
     bad: list[BadLine] = []
 
@@ -183,6 +218,10 @@ def _merge_locked(all_dirs: list[Path], sources: list[Path], target: Path,
 
     ordered = sorted(chosen.values(), key=sort_key)
     write_atomic(target / RESULTS_NAME, _jsonl(ordered))
+    if keys is None:
+        forget_item_keys(target)
+    else:
+        save_item_keys(target, keys)
     for directory in sources:  # keep a manifest beside the merged results, for later merges
         frozen = sorted((directory / STATE_DIR).glob("manifest.*"))
         if frozen and not any((target / STATE_DIR).glob("manifest.*")):
@@ -193,7 +232,8 @@ def _merge_locked(all_dirs: list[Path], sources: list[Path], target: Path,
     return MergeReport(into=target, sources=tuple(sources), items=len(ordered),
                        ok=counts["ok"], failed=counts["failed"], files_linked=linked,
                        files_copied=copied, files_present=present, duplicates=duplicates,
-                       bad_lines=tuple(bad))
+                       bad_lines=tuple(bad),
+                       not_in_manifest=sum(not in_manifest(r, keys) for r in ordered))
 
 
 def _place(src: Path, dst: Path, sha: str, record: Result, source_dir: Path) -> str:

@@ -6,6 +6,8 @@
   retries, the in-flight cap over time, and the images accepted, rejected, starred and still
   undecided. The counts come from the result lines through :class:`~batchflux.summary.Tally`,
   the tally the run itself and ``merge`` use, so it works on merged directories too.
+  Only the items of the current manifest count (:func:`~batchflux.results.split_by_manifest`;
+  the others are counted as ``not_in_manifest``) unless ``include_all`` (``--all``).
 - :func:`render_table` prints that dict with rich.
 - :func:`write_review` writes ``OUT/review/index.html`` (``report --html``): a contact sheet of
   thumbnails grouped by prompt and grid views (prompt rows x seed columns, prompt rows x
@@ -17,7 +19,8 @@
   self-contained: one HTML file with inline CSS, relative links to ``review/thumbs/*.jpg`` and
   to the full images, nothing external, so it works offline from the output directory, copied
   or zipped as a whole. Every piece of user text (prompts, ids, error messages) is
-  HTML-escaped.
+  HTML-escaped. With ``include_all``, results not in the manifest are shown, each marked
+  "not in the manifest".
 
 The grouping, labels and thumbnails are :mod:`batchflux.review`'s, shared with the review app
 (``batchflux review``, :mod:`batchflux.reviewapp`).
@@ -32,7 +35,7 @@ from __future__ import annotations
 import html
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,12 +44,12 @@ from urllib.parse import quote
 from rich.console import Console
 from rich.table import Table
 
-from .errors import UsageError
 from .fileutil import write_text_atomic
 from .models import ErrorCategory, FileRecord, Result
-from .results import RunResults, read_results, recorded_path
+from .results import ManifestSplit, recorded_path, split_by_manifest
 from .review import (
     DEFAULT_THUMB_SIZE,
+    NOT_IN_MANIFEST,
     REVIEW_DIR,
     THUMB_DIR,
     PromptGroup,
@@ -55,6 +58,7 @@ from .review import (
     format_value,
     image_label,
     make_thumbnail,
+    manifest_note,
     prompt_groups,
     thumb_name,
     thumb_path,
@@ -62,7 +66,7 @@ from .review import (
 )
 from .reviewapp.decisions import count_states, read_decisions
 from .stats import percentile, rounded
-from .store import RESULTS_NAME, SUMMARY_NAME, BadLine
+from .store import SUMMARY_NAME, BadLine
 from .summary import Tally
 
 __all__ = [
@@ -86,12 +90,6 @@ def _explain(category: str) -> str:
         return "unknown category"
 
 
-def _results(out: Path) -> RunResults:
-    if not (out / RESULTS_NAME).is_file():
-        raise UsageError(f"{out} is not a batchflux run directory (no {RESULTS_NAME})")
-    return read_results(out)
-
-
 def _summary(out: Path) -> dict[str, Any]:
     try:
         data = json.loads((out / SUMMARY_NAME).read_text(encoding="utf-8"))
@@ -100,14 +98,18 @@ def _summary(out: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def build_report(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+def build_report(out_dir: str | os.PathLike[str], *, include_all: bool = False,
+                 split: ManifestSplit | None = None) -> dict[str, Any]:
     """Everything ``batchflux report`` shows, as one JSON-able dict.
 
     Counts, credits, images, bytes and latencies are those of a
-    :class:`~batchflux.summary.Tally` of the final result of each item: ``credits_spent`` is
-    what was paid (a duplicate item's line and a job replayed from another run add nothing),
-    ``images`` the distinct images stored. ``bad_lines`` lists the lines of results.jsonl that
-    could not be read (``file``, ``line``, ``reason``); every other line counts.
+    :class:`~batchflux.summary.Tally` of the final result of each item of the current
+    manifest (every item with ``include_all``): ``credits_spent`` is what was paid (a
+    duplicate item's line and a job replayed from another run add nothing), ``images`` the
+    distinct images stored. ``not_in_manifest`` counts the items with a result that the
+    manifest no longer has (left out unless ``include_all``; ``all`` says which). ``bad_lines``
+    lists the lines of results.jsonl that could not be read (``file``, ``line``, ``reason``);
+    every other line counts. ``split`` is the directory already read (else it is read here).
 
     >>> from batchflux import build_report
     >>> report = build_report("out/nightly")
@@ -115,8 +117,9 @@ def build_report(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     (12, {'ok': 12}, 24.0)
     """
     out = Path(out_dir)
-    results = _results(out)
-    records = results.ordered()
+    split = split or split_by_manifest(out)
+    results = split.results
+    records = split.records(include_all=include_all)
     summary = _summary(out)
     tally = Tally()
     for record in records:
@@ -127,6 +130,8 @@ def build_report(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return {
         "out_dir": str(out),
         "items": len(records),
+        "not_in_manifest": split.not_in_manifest,
+        "all": include_all,
         "by_status": dict(sorted(tally.by_status.items())),
         "by_category": [
             {"category": name, "count": count, "explanation": _explain(name)}
@@ -168,7 +173,8 @@ def cap_timeline(history: Sequence[Sequence[float]], *, limit: int = 12) -> str:
         return "-"
     steps = [f"{int(n)} @{float(t):g}s" for t, n in history]
     if len(steps) > limit:
-        steps = steps[: limit // 2] + [f"... {len(steps) - limit} more ..."] + steps[-limit // 2:]
+        steps = [*steps[: limit // 2], f"... {len(steps) - limit} more ...",
+                 *steps[-limit // 2:]]
     return " -> ".join(steps)
 
 
@@ -207,6 +213,8 @@ def render_table(report: Mapping[str, Any], *, console: Console | None = None) -
     if report.get("stop_reason"):
         table.add_row("stopped", str(report["stop_reason"]))
     console.print(table)
+    if report.get("not_in_manifest"):
+        console.print(manifest_note(report["not_in_manifest"], include_all=report["all"]))
     if report["by_category"]:
         errors = Table(title="failures by category")
         errors.add_column("category", style="red")
@@ -277,18 +285,22 @@ def _reason(record: Result) -> str:
     return f"{record.error.category.value}: {record.error.message}"
 
 
-def _figure(tile: _Tile, group: PromptGroup) -> str:
+def _figure(tile: _Tile, group: PromptGroup, stale: Collection[str]) -> str:
     record = tile.record
     varying = "".join(f"<li><span>{_e(k)}</span> {_e(format_value(v))}</li>"
                       for k, v in varying_params(record, group))
+    old = record.key in stale
     caption = (f"<figcaption><b>{_e(image_label(record, tile.file))}</b>"
+               + (f"<span class=stale-note>{_e(NOT_IN_MANIFEST)}</span>" if old else "")
                + (f"<ul class=params>{varying}</ul>" if varying else "")
                + f"<code>{_e(record.key[:12])}</code></figcaption>")
+    classes = " ".join(c for c, on in (("failed", tile.thumb is None), ("stale", old)) if on)
+    attrs = (f" class=\"{classes}\"" if classes else "") + f" data-key={_e(record.key)}"
     if tile.thumb is None:
-        return (f"<figure class=failed data-key={_e(record.key)}>"
+        return (f"<figure{attrs}>"
                 f"<div class=reason>failed<br>{_e(_reason(record))}</div>{caption}</figure>")
     title = _e(record.prompt)
-    return (f"<figure data-key={_e(record.key)}><a href=\"{_e(_url(tile.image or ''))}\">"
+    return (f"<figure{attrs}><a href=\"{_e(_url(tile.image or ''))}\">"
             f"<img src=\"{_e(_url(tile.thumb))}\" alt=\"{title}\" loading=eager></a>"
             f"{caption}</figure>")
 
@@ -301,17 +313,19 @@ def _group_head(group: PromptGroup, tag: str) -> str:
             + (f"<ul class=common>{common}</ul>" if common else "") + f"</{tag}>")
 
 
-def _sheet(groups: Sequence[PromptGroup], tiles: Mapping[str, list[_Tile]]) -> str:
+def _sheet(groups: Sequence[PromptGroup], tiles: Mapping[str, list[_Tile]],
+           stale: Collection[str]) -> str:
     sections = []
     for group in groups:
-        figures = "".join(_figure(t, group) for r in group.records for t in tiles[r.key])
+        figures = "".join(_figure(t, group, stale) for r in group.records for t in tiles[r.key])
         sections.append(f"<section class=group id=prompt-{group.number}>"
                         f"{_group_head(group, 'header')}<div class=cards>{figures}</div>"
                         "</section>")
     return "".join(sections)
 
 
-def _grid(groups: Sequence[PromptGroup], tiles: Mapping[str, list[_Tile]], axis: str) -> str:
+def _grid(groups: Sequence[PromptGroup], tiles: Mapping[str, list[_Tile]], axis: str,
+          stale: Collection[str]) -> str:
     columns = axis_values((r for g in groups for r in g.records), axis)
     name = "seed" if axis == "seed" else "aspect"
     cells = ["<div class=corner>prompt</div>"]
@@ -321,7 +335,7 @@ def _grid(groups: Sequence[PromptGroup], tiles: Mapping[str, list[_Tile]], axis:
         for column in columns:
             inside = [t for r in group.records if axis_value(r, axis) == column
                       for t in tiles[r.key]]
-            cells.append("<div class=cell>" + "".join(_figure(t, group) for t in inside)
+            cells.append("<div class=cell>" + "".join(_figure(t, group, stale) for t in inside)
                          + "</div>")
     return f"<div class=grid style=\"--columns:{len(columns)}\">{''.join(cells)}</div>"
 
@@ -348,8 +362,11 @@ ul.common li span,ul.params li span{color:#999}
 figure{margin:0;background:#242528;border:1px solid #333;border-radius:4px;padding:6px;
 min-width:0}
 figure img{width:100%;height:auto;max-height:256px;object-fit:contain;display:block}
-figcaption{font-size:12px;margin-top:4px;word-break:break-word}figcaption code{color:#777;display:block}
+figcaption{font-size:12px;margin-top:4px;word-break:break-word}
+figcaption code{color:#777;display:block}
 figure.failed{border-color:#a33;background:#2a1c1c}
+figure.stale{border-style:dashed;border-color:#b80;opacity:.75}
+.stale-note{display:block;color:#fb3;font-size:11px}
 .reason{color:#f88;min-height:80px;padding:8px;font-weight:bold;word-break:break-word}
 .grid{display:grid;gap:6px;grid-template-columns:minmax(180px,1.3fr)
 repeat(var(--columns),minmax(0,1fr))}
@@ -379,8 +396,10 @@ window.addEventListener('load', function () {
 
 
 def render_html(report: Mapping[str, Any], records: Sequence[Result],
-                tiles: Mapping[str, list[_Tile]]) -> str:
-    """The review page for ``report``, its records and their tiles (pure: no file access)."""
+                tiles: Mapping[str, list[_Tile]], *,
+                stale: Collection[str] = frozenset()) -> str:
+    """The review page for ``report``, its records and their tiles (pure: no file access);
+    the records whose key is in ``stale`` are marked as not in the manifest."""
     groups = prompt_groups(records)
     decisions = report.get("decisions") or {}
     stats = [
@@ -395,6 +414,9 @@ def render_html(report: Mapping[str, Any], records: Sequence[Result],
         stats.append(("decisions", ", ".join(f"{v} {k}" for k, v in decisions.items())))
     stats += [(f"failed: {row['category']}", f"{row['count']} — {row['explanation']}")
               for row in report["by_category"]]
+    if report.get("not_in_manifest"):
+        stats.append((NOT_IN_MANIFEST,
+                      manifest_note(report["not_in_manifest"], include_all=report["all"])))
     stat_rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in stats)
     return (
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
@@ -406,18 +428,20 @@ def render_html(report: Mapping[str, Any], records: Sequence[Result],
         "<a href=\"#grid-aspect\">prompt x aspect ratio</a></nav>"
         f"<table class=stats>{stat_rows}</table><p id=loaded></p></header><main>"
         f"<section class=view id=grid-seed><h2>Prompt x seed</h2>"
-        f"{_grid(groups, tiles, 'seed')}</section>"
+        f"{_grid(groups, tiles, 'seed', stale)}</section>"
         f"<section class=view id=grid-aspect><h2>Prompt x aspect ratio</h2>"
-        f"{_grid(groups, tiles, 'aspect')}</section>"
-        f"<section class=view id=sheet><h2>Contact sheet</h2>{_sheet(groups, tiles)}</section>"
+        f"{_grid(groups, tiles, 'aspect', stale)}</section>"
+        f"<section class=view id=sheet><h2>Contact sheet</h2>"
+        f"{_sheet(groups, tiles, stale)}</section>"
         f"</main><script>{_SCRIPT}</script></body></html>\n"
     )
 
 
-def write_review(out_dir: str | os.PathLike[str], *,
-                 thumb_size: int = DEFAULT_THUMB_SIZE) -> ReviewPage:
+def write_review(out_dir: str | os.PathLike[str], *, thumb_size: int = DEFAULT_THUMB_SIZE,
+                 include_all: bool = False) -> ReviewPage:
     """Write ``OUT/review/index.html`` and its thumbnails (re-runnable: thumbnails that are
-    up to date are kept, the page is replaced atomically).
+    up to date are kept, the page is replaced atomically): the items of the current manifest,
+    or with ``include_all`` every item, those not in the manifest marked.
 
     >>> from batchflux import write_review
     >>> page = write_review("out/nightly")
@@ -425,13 +449,15 @@ def write_review(out_dir: str | os.PathLike[str], *,
     ('out/nightly/review/index.html', 12, 0)
     """
     out = Path(out_dir)
-    results = _results(out)
-    records = results.ordered()
-    report = build_report(out)
+    split = split_by_manifest(out)
+    results = split.results
+    records = split.records(include_all=include_all)
+    report = build_report(out, include_all=include_all, split=split)
     tiles = _tiles(out, records, thumb_size)
     page = out / REVIEW_DIR / "index.html"
     page.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(page, render_html(report, records, tiles))
+    stale = split.stale_keys() if include_all else frozenset()
+    write_text_atomic(page, render_html(report, records, tiles, stale=stale))
     flat = [t for ts in tiles.values() for t in ts]
     return ReviewPage(path=page, thumbnails=sum(t.thumb is not None for t in flat),
                       failures=sum(t.thumb is None for t in flat),

@@ -11,6 +11,11 @@ For each item key one line counts: an ``ok`` line beats a failed one, and a late
 earlier one of the same kind (the rule a resumed run follows: an ok item is never redone, a
 failure retried later is replaced by its newer outcome).
 
+A run directory can hold results of items its manifest no longer has (a prompt edited, an axis
+shortened): :func:`split_by_manifest` tells the items of the current manifest (recorded by
+the latest run in ``.batchflux/item-keys.bin``) from the others, which reports, exports and
+the review app leave out unless asked for all.
+
     >>> import shutil
     >>> _ = shutil.copytree("out/nightly", "out/torn")
     >>> with open("out/torn/results.jsonl", "a") as results_file:
@@ -23,16 +28,17 @@ failure retried later is replaced by its newer outcome).
 from __future__ import annotations
 
 import os
+from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
 from .models import RecordError, Result
-from .store import RESULTS_NAME, BadLine, OnBadLine, iter_jsonl_numbered
+from .store import RESULTS_NAME, BadLine, OnBadLine, in_keys, iter_jsonl_numbered, read_item_keys
 
-__all__ = ["RunResults", "choose", "iter_records", "read_results", "recorded_path", "run_records",
-           "sort_key"]
+__all__ = ["ManifestSplit", "RunResults", "choose", "in_manifest", "iter_records",
+           "read_results", "recorded_path", "run_records", "sort_key", "split_by_manifest"]
 
 IMAGES_DIR = "images"
 
@@ -111,6 +117,69 @@ def run_records(out_dir: str | os.PathLike[str]) -> list[Result]:
     if not (out / RESULTS_NAME).is_file():
         raise UsageError(f"{out} is not a batchflux run directory (no {RESULTS_NAME})")
     return read_results(out).ordered()
+
+
+def in_manifest(record: Result, keys: array | None) -> bool:  # type: ignore[type-arg]
+    """True when ``record`` is an item of the manifest whose item ``keys`` a run recorded
+    (:func:`~batchflux.store.read_item_keys`): its key is one of them, or it is a reroll of
+    one (``reroll_of``: a new image of a current item belongs to the manifest, whether or not
+    the latest run had ``--reroll``). With no keys (a directory of an older batchflux), every
+    record is."""
+    if keys is None:
+        return True
+    return in_keys(keys, record.key) or (record.reroll_of is not None
+                                         and in_keys(keys, record.reroll_of))
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestSplit:
+    """A run directory's final records split by its current manifest (:func:`split_by_manifest`).
+
+    ``current`` and ``others`` are in manifest order; ``known`` is False for a directory
+    without a record of its manifest's items (an older batchflux wrote it): then every record
+    is current and ``others`` is empty.
+    """
+
+    results: RunResults
+    current: tuple[Result, ...]
+    others: tuple[Result, ...]
+    known: bool
+
+    @property
+    def not_in_manifest(self) -> int:
+        """How many items have a result but are not in the manifest."""
+        return len(self.others)
+
+    def records(self, *, include_all: bool = False) -> list[Result]:
+        """The records a post-run tool shows: the current ones, or with ``include_all`` every
+        record (in manifest order, the others among them by their old index)."""
+        return self.results.ordered() if include_all else list(self.current)
+
+    def stale_keys(self) -> frozenset[str]:
+        """The keys of the records that are not in the manifest."""
+        return frozenset(record.key for record in self.others)
+
+
+def split_by_manifest(out_dir: str | os.PathLike[str], *,
+                      on_bad_line: OnBadLine | None = None) -> ManifestSplit:
+    """The final record of every item of ``out_dir`` (:func:`read_results`), split into the
+    items of the manifest the latest run ran and the others (see :func:`in_manifest`).
+
+    Raises :class:`~batchflux.errors.UsageError` when ``out_dir`` is not a run directory and
+    :class:`~batchflux.errors.RunDirectoryError` (exit 65) when its record of the manifest's
+    items is damaged.
+    """
+    out = Path(out_dir)
+    if not (out / RESULTS_NAME).is_file():
+        raise UsageError(f"{out} is not a batchflux run directory (no {RESULTS_NAME})")
+    keys = read_item_keys(out)
+    results = read_results(out, on_bad_line=on_bad_line)
+    current: list[Result] = []
+    others: list[Result] = []
+    for record in results.ordered():
+        (current if in_manifest(record, keys) else others).append(record)
+    return ManifestSplit(results=results, current=tuple(current), others=tuple(others),
+                         known=keys is not None)
 
 
 def recorded_path(out_dir: Path, rel: str) -> Path | None:

@@ -15,6 +15,8 @@ review app (``batchflux review``, :mod:`batchflux.reviewapp`) both show a run th
   :func:`reroll_label` says what it rerolls (``reroll 1 of seed 1002 · 1:1``).
 - :func:`make_thumbnail` makes a JPEG of an image, cached in ``OUT/review/thumbs/``
   (:func:`thumb_path`), for both.
+- :func:`manifest_note` says how many results are not in the manifest and whether they are
+  shown (``--all``) or hidden, in the same words in the table, the page and the app.
 
 Everything here works on :class:`~batchflux.models.Result` records.
 
@@ -35,12 +37,14 @@ from typing import Any
 
 from PIL import Image
 
+from .display import plural
 from .fileutil import write_atomic
 from .models import FileRecord, Result
 
 __all__ = [
     "AXES",
     "DEFAULT_THUMB_SIZE",
+    "NOT_IN_MANIFEST",
     "PER_IMAGE_PARAMS",
     "REVIEW_DIR",
     "PromptGroup",
@@ -50,6 +54,7 @@ __all__ = [
     "format_value",
     "image_label",
     "make_thumbnail",
+    "manifest_note",
     "prompt_groups",
     "reroll_label",
     "thumb_name",
@@ -65,6 +70,21 @@ DEFAULT_THUMB_SIZE = 256
 PER_IMAGE_PARAMS = ("seed", "aspect_ratio", "width", "height")
 #: The grid views: prompt rows x columns of one of these.
 AXES = ("seed", "aspect")
+#: How a result of an item the current manifest no longer has is marked.
+NOT_IN_MANIFEST = "not in the manifest"
+
+
+def manifest_note(count: int, *, include_all: bool) -> str:
+    """The line that counts the results not in the manifest, and says where they went.
+
+    >>> manifest_note(18, include_all=False)
+    '18 results not in the manifest (hidden; --all shows them)'
+    >>> manifest_note(1, include_all=True)
+    '1 result not in the manifest (shown with --all, marked as such)'
+    """
+    where = ("shown with --all, marked as such" if include_all
+             else "hidden; --all shows them")
+    return f"{plural(count, 'result')} {NOT_IN_MANIFEST} ({where})"
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@
         lock                flock()ed by the run that holds the directory (its pid inside,
                             for messages only)
         manifest.*          frozen copy of the manifest of the latest run
+        item-keys.bin       the key ids of that manifest's items (8 bytes each, sorted):
+                            what reports and exports call "in the manifest"
         tmp/                partial downloads (never a final name until verified)
 
 Invariants: a line in ``results.jsonl`` means its files exist whole and verified; a jobId is in
@@ -30,7 +32,6 @@ import logging
 import os
 import re
 import time
-import unicodedata
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -42,7 +43,7 @@ import aiofiles
 import aiofiles.os
 
 from . import fileutil
-from .errors import EXIT_CANTCREAT, OutputLockedError, RunAborted, UsageError
+from .errors import EXIT_CANTCREAT, OutputLockedError, RunAborted, RunDirectoryError, UsageError
 from .filenames import (  # noqa: F401 - re-exported: the store's public names since 0.1
     FilenameTemplateError,
     check_filename_template,
@@ -283,21 +284,65 @@ class JournalUpload:
     expires_at: str | None
 
 
+def item_keys_path(out_dir: Path) -> Path:
+    """Where a run directory keeps the key ids of its manifest's items."""
+    return out_dir / STATE_DIR / ITEM_KEYS_NAME
+
+
 def read_item_keys(out_dir: Path) -> array | None:  # type: ignore[type-arg]
     """The key ids of the items of the manifest the latest run of ``out_dir`` ran (sorted),
-    or None for a directory of an older batchflux (every item then counts)."""
-    keys = array("Q")
+    or None for a directory of an older batchflux (every item then counts).
+
+    A file that is not what :func:`save_item_keys` writes (a length that is not a whole
+    number of keys, keys out of order or repeated, a directory) raises
+    :class:`~batchflux.errors.RunDirectoryError` naming it: guessing would hide or show the
+    wrong items.
+    """
+    path = item_keys_path(out_dir)
     try:
-        raw = (out_dir / STATE_DIR / ITEM_KEYS_NAME).read_bytes()
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
-    keys.frombytes(raw[: len(raw) - len(raw) % keys.itemsize])
+    except OSError as exc:
+        raise RunDirectoryError(f"{path}: cannot be read ({exc.strerror or exc}); "
+                                f"{_KEYS_ADVICE}") from exc
+    keys = array("Q")
+    if len(raw) % keys.itemsize:
+        raise RunDirectoryError(f"{path}: damaged ({len(raw)} bytes, not a whole number of "
+                                f"{keys.itemsize}-byte item keys); {_KEYS_ADVICE}")
+    keys.frombytes(raw)
+    if any(a >= b for a, b in itertools.pairwise(keys)):
+        raise RunDirectoryError(f"{path}: damaged (item keys out of order or repeated); "
+                                f"{_KEYS_ADVICE}")
     return keys
 
 
+_KEYS_ADVICE = ("it lists the items of the manifest that reports and exports show; "
+                "running the manifest again on this directory writes it anew")
+
+
+def save_item_keys(out_dir: Path, keys: array) -> None:  # type: ignore[type-arg]
+    """Record ``keys`` (sorted distinct key ids) as the items of ``out_dir``'s manifest
+    (:func:`read_item_keys` reads them). Atomic: readers see the old file or the new one."""
+    path = item_keys_path(out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fileutil.write_atomic(path, keys.tobytes())
+
+
+def forget_item_keys(out_dir: Path) -> None:
+    """Remove ``out_dir``'s record of its manifest's items: every item counts as in the
+    manifest again (what a directory of an older batchflux, without one, means)."""
+    with contextlib.suppress(FileNotFoundError):
+        item_keys_path(out_dir).unlink()
+
+
 def in_keys(keys: array, key: str) -> bool:  # type: ignore[type-arg]
-    """True when the item ``key`` is one of ``keys`` (from :func:`read_item_keys`)."""
-    kid = key_id(key)
+    """True when the item ``key`` is one of ``keys`` (from :func:`read_item_keys`); never for
+    a key batchflux did not make (not hex: a hand-edited line)."""
+    try:
+        kid = key_id(key)
+    except ValueError:
+        return False
     pos = bisect_left(keys, kid)
     return pos < len(keys) and keys[pos] == kid
 
@@ -747,13 +792,7 @@ class RunStore:
     def write_item_keys(self, keys: array) -> None:  # type: ignore[type-arg]
         """Record the key ids of the current manifest's items (sorted, 8 bytes each): what
         reports and exports mean by "the items of the manifest" (:func:`read_item_keys`)."""
-        target = self.state_dir / ITEM_KEYS_NAME
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            keys.tofile(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        save_item_keys(self.out_dir, keys)
 
     def freeze_manifest(self, manifest_path: Path) -> None:
         """Keep a copy of the manifest this run used (it holds no secrets: keys come from the

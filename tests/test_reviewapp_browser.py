@@ -205,6 +205,37 @@ def test_filters_and_live_counts(page: Page, app_url: str, run: Path) -> None:
     assert review_lines(run)[-1] == (first, "accept")
 
 
+def test_items_not_in_the_manifest_are_hidden_and_counted_or_marked_with_all(
+        page: Page, run: Path) -> None:
+    """Issue 13.5: the manifest shortened by one aspect ratio (as a run of it records)."""
+    from array import array
+
+    from batchflux.store import key_id, save_item_keys
+
+    records = load_results(run)
+    gone = {r["key"] for r in records if r["params"]["aspect_ratio"] == "16:9"}
+    save_item_keys(run, array("Q", sorted(key_id(r["key"]) for r in records
+                                          if r["key"] not in gone)))
+    note = page.locator("#manifest-note")
+    with serve_in_thread(app=create_app(run)) as url:
+        open_app(page, url)
+        expect(count(page, "all")).to_have_text(str(len(records) - len(gone)))
+        expect(note).to_be_visible()
+        expect(note).to_have_text(f"{len(gone)} results not in the manifest "
+                                  "(hidden; --all shows them)")
+        assert not gone & visible_keys(page)
+        expect(page.locator(".card.stale")).to_have_count(0)
+    with serve_in_thread(app=create_app(run, include_all=True)) as url:
+        open_app(page, url)
+        expect(count(page, "all")).to_have_text(str(len(records)))
+        expect(note).to_contain_text("shown with --all, marked as such")
+        marked = page.locator("#sheet .card.stale")
+        expect(marked).to_have_count(len(gone))
+        assert set(marked.evaluate_all("nodes => nodes.map(n => n.dataset.key)")) == gone
+        for node in marked.all():
+            expect(node.locator(".stale-note")).to_have_text("not in the manifest")
+
+
 # Union of the boxes of the view's cards (and grid row headers), and the decoded images seen.
 MEASURE = """view => {
   let left = Infinity, right = -Infinity;

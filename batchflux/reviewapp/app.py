@@ -12,6 +12,11 @@
     GET  /thumbs/<key>/<n>      thumbnail of image n of an item (made once, cached in OUT)
     GET  /files/<path>          a full image the run's results list, nothing else
 
+It shows the items of the run's current manifest (:func:`~batchflux.results.split_by_manifest`)
+and counts the others as not in the manifest; with ``include_all`` (``batchflux review
+--all``) it shows every item, those not in the manifest marked (``"stale": true``). Hidden
+items cannot be decided on and their files are not served.
+
 It serves only the run's own files: a path must be listed in ``results.jsonl`` *and* resolve
 (symlinks followed) inside the run directory, else 404. On a loopback address it also refuses
 other ``Host`` names (DNS rebinding) and decisions posted from another origin.
@@ -38,7 +43,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import UsageError
 from ..models import Result
-from ..results import run_records
+from ..results import ManifestSplit, split_by_manifest
 from ..review import (
     AXES,
     DEFAULT_THUMB_SIZE,
@@ -47,12 +52,13 @@ from ..review import (
     format_value,
     image_label,
     make_thumbnail,
+    manifest_note,
     prompt_groups,
     reroll_label,
     thumb_path,
     varying_params,
 )
-from ..store import RESULTS_NAME
+from ..store import RESULTS_NAME, item_keys_path
 from .decisions import MAX_NOTE, DecisionKind, append_decision, read_decisions
 
 __all__ = ["create_app", "load_records"]
@@ -62,12 +68,13 @@ _ASSETS = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript;
            "app.css": "text/css; charset=utf-8"}
 
 
-def load_records(out: Path) -> list[Result]:
-    """Every item of the run (its result that counts), in manifest order.
+def load_records(out: Path) -> ManifestSplit:
+    """Every item of the run (its result that counts), in manifest order, split into the
+    items of the current manifest and the others.
 
     The one place the app reads ``results.jsonl``.
     """
-    return run_records(out)
+    return split_by_manifest(out)
 
 
 def _is_ok(record: Result) -> bool:
@@ -93,9 +100,12 @@ class _Run:
     payload: dict[str, Any]  # /api/run without the decisions
 
 
-def _payload(out: Path, records: list[Result]) -> dict[str, Any]:
+def _payload(out: Path, split: ManifestSplit, include_all: bool) -> dict[str, Any]:
     """``/api/run`` without the decisions: items in view order, each original's rerolls right
-    after it and in its grid cells (``seed``, ``aspect``: the original's columns)."""
+    after it and in its grid cells (``seed``, ``aspect``: the original's columns); the items
+    of the current manifest, or with ``include_all`` every item, those not in it marked."""
+    records = split.records(include_all=include_all)
+    stale = split.stale_keys() if include_all else frozenset()
     groups = prompt_groups(records)
     by_key = {record.key: record for record in records}
     items = []
@@ -120,9 +130,13 @@ def _payload(out: Path, records: list[Result]) -> dict[str, Any]:
                     for n, f in enumerate(files, start=1)
                 ] if _is_ok(record) else [],
                 "error": None if _is_ok(record) else _error_json(record),
+                "stale": record.key in stale,
             })
+    hidden = split.not_in_manifest
     return {
-        "run": {"name": out.resolve().name, "path": str(out), "items": len(records)},
+        "run": {"name": out.resolve().name, "path": str(out), "items": len(records),
+                "not_in_manifest": hidden, "all": include_all,
+                "note": manifest_note(hidden, include_all=include_all) if hidden else None},
         "axes": {axis: axis_values(records, axis, by_key) for axis in AXES},
         "groups": [{"number": g.number, "prompt_id": g.prompt_id, "prompt": g.prompt,
                     "common": [[k, format_value(v)] for k, v in g.common]} for g in groups],
@@ -131,24 +145,31 @@ def _payload(out: Path, records: list[Result]) -> dict[str, Any]:
 
 
 class _RunView:
-    """The run, re-read when results.jsonl changes (a resumed run adds items meanwhile)."""
+    """The run, re-read when results.jsonl or the record of the manifest's items changes (a
+    resumed run adds items meanwhile; a run of an edited manifest changes which count)."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, include_all: bool = False) -> None:
         self.out = out
+        self.include_all = include_all
         self.root = out.resolve()
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int | None] | None = None
         self._run: _Run | None = None
 
     def current(self) -> _Run:
         stat = (self.out / RESULTS_NAME).stat()
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        try:  # a run of an edited manifest may add no result, only change its items
+            keys: int | None = item_keys_path(self.out).stat().st_mtime_ns
+        except FileNotFoundError:
+            keys = None
+        stamp = (stat.st_mtime_ns, stat.st_size, keys)
         with self._lock:
             if self._run is None or stamp != self._stamp:
-                records = load_records(self.out)
+                split = load_records(self.out)
+                records = split.records(include_all=self.include_all)
                 files = {f.path: r.key for r in records if _is_ok(r) for f in r.files}
                 self._run = _Run({r.key: r for r in records}, files,
-                                 _payload(self.out, records))
+                                 _payload(self.out, split, self.include_all))
                 self._stamp = stamp
             return self._run
 
@@ -197,14 +218,16 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def create_app(out_dir: str | os.PathLike[str], *, loopback_only: bool = True,
-               thumb_size: int = DEFAULT_THUMB_SIZE) -> Starlette:
-    """The review app over run directory ``out_dir`` (``UsageError`` if it is not one).
+               thumb_size: int = DEFAULT_THUMB_SIZE, include_all: bool = False) -> Starlette:
+    """The review app over run directory ``out_dir`` (``UsageError`` if it is not one,
+    ``RunDirectoryError`` if its record of the manifest's items is damaged).
 
     ``loopback_only`` (the default, for an app bound to a loopback address) refuses requests
-    whose ``Host`` is not a loopback name.
+    whose ``Host`` is not a loopback name. ``include_all`` shows the items the manifest no
+    longer has too (marked), not only the manifest's.
     """
     out = Path(out_dir)
-    view = _RunView(out)
+    view = _RunView(out, include_all)
     try:
         view.current()
     except FileNotFoundError:

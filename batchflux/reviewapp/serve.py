@@ -79,11 +79,13 @@ def url_of(sock: socket.socket) -> str:
 def review_command(out_dir: str, *, host: str = "127.0.0.1", port: int | None = None,
                    open_browser: bool = False, out: TextIO | None = None,
                    err: TextIO | None = None,
-                   opener: Callable[[str], object] = webbrowser.open) -> int:
-    """Serve the review app over ``out_dir`` until Ctrl-C; then 0."""
+                   opener: Callable[[str], object] = webbrowser.open,
+                   include_all: bool = False) -> int:
+    """Serve the review app over ``out_dir`` until Ctrl-C; then 0. The app shows the items of
+    the run's current manifest, or with ``include_all`` every item (see :func:`create_app`)."""
     out, err = out or sys.stdout, err or sys.stderr
     loopback = is_loopback(host)
-    app = create_app(out_dir, loopback_only=loopback)
+    app = create_app(out_dir, loopback_only=loopback, include_all=include_all)
     sock = bind_socket(host, port)
     url = url_of(sock)
     print(f"batchflux: reviewing {out_dir} at {url}  (decisions: "

@@ -94,7 +94,8 @@
   }
 
   function card(item, large) {
-    var attrs = { 'class': 'card' + (item.failed ? ' failed' : '') + (item.reroll ? ' reroll' : ''),
+    var attrs = { 'class': 'card' + (item.failed ? ' failed' : '') + (item.reroll ? ' reroll' : '') +
+                         (item.stale ? ' stale' : ''),
                   'data-key': item.key, 'data-state': stateOf(item), 'tabindex': '-1',
                   'data-reroll-of': item.reroll ? item.reroll_of : null,
                   'data-attempt': item.reroll ? String(item.attempt) : null,
@@ -106,7 +107,7 @@
           item.error.explanation ? el('p', { 'class': 'explanation', text: item.error.explanation }) : null,
           el('p', { 'class': 'message', text: item.error.message })
         ]),
-        el('div', { 'class': 'caption' }, [rerollTag(item), el('b', { text: item.label }),
+        el('div', { 'class': 'caption' }, [rerollTag(item), el('b', { text: item.label }), staleNote(item),
                                            chips(item.varying)])
       ]);
     }
@@ -122,6 +123,7 @@
     var node = el('article', attrs, frames.concat([
       el('span', { 'class': 'badge', text: stateOf(item) }),
       el('div', { 'class': 'caption' }, [rerollTag(item), el('b', { text: item.label }), more,
+                                         staleNote(item),
                                          chips(item.varying)]),
       el('div', { 'class': 'actions' }, BUTTONS.map(function (b) {
         return el('button', { type: 'button', 'data-decision': b[0], 'aria-pressed': 'false',
@@ -130,6 +132,11 @@
     ]));
     paint(node, item);
     return node;
+  }
+
+  // A result of an item the current manifest no longer has (shown with --all only).
+  function staleNote(item) {
+    return item.stale ? el('span', { 'class': 'stale-note', text: 'not in the manifest' }) : null;
   }
 
   function paint(node, item) {
@@ -407,6 +414,9 @@
     run = data;
     run.items.forEach(function (item) { byKey[item.key] = item; });
     document.getElementById('run-name').textContent = run.run.name;
+    var note = document.getElementById('manifest-note');
+    note.textContent = run.run.note || '';
+    note.hidden = !run.run.note;
     document.title = 'batchflux review: ' + run.run.name;
     readFilter();
     render();
