@@ -48,7 +48,7 @@ from .filenames import (  # noqa: F401 - re-exported: the store's public names s
     render_filename,
     safe_component,
 )
-from .fileutil import copy_atomic
+from .fileutil import copy_atomic, write_atomic
 from .models import (
     FILES_FIELD,
     OK_LINE,
@@ -810,12 +810,7 @@ class RunStore:
         """Record the key ids of the current manifest's items (sorted, 8 bytes each): what
         reports and exports mean by "the items of the manifest" (:func:`read_item_keys`)."""
         target = self.state_dir / ITEM_KEYS_NAME
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            keys.tofile(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        write_atomic(target, keys.tobytes())
 
     def freeze_manifest(self, manifest_path: Path) -> None:
         """Keep a copy of the manifest this run used (it holds no secrets: keys come from the
