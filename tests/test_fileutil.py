@@ -134,3 +134,12 @@ def test_the_store_writes_its_summary_item_keys_and_frozen_manifest_through_file
     assert "copy_atomic" in bodies["freeze_manifest"]
     assert "write_atomic(target, keys.tobytes())" in bodies["write_item_keys"]
     assert fileutil.write_json_atomic is write_json_atomic
+
+
+def test_the_simulator_state_writes_whole_files_through_fileutil_without_fsync() -> None:
+    """The simulator's state survives the death of its process, not a power cut (sim/persist.py):
+    atomic, not durable."""
+    bodies = _bodies("sim/persist.py")
+    assert "write_atomic(self.uploads_dir / file_name, data, durable=False)" in (
+        bodies["store_upload"])
+    assert "write_atomic(path, _header(now), durable=False)" in bodies["_write_fresh"]
