@@ -55,8 +55,9 @@ from .fileutil import sha256_file
 from .lifecycle import Lifecycle
 from .manifest import load_job
 from .models import ErrorCategory, JobSpec, RunOptions, WorkItem
+from .resume import Scan, scan_items, skip_reason
 from .retry import RetryPolicy
-from .runner import Reporter, Runner, RunSettings, Scan, scan_items, skip_reason, workers_for
+from .runner import Reporter, Runner, RunSettings, workers_for
 from .shard import filter_items
 from .store import ResumeIndex, RunStore
 from .webhooks import WebhookReceiver, bind_listener, probe, signing_secret
@@ -223,10 +224,10 @@ def _over_budget(remaining: int, cost: float, budget: float, wording: Wording) -
     affordable = int(budget // cost) if cost > 0 else remaining
     advice = [f"raise the budget ({wording.setting_to('budget', f'{needed:g}')})"]
     if affordable > 0:
-        advice += [f"run the first {affordable} of them now "
-                   f"({wording.setting_to('limit', affordable)})",
-                   f"or spend up to the budget and stop "
-                   f"({wording.setting_to('fill_budget', True)})"]
+        advice += [(f"run the first {affordable} of them now "
+                    f"({wording.setting_to('limit', affordable)})"),
+                   ("or spend up to the budget and stop "
+                    f"({wording.setting_to('fill_budget', True)})")]
     else:
         advice[0] = "or " + advice[0] + f": it does not pay for one item ({cost:g} credits)"
     return (f"the plan needs about {needed:g} credits for {remaining} items ({cost:g} each), "

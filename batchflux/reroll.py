@@ -30,10 +30,11 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+
 from .expand import MAX_SEED, request_key
-from .models import FLUX_PARAM_NAMES, RecordError, Result, WorkItem
+from .models import FLUX_PARAM_NAMES, WorkItem
+from .results import iter_records
 from .reviewapp.decisions import read_decisions
-from .store import RESULTS_NAME, iter_jsonl
 
 __all__ = ["REROLL_MODES", "Chain", "reroll_items", "reroll_seed"]
 
@@ -57,13 +58,10 @@ class Chain:
 
 
 def chains(out_dir: Path) -> dict[str, Chain]:
-    """Each original key with rerolls, and its chain, from ``OUT/results.jsonl``."""
+    """Each original key with rerolls, and its chain, from ``OUT/results.jsonl`` (lines that
+    are not result records are passed over)."""
     found: dict[str, Chain] = {}
-    for _, raw in iter_jsonl(out_dir / RESULTS_NAME, on_bad_line=lambda line: None):
-        try:
-            result = Result.from_json(raw)
-        except RecordError:
-            continue
+    for result in iter_records(out_dir, on_bad_line=lambda line: None):
         if result.reroll_of is None:
             continue
         known = found.get(result.reroll_of)

@@ -9,7 +9,8 @@ what that run spends:
   ``--retry-failed`` retries it; everything else runs (new items, retried failures, ok items
   whose images are gone).
 - :func:`scan_items`: one pass over the items before anything is spent, in bounded memory:
-  how many there are, how many distinct requests are still to run, which keys repeat.
+  how many there are, how many distinct requests are still to run, which keys repeat (and,
+  for a run, the key ids of all of them).
 
 >>> index = ResumeIndex()                     # an empty run directory
 >>> skip_reason(index, "ab" * 32, None) is None
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 
 from .models import WorkItem
@@ -45,23 +46,42 @@ def skip_reason(index: ResumeIndex, key: str, retry_failed: str | None) -> str |
 @dataclass(frozen=True, slots=True)
 class Scan:
     """One pass over a run's items before anything is spent: how many there are, how many
-    are still to run (each distinct request once), and which keys repeat."""
+    are still to run (each distinct request once), which keys repeat, and (when asked for)
+    the key ids of all of them (sorted, distinct: what "the items of the current manifest"
+    are, :meth:`batchflux.store.RunStore.write_item_keys`)."""
 
     total: int
     to_run: int
     duplicates: frozenset[int]  # key ids that more than one item still to run has
+    keys: array = field(default_factory=lambda: array("Q"))  # type: ignore[type-arg]
 
 
 def scan_items(items: Iterable[WorkItem], index: ResumeIndex, *,
-               retry_failed: str | None = None) -> Scan:
-    """Count the items and find repeated keys in bounded memory (8 bytes an item to run)."""
+               retry_failed: str | None = None, keys: bool = False) -> Scan:
+    """Count the items and find repeated keys in bounded memory (8 bytes an item to run;
+    with ``keys``, 8 more an item for the key ids of all of them)."""
     total = 0
     pending = array("Q")
+    every = array("Q")
     for item in items:
         total += 1
+        kid = key_id(item.key)
+        if keys:
+            every.append(kid)
         if skip_reason(index, item.key, retry_failed) is None:
-            pending.append(key_id(item.key))
+            pending.append(kid)
     ordered = array("Q", sorted(pending))
     repeated = {a for a, b in pairwise(ordered) if a == b}
     distinct = len(ordered) - sum(1 for a, b in pairwise(ordered) if a == b)
-    return Scan(total=total, to_run=distinct, duplicates=frozenset(repeated))
+    return Scan(total=total, to_run=distinct, duplicates=frozenset(repeated),
+                keys=_distinct_sorted(every))
+
+
+def _distinct_sorted(values: array) -> array:  # type: ignore[type-arg]
+    out = array("Q")
+    previous = None
+    for value in sorted(values):
+        if value != previous:
+            out.append(value)
+            previous = value
+    return out

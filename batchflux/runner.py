@@ -7,11 +7,12 @@ Shape (DESIGN.md section 5)::
               items with an earlier item's key                             lines, counts
               wait for its line (duplicates)                               them, reports
 
-The pool owns only the flow: what to run (:func:`skip_reason`), the workers, the single
-writer, stopping (:meth:`Runner.stop`, :meth:`Runner.cancel`, or a ``stop`` event) and the
-summary. What happens to one item is :class:`batchflux.lifecycle.Lifecycle`'s; when the
-provider says to slow down is :class:`batchflux.limits.SubmitGate`'s; how a job's end is
-learned is the completion source's (:mod:`batchflux.completion`).
+The pool owns only the flow: what to run (:func:`batchflux.resume.skip_reason`), the
+workers, the single writer, stopping (:meth:`Runner.stop`, :meth:`Runner.cancel`, or a
+``stop`` event) and the summary. What happens to one item is
+:class:`batchflux.lifecycle.Lifecycle`'s; when the provider says to slow down is
+:class:`batchflux.limits.SubmitGate`'s; how a job's end is learned is the completion
+source's (:mod:`batchflux.completion`).
 
 Per-item failures are data (a result line with an error category). Run-fatal conditions
 (401/403, 402, budget, unwritable output) stop submitting; what is in flight is journaled and
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import random
 import time
-from array import array
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -35,13 +35,14 @@ from .errors import RunAborted
 from .lifecycle import ApiClient, ItemStore, Lifecycle, LifecycleSettings, LifecycleStats
 from .limits import Budget, SubmitGate
 from .models import ErrorCategory, Result, RunState, WebhookRequest, WorkItem
+from .resume import skip_reason
 from .retry import JobTimings, PollPolicy, RetryPolicy
 from .stats import percentile, rounded, utc_now
 from .store import ResumeIndex, key_id
 from .summary import Tally
 
-__all__ = ["NullReporter", "Reporter", "RunSettings", "Runner", "Scan", "duplicate_record",
-           "initial_inflight", "scan_items", "skip_reason", "workers_for"]
+__all__ = ["NullReporter", "Reporter", "RunSettings", "Runner", "duplicate_record",
+           "initial_inflight", "workers_for"]
 
 #: The in-flight cap's first value is half of ``-j`` (at least this many, or all of ``-j``
 #: when it is smaller): moderate, so that a provider with a low cap meets few 429s, and one
@@ -52,7 +53,8 @@ _RETRYABLE_NAMES = frozenset(c.value for c in ErrorCategory if c.retryable)
 
 
 class Reporter(Protocol):
-    """Where a run tells how it goes (``batchflux.report`` has the terminal and log ones)."""
+    """Where a run tells how it goes (:mod:`batchflux.progress` has the terminal, log and
+    JSON ones)."""
 
     def start(self, *, total: int | None, skipped: int, attached: int) -> None: ...
     def result(self, record: Result) -> None: ...
@@ -128,61 +130,6 @@ def workers_for(settings: RunSettings) -> int:
     if settings.concurrency is not None:
         return max(1, settings.concurrency)
     return settings.max_inflight + max(4, settings.max_inflight // 4)
-
-
-def skip_reason(index: ResumeIndex, key: str, retry_failed: str | None) -> str | None:
-    """Why an item is not run again: ``"ok"`` (done), ``"failed"`` (an earlier failure that
-    ``retry_failed`` does not retry), or None (run it: new, retried, or images to fetch)."""
-    if index.is_ok(key):
-        return "ok"
-    prior = index.prior_failure(key)
-    if prior is not None and (retry_failed is None or (
-            retry_failed == "retryable" and not prior.retryable)):
-        return "failed"
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class Scan:
-    """One pass over a run's items before anything is spent: how many there are, how many
-    are still to run (each distinct request once), which keys repeat, and the key ids of all
-    of them (sorted, distinct: what "the items of the current manifest" are)."""
-
-    total: int
-    to_run: int
-    duplicates: frozenset[int]  # key ids that more than one item has
-    keys: array = field(default_factory=lambda: array("Q"))  # type: ignore[type-arg]
-
-
-def scan_items(items: Iterable[WorkItem], index: ResumeIndex, *,
-               retry_failed: str | None = None, keys: bool = False) -> Scan:
-    """Count the items and find repeated keys in bounded memory (8 bytes an item to run;
-    with ``keys``, 8 more an item for the key ids of all of them)."""
-    total = 0
-    pending = array("Q")
-    every = array("Q")
-    for item in items:
-        total += 1
-        kid = key_id(item.key)
-        if keys:
-            every.append(kid)
-        if skip_reason(index, item.key, retry_failed) is None:
-            pending.append(kid)
-    ordered = array("Q", sorted(pending))
-    repeated = {a for a, b in zip(ordered, ordered[1:]) if a == b}
-    distinct = len(ordered) - sum(1 for a, b in zip(ordered, ordered[1:]) if a == b)
-    return Scan(total=total, to_run=distinct, duplicates=frozenset(repeated),
-                keys=_distinct_sorted(every))
-
-
-def _distinct_sorted(values: array) -> array:  # type: ignore[type-arg]
-    out = array("Q")
-    previous = None
-    for value in sorted(values):
-        if value != previous:
-            out.append(value)
-            previous = value
-    return out
 
 
 def duplicate_record(item: WorkItem, original: Result) -> Result:
@@ -300,8 +247,9 @@ class Runner:
         ``summary_extra`` merged in). Raises the :class:`~batchflux.errors.RunAborted` that
         stopped the run, if one did, with the summary on it.
 
-        ``duplicates`` are the key ids that more than one item has (:func:`scan_items`): the
-        first item of each runs, the others are recorded as its duplicates once it ends.
+        ``duplicates`` are the key ids that more than one item has
+        (:func:`batchflux.resume.scan_items`): the first item of each runs, the others are
+        recorded as its duplicates once it ends.
         """
         self.state.started = self.lifecycle.started = self.clock()
         self.state.total = total

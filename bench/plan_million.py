@@ -3,7 +3,7 @@
 Generates a manifest of 1000 prompts x 1000 seeds (and, for comparison, 100 x 100) in a
 temporary directory, runs ``batchflux plan --json`` on each in a fresh subprocess, and prints
 wall time and peak RSS side by side. Items are streamed; what grows with the grid is what a
-run holds too: the keys of the items still to run (``batchflux.runner.scan_items``, 8 bytes
+run holds too: the keys of the items still to run (``batchflux.resume.scan_items``, 8 bytes
 an item, plus the sorted copy it makes to find repeated requests).
 
     .venv/bin/python bench/plan_million.py

@@ -1,6 +1,6 @@
 """Issue 12, point 10: docs true to the code. docs/errors.md says what ErrorCategory says;
 docs/architecture.md maps every module of the package, and only those, with what each may
-import."""
+import, and its rules are the tables tests/test_architecture.py checks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ import re
 from pathlib import Path
 
 import pytest
-from test_architecture import PACKAGE, absolute_imports
+from test_architecture import (
+    ALLOWED,
+    PACKAGE,
+    POST_RUN_TOOLS,
+    PURE,
+    RUN_MACHINERY,
+    absolute_imports,
+)
 
 from batchflux.models import ErrorCategory
 
@@ -141,6 +148,33 @@ def test_the_data_flow_names_only_modules_that_exist() -> None:
         assert name.replace("/", ".") in names, name
     for name in re.findall(r"(?<![\w./])([a-z_]+)/", flow):  # manifest/, not OUT/images/
         assert (PACKAGE / name).is_dir(), name
+
+
+def rule(number: int) -> str:
+    """Rule ``number`` of the section that says what tests/test_architecture.py checks."""
+    section = ARCHITECTURE_DOC.split("## Rules the tests enforce", 1)[1].split("\n## ", 1)[0]
+    return section.split(f"\n{number}. ", 1)[1].split(f"\n{number + 1}. ", 1)[0]
+
+
+def quoted(text: str) -> set[str]:
+    return set(re.findall(r"`([^`]+)`", text))
+
+
+def test_the_rules_section_says_what_test_architecture_checks() -> None:
+    """The doc's rules are the test's own tables: where each library lives, which modules are
+    pure, which are post-run tools and which the run machinery they never import."""
+    libraries = {"Pillow": "PIL"}
+    placed = {}
+    for piece in rule(1).split(":", 1)[1].split(";"):
+        name = piece.split(" in ", 1)[0].split()[-1]
+        placed[libraries.get(name, name)] = quoted(piece)
+    assert placed == {lib: {rel.removesuffix(".py") for rel in allowed}
+                      for lib, allowed in ALLOWED.items()}
+    assert quoted(rule(2).split(")", 1)[0]) == {rel.removesuffix(".py") for rel in PURE}
+    tools, machinery = rule(5).split("run machinery:", 1)
+    assert quoted(tools) == {rel.removesuffix(".py") for rel in POST_RUN_TOOLS
+                             if not rel.startswith("reviewapp/")} | {"reviewapp/"}
+    assert quoted(machinery) == set(RUN_MACHINERY)
 
 
 def test_the_readme_points_at_the_architecture() -> None:

@@ -122,11 +122,24 @@ def test_no_module_but_fileutil_renames_files_into_place_on_its_own() -> None:
     assert found["fileutil.py"], "the check would prove nothing"
 
 
-def test_the_store_writes_its_summary_and_frozen_manifest_through_fileutil() -> None:
-    source = (PACKAGE / "store.py").read_text(encoding="utf-8")
-    tree = ast.parse(source)
-    bodies = {node.name: ast.get_source_segment(source, node) or ""
-              for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+def _bodies(rel: str) -> dict[str, str]:
+    source = (PACKAGE / rel).read_text(encoding="utf-8")
+    return {node.name: ast.get_source_segment(source, node) or ""
+            for node in ast.walk(ast.parse(source)) if isinstance(node, ast.FunctionDef)}
+
+
+def test_the_store_writes_its_summary_item_keys_and_frozen_manifest_through_fileutil() -> None:
+    bodies = _bodies("store.py")
     assert "fileutil.write_json_atomic" in bodies["write_json_atomic"]
     assert "copy_atomic" in bodies["freeze_manifest"]
+    assert "write_atomic(target, keys.tobytes())" in bodies["write_item_keys"]
     assert fileutil.write_json_atomic is write_json_atomic
+
+
+def test_the_simulator_state_writes_whole_files_through_fileutil_without_fsync() -> None:
+    """The simulator's state survives the death of its process, not a power cut (sim/persist.py):
+    atomic, not durable."""
+    bodies = _bodies("sim/persist.py")
+    assert "write_atomic(self.uploads_dir / file_name, data, durable=False)" in (
+        bodies["store_upload"])
+    assert "write_atomic(path, _header(now), durable=False)" in bodies["_write_fresh"]

@@ -119,6 +119,8 @@ def result(rng: random.Random, index: int, category: ErrorCategory | None) -> Re
     """One record as the run could write it: ok when ``category`` is None."""
     key = rng.randbytes(32).hex()
     seed = rng.randrange(0, 1 << 32)
+    # A reroll (batchflux.reroll) names its original item's key and which reroll it is.
+    reroll_of = rng.choice((None, None, None, rng.randbytes(32).hex()))
     error = None if category is None else ErrorInfo(
         category, text(rng), rng.choice((category.retryable, not category.retryable)),
         rng.choice((None, 400, 402, 429, 500, 503)))
@@ -137,6 +139,7 @@ def result(rng: random.Random, index: int, category: ErrorCategory | None) -> Re
         source=rng.choice((None, f"jobs/{text(rng)}.yaml:12")),
         duplicate_of=rng.choice((None, None, None, rng.randrange(0, index + 1))),
         meta=rng.choice(({}, {"sku": text(rng), "category": text(rng)})),
+        reroll_of=reroll_of, attempt=0 if reroll_of is None else rng.randrange(1, 6),
     )
 
 

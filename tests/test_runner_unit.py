@@ -29,7 +29,8 @@ from batchflux.apiframe import ApiframeClient
 from batchflux.errors import RunAborted
 from batchflux.expand import expand_job
 from batchflux.manifest import load_job
-from batchflux.runner import Runner, RunSettings, scan_items
+from batchflux.resume import scan_items
+from batchflux.runner import Runner, RunSettings
 from batchflux.store import RunStore
 
 BASE = "http://api.test"
@@ -217,7 +218,7 @@ async def _run(tmp: Path, api: FakeApi, *, items: int, **settings: Any) -> tuple
 
 async def test_slow_start_doubles_the_cap_each_round_trip_up_to_j(tmp_path: Path) -> None:
     api = FakeApi(VirtualTime(), run=2.0)
-    summary, runner = await _run(tmp_path, api, items=240, max_inflight=64)
+    summary, _runner = await _run(tmp_path, api, items=240, max_inflight=64)
     assert summary["counts"]["ok"] == 240
     history = summary["inflight_cap"]["history"]
     assert history[0][1] == 32  # half of -j

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from batchflux.errors import OutputLockedError, RunAborted
-from batchflux.models import WorkItem
+from batchflux.models import ErrorCategory, ErrorInfo, FileRecord, Result, WorkItem
 from batchflux.store import (
     JOURNAL_NAME,
     RESULTS_NAME,
@@ -227,6 +228,39 @@ def test_an_ok_line_whose_image_is_gone_or_changed_size_is_to_fetch_again(
     gone, changed = index.missing_files(k[1]), index.missing_files(k[2])
     assert gone is not None and (gone.job_id, gone.submission) == ("j1", 0)
     assert changed is not None and (changed.job_id, changed.submission) == ("j2", 3)
+
+
+def test_lines_the_fast_path_does_not_read_are_read_as_result_records(tmp_path: Path) -> None:
+    """A whole result line in another layout (indented, another key order) is read as a
+    Result: an ok one whose image is gone is fetched again by its own jobId, a failed one
+    gives its error; a hand-cut line is still honoured (an error that is not an object
+    counts as a failure of no known category, and is no reason to stop)."""
+    k = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(4)]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "0.png").write_bytes(b"x" * 100)
+    whole = Result(key=k[0], index=0, prompt_id="p", status="ok", model="flux-2-dev",
+                   prompt="a mug", seed=1, params={"seed": 1}, job_id="j0", submission=2,
+                   files=(FileRecord("images/0.png", "0" * 64, 100, 8, 8, "png"),))
+    gone = replace(whole, key=k[1], index=1, job_id="j1", files=(
+        FileRecord("images/1.png", "0" * 64, 100, 8, 8, "png"),))
+    failed = replace(whole, key=k[2], index=2, status="failed", files=(), error=ErrorInfo(
+        ErrorCategory.EXPIRED, "purged", False))
+    (tmp_path / RESULTS_NAME).write_text("".join(
+        json.dumps(dict(reversed(r.to_json().items()))) + "\n" for r in (whole, gone, failed))
+        + json.dumps({"key": k[3], "status": "failed", "error": "boom", "submission": 1})
+        + "\n")
+    index = ResumeIndex.load(tmp_path)
+    assert index.bad_lines == [] and index.ok_count == 1 and index.is_ok(k[0])
+    refetch = index.missing_files(k[1])
+    assert refetch is not None
+    assert (refetch.category, refetch.retryable, refetch.submission, refetch.job_id) == (
+        "download_failed", True, 2, "j1")
+    prior = index.prior_failure(k[2])
+    assert prior is not None
+    assert (prior.category, prior.retryable, prior.submission, prior.job_id) == (
+        "expired", False, 2, "j0")
+    cut = index.prior_failure(k[3])
+    assert cut is not None and (cut.category, cut.retryable, cut.submission) == (None, False, 1)
 
 
 # --------------------------------------------------------------------------------------------

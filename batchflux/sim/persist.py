@@ -39,6 +39,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..fileutil import write_atomic
+
 FORMAT = "batchflux-sim-state"
 VERSION = 1
 
@@ -296,14 +298,9 @@ class StateJournal:
     def store_upload(self, file_name: str, data: bytes) -> None:
         """Write an upload's bytes (whole, or not at all) before its record is appended."""
         self._check_open()
-        target = self.uploads_dir / file_name
-        partial = self.uploads_dir / f".{file_name}.partial"
         try:
-            partial.write_bytes(data)
-            os.replace(partial, target)
+            write_atomic(self.uploads_dir / file_name, data, durable=False)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                partial.unlink()
             raise SimStateError(f"cannot store an upload in {self.uploads_dir}: {exc}") from exc
 
     def prune_uploads(self, keep: set[str]) -> None:
@@ -372,10 +369,9 @@ def _lock(directory: Path, key: Path) -> int:
 
 
 def _write_fresh(path: Path, now: float) -> None:
-    """A journal holding only its header, put in place whole (``os.replace``)."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(_header(now))
-    os.replace(partial, path)
+    """A journal holding only its header, put in place whole (not fsynced, as nothing here
+    is: see the module doc)."""
+    write_atomic(path, _header(now), durable=False)
 
 
 def _drop_torn_tail(fd: int) -> int:
