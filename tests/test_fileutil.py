@@ -132,7 +132,8 @@ def test_the_store_writes_its_summary_item_keys_and_frozen_manifest_through_file
     bodies = _bodies("store.py")
     assert "fileutil.write_json_atomic" in bodies["write_json_atomic"]
     assert "copy_atomic" in bodies["freeze_manifest"]
-    assert "write_atomic(target, keys.tobytes())" in bodies["write_item_keys"]
+    assert "save_item_keys(" in bodies["write_item_keys"]
+    assert "fileutil.write_atomic(path, keys.tobytes())" in bodies["save_item_keys"]
     assert fileutil.write_json_atomic is write_json_atomic
 
 
