@@ -15,6 +15,7 @@ Time is injected (``clock`` and ``sleep``) so tests run on a fake clock without 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -460,6 +461,19 @@ class SubmitRateLearner:
         self.history.append((now, rate))
         return verdict
 
+    def at_least(self, rate: float) -> bool:
+        """Raise a learned rate below ``rate`` to it (never past a configured rate); True when
+        it was raised. For a floor the provider itself showed (:meth:`SubmitGate.ended`)."""
+        if self._base_rate is None or self._base_rate >= rate:
+            return False
+        if self.ceiling is not None:
+            rate = min(rate, self.ceiling)
+        now = self._clock()
+        self._base_rate, self._base_time = rate, now
+        self.bucket.set_rate(rate)
+        self.history.append((now, rate))
+        return True
+
     def forget(self) -> None:
         """The 429s came from another limit (an in-flight cap): back to the configured rate,
         and measure afresh if a rate limit shows later."""
@@ -510,6 +524,8 @@ class CapDetector:
         self._limited: deque[float] = deque(maxlen=64)
         self._counts: deque[int] = deque(maxlen=agree)
         self._longest = 0.0
+        #: How many 429s have settled.
+        self.settles = 0
 
     def started(self, token: int, at: float) -> None:
         """A job was accepted at ``at`` (``token`` names it until :meth:`ended`)."""
@@ -537,10 +553,26 @@ class CapDetector:
             running = sum(1 for start, end in self._spans if start <= moment < end)
             running += sum(1 for start in self._open.values() if start <= moment)
             self._counts.append(running)
+            self.settles += 1
         if len(self._counts) == self.agree and len(set(self._counts)) == 1 \
                 and self._counts[0] > 0:
             return self._counts[0]
         return None
+
+    @property
+    def steady(self) -> int | None:
+        """The running count of the last two settled 429s when they agree (what a cap shows
+        before :meth:`cap` is sure of it), else None."""
+        counts = list(self._counts)[-2:]
+        if len(counts) == 2 and counts[0] == counts[1] > 0:
+            return counts[0]
+        return None
+
+    def job_seconds(self) -> float | None:
+        """The median time of the recent jobs, submit to end (None before the first)."""
+        if not self._spans:
+            return None
+        return statistics.median(end - start for start, end in list(self._spans)[-64:])
 
 
 class Budget:
@@ -581,6 +613,11 @@ class Budget:
     def settle(self, cost: float) -> None:
         """Replace a reservation by what the job cost this run."""
         self.committed += cost - self.cost
+
+
+#: The share of ``running / job time`` (a settled 429's count, Little's law) that a learned
+#: submit rate is never left below: a margin for the count's noise under a real rate limit.
+RATE_FLOOR_SHARE = 0.9
 
 
 class SubmitGate:
@@ -636,10 +673,25 @@ class SubmitGate:
         jobs running at earlier 429s have ended and reveal a cap, it is pinned, and the rate
         learned from its 429s is forgotten (they were no rate limit)."""
         self.caps.ended(token, end)
+        settles = self.caps.settles
         cap = self.caps.cap(self._clock())
         if cap is not None and (self.inflight.maximum != cap or self.inflight.limit != cap):
             self.inflight.pin(cap)
             self.learner.forget()
+        elif self.caps.settles != settles:
+            self._rate_floor(self.caps.steady)
+
+    def _rate_floor(self, running: int | None) -> None:
+        """The last two settled 429s both found ``running`` jobs at the provider (as a cap
+        shows, before three make it sure): the provider then finishes, so accepts, about
+        ``running / job time`` a second (Little's law). A rate measured below that, a margin
+        kept, is the shadow of that cap being filled (jobs not yet ending), not a rate limit:
+        raise it. (A single count is no floor: a rate limit's 429 comes just after a burst,
+        when the count is at its peak.)"""
+        seconds = self.caps.job_seconds()
+        if running is None or running <= 0 or seconds is None or seconds <= 0:
+            return
+        self.learner.at_least(RATE_FLOOR_SHARE * running / seconds)
 
     def rate_limited(self, *, submit: bool, retry_after: float | None, sent_at: float) -> None:
         """A request met a 429.

@@ -652,3 +652,48 @@ def test_the_cap_detector_sees_no_cap_in_a_rate_limit() -> None:
     for moment in (1.2, 2.1, 2.4):  # 3, 3 and 4 jobs running
         caps.limited(moment)
     assert caps.cap(now=60.0) is None
+
+
+def test_two_agreeing_429s_raise_a_rate_measured_in_a_caps_shadow() -> None:
+    """Cap 3, jobs of 6 s: two settled 429s found 3 running, so the provider finishes (and
+    accepts) about 3 / 6 s = 0.5 a second; a rate measured at 0.2/s while the cap filled is
+    raised to 0.9 of that, before the third 429 pins the cap."""
+    from batchflux.limits import RATE_FLOOR_SHARE, CapDetector, SubmitGate
+
+    t = SteppingTime()
+    gate = SubmitGate(ceiling=16, clock=t.clock)
+    gate.learner.restore(0.2)  # as if measured at 0.2/s while the cap filled
+    caps: CapDetector = gate.caps
+    tokens = []
+    for start in range(0, 12, 2):  # jobs of 6 s every 2 s: three at a time
+        t.now = float(start)
+        tokens.append(gate.accepted())
+    for moment in (7.0, 9.5):
+        caps.limited(moment)
+    t.now = 14.0  # each job ends; none of the 429s has settled yet
+    for n, token in enumerate(tokens[:-1]):
+        gate.ended(token, 2.0 * n + 6.0)
+    assert caps.settles == 0
+    t.now = 30.0
+    gate.ended(tokens[-1], 16.0)
+    assert caps.steady == 3 and caps.cap(now=30.0) is None  # two agree, not yet three
+    assert gate.bucket.rate == pytest.approx(RATE_FLOOR_SHARE * 3 / 6.0)
+    assert gate.learner.history[-1] == (30.0, pytest.approx(0.45))
+
+
+def test_a_rate_limits_429s_raise_no_floor() -> None:
+    """429s that found different numbers of running jobs (a rate limit's bursts) leave a
+    learned rate alone."""
+    from batchflux.limits import CapDetector
+
+    caps = CapDetector(agree=3)
+    token = itertools.count()
+    for start, length in ((0.0, 5.0), (0.5, 1.0), (1.0, 8.0), (2.0, 1.0), (2.2, 0.5)):
+        n = next(token)
+        caps.started(n, start)
+        caps.ended(n, start + length)
+    caps.gap = 0.0
+    for moment in (1.2, 2.4):  # 3 and 4 jobs running
+        caps.limited(moment)
+    caps.cap(now=60.0)
+    assert caps.steady is None and caps.settles == 2
