@@ -38,7 +38,6 @@ from .wording import LIBRARY, Wording
 
 __all__ = [
     "DEFAULT_BASE_URL",
-    "Transport",
     "ApiframeClient",
     "ByteSink",
     "DownloadInfo",

@@ -306,7 +306,7 @@ async def _run_receiving(webhooks: _Webhooks, mailbox: WebhookMailbox,
                 f"reach {config.url}, which batchflux cannot check from here. Jobs whose "
                 "webhook does not come are found by a sparse poll")
             result = await run()
-        except Exception as exc:  # noqa: BLE001 - re-raised below, outside the task group
+        except Exception as exc:
             error = exc
         await receiver.stop()
         tg.cancel_scope.cancel()

@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 
 from .apiframe import DEFAULT_BASE_URL, Timeouts, Transport
 from .errors import UsageError
-from .filenames import check_filename_template
 from .expand import VAR_PREFIX
+from .filenames import check_filename_template
 from .models import DEFAULT_RUN_OPTIONS, JobSpec, RunOptions, WebhookRequest
 from .shard import Shard, parse_shard
 from .wording import LIBRARY, Wording

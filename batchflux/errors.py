@@ -205,7 +205,7 @@ class RunAborted(BatchfluxError):
     ...               target=Simulator(job_seconds=0.1, credits=10))
     ... except RunAborted as exc:
     ...     print(exc.exit_code, exc.summary["counts"]["ok"])
-    ... 
+    ...
     1 5
     """
 

@@ -135,8 +135,8 @@ def expand_entry(
     for combo in itertools.product(*(range(len(axis)) for axis in entry.axes)):
         variables = dict(entry.vars)
         params = dict(entry.params)
-        for axis, row in zip(entry.axes, combo):
-            for name, column in zip(axis.fields, axis.columns):
+        for axis, row in zip(entry.axes, combo, strict=True):
+            for name, column in zip(axis.fields, axis.columns, strict=True):
                 value = column[row]
                 if name.startswith(VAR_PREFIX):
                     variables[name[len(VAR_PREFIX):]] = value

@@ -91,7 +91,8 @@ _EXPLANATIONS = {
     ErrorCategory.INVALID_REQUEST: "the API rejected the request (400); fix the manifest",
     ErrorCategory.AUTH: "the API key is missing, invalid or inactive (401/403)",
     ErrorCategory.INSUFFICIENT_CREDITS: "the team has too few credits for the job (402)",
-    ErrorCategory.RATE_LIMITED: "the API kept asking us to slow down (429) for longer than max_total allows",
+    ErrorCategory.RATE_LIMITED: ("the API kept asking us to slow down (429) for longer than "
+                                 "max_total allows"),
     ErrorCategory.SERVER_ERROR: "the API failed on its side (5xx) on every attempt",
     ErrorCategory.NETWORK: "the connection failed or dropped on every attempt",
     ErrorCategory.TIMEOUT: "a request or the job itself took longer than its deadline",

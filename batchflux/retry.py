@@ -36,12 +36,12 @@ T = TypeVar("T")
 
 __all__ = [
     "TERMINAL_STATUSES",
-    "call_with_retries",
     "JobTimings",
     "PollPolicy",
     "RetryPolicy",
     "Sighting",
     "Spread",
+    "call_with_retries",
     "next_poll_delay",
     "parse_retry_after",
 ]
@@ -197,7 +197,7 @@ class PollPolicy:
             raise ValueError("growth must be >= 1")
         if self.initial < 0 or self.confidence < 0 or self.exact_margin < 0:
             raise ValueError("initial, confidence and exact_margin must be >= 0")
-        if not 0 < self.probe <= 1 or not 0 < self.unsure:
+        if not 0 < self.probe <= 1 or not self.unsure > 0:
             raise ValueError("probe must be in (0, 1] and unsure > 0")
 
     def clamp(self, delay: float) -> float:
@@ -296,7 +296,7 @@ class JobTimings:
                 continue
             remaining = duration - sighting.elapsed
             run = remaining / (1.0 - _fraction(sighting.progress))
-            if 0 < remaining and run <= duration * 1.2:
+            if remaining > 0 and run <= duration * 1.2:
                 run = min(run, duration)
                 self._runs.append(run)
                 self._queues.append(duration - run)

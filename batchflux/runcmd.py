@@ -129,7 +129,7 @@ def run_command(args: argparse.Namespace) -> int:
                 result = await run_batch_async(args.manifest, options, target=target,
                                                reporter=reporter, stop=stop,
                                                wording=COMMAND_LINE)
-            except Exception as exc:  # noqa: BLE001 - re-raised below, outside the group
+            except Exception as exc:
                 result = exc
             tg.cancel_scope.cancel()
         return result

@@ -175,7 +175,8 @@ def _translate(
         shown = " or ".join(_TYPE_NAMES.get(n, n) for n in names)
         message = f"expected {shown}, got {_describe(value)}"
     elif v == "enum":
-        message = f"must be one of {', '.join(_show(x) for x in error.validator_value)}; got {_show(value)}"
+        allowed = ", ".join(_show(x) for x in error.validator_value)
+        message = f"must be one of {allowed}; got {_show(value)}"
     elif v == "minimum":
         message = f"must be at least {error.validator_value}; got {_show(value)}"
     elif v == "maximum":
@@ -206,7 +207,8 @@ def _translate(
     elif v == "propertyNames":
         bad = error.instance
         yield at(path + (bad,),
-                 f"invalid name {_show(bad)}: use letters, digits and _ (not starting with a digit)",
+                 f"invalid name {_show(bad)}: use letters, digits and _ "
+                 "(not starting with a digit)",
                  key=True)
         return
     else:
@@ -244,7 +246,8 @@ def validate_axis_values(
     grid_props = job["properties"]["grid"]["properties"]
     schema = grid_props.get(name) if name not in ("seeds", "repeat", "zip") else None
     if schema is None:
-        schema = {"type": "array", "items": job["properties"]["vars"]["additionalProperties"]["items"]}
+        items = job["properties"]["vars"]["additionalProperties"]["items"]
+        schema = {"type": "array", "items": items}
     validator = jsonschema.Draft202012Validator(schema)
     diagnostics: list[Diagnostic] = []
     for error in _leaf_errors(validator.iter_errors(values)):

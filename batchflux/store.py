@@ -50,7 +50,7 @@ from .filenames import (  # noqa: F401 - re-exported: the store's public names s
     render_filename,
     safe_component,
 )
-from .fileutil import copy_atomic, write_atomic
+from .fileutil import copy_atomic
 from .models import (
     FILES_FIELD,
     OK_LINE,

@@ -3,10 +3,11 @@
 It is the honest baseline, not a strawman: one shared ``httpx.AsyncClient`` with keep-alive
 connections sized to the concurrency, a semaphore of N, the official SDK's polling schedule
 (poll once at once, then wait 2 s, x1.5 per poll, capped at 5 s), a 429 retried by the request
-that got it after exactly ``Retry-After`` seconds (as the SDK does), as often as it comes, 5xx and connection errors
-retried a few times, the image written to disk and one JSON line per item. What it does not do,
-because a short script does not: journal job ids before waiting, verify images, write
-atomically, resume, share a pause between workers, or adapt to the provider's limits.
+that got it after exactly ``Retry-After`` seconds (as the SDK does), as often as it comes,
+5xx and connection errors retried a few times, the image written to disk and one JSON line per
+item. What it does not do, because a short script does not: journal job ids before waiting,
+verify images, write atomically, resume, share a pause between workers, or adapt to the
+provider's limits.
 
     python bench/peer_plain.py --base-url URL --api-key-file F --items bodies.jsonl \
         --out DIR --concurrency 64

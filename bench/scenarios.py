@@ -762,7 +762,7 @@ def write_finished_results(manifest: Path, out: Path) -> int:
                 "key": item.key, "index": item.index, "prompt_id": item.prompt_id,
                 "status": "ok", "model": item.model, "prompt": item.prompt,
                 "template": item.template, "vars": dict(item.vars), "seed": item.seed,
-                "params": dict(item.params), "job_id": "00000000-0000-4000-8000-%012d" % count,
+                "params": dict(item.params), "job_id": f"00000000-0000-4000-8000-{count:012d}",
                 "submission": 0, "jobs": 1, "polls": 2, "credit_cost": 2, "replayed": False,
                 "error": None,
                 "files": [{"path": rel, "sha256": item.key, "bytes": 4096, "width": 1024,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -192,3 +195,14 @@ def test_no_test_skips_itself() -> None:
              for number, line in enumerate(path.read_text().splitlines(), 1)
              if pattern.search(line)]
     assert not found, "\n".join(found)
+
+
+def test_ruff_finds_nothing_with_the_chosen_rules() -> None:
+    """The rule set in pyproject.toml ([tool.ruff.lint]) over the package, tests and bench:
+    what .ci/run checks too, so that the README's test command alone catches a finding."""
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "batchflux",
+                           "tests", "bench"], cwd=ROOT, capture_output=True, text=True,
+                          check=False, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    settings = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]["lint"]
+    assert {"E", "F", "I", "B", "UP", "RUF"} <= set(settings["select"])

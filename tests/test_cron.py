@@ -321,11 +321,11 @@ def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
     if not (venv / "bin" / "batchflux").exists():
         pytest.fail(f"no batchflux entry point in {venv}: install the project with pip -e")
     done = subprocess.run(["systemd-analyze", "verify", "batchflux-nightly.service",
-                           "batchflux-nightly.timer"], cwd=tmp_path, capture_output=True, check=False,
-                          text=True, timeout=60)
+                           "batchflux-nightly.timer"], cwd=tmp_path, capture_output=True,
+                          check=False, text=True, timeout=60)
     problems = [line for line in done.stderr.splitlines() if "batchflux-nightly" in line]
     assert done.returncode == 0 and not problems, done.stderr
     calendar = _unit("batchflux-nightly.timer")["Timer"]["OnCalendar"]
-    done = subprocess.run(["systemd-analyze", "calendar", calendar], capture_output=True, check=False,
-                          text=True, timeout=60)
+    done = subprocess.run(["systemd-analyze", "calendar", calendar], capture_output=True,
+                          check=False, text=True, timeout=60)
     assert done.returncode == 0 and "03:00:00" in done.stdout, done.stderr

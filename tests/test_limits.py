@@ -162,7 +162,7 @@ async def test_callers_waiting_when_the_rate_falls_book_again_at_the_new_rate() 
     early = [t for t in served if t < 1.0]
     assert len(early) <= 25 + 10
     late = sorted(t for t in served if t >= 1.0)
-    gaps = [b - a for a, b in zip(late, late[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(late)]
     assert gaps and min(gaps) == pytest.approx(0.1)
 
 

@@ -213,7 +213,7 @@ def test_schemas_ship_in_the_package_and_document_every_field():
         jsonschema.Draft202012Validator.check_schema(schema)
         assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
 
-        def walk(node, path):
+        def walk(node, path, name=name):
             for key, sub in node.get("properties", {}).items():
                 assert "description" in sub, (name, path + [key])
                 assert "examples" in sub, (name, path + [key])

@@ -124,7 +124,7 @@ async def test_runs_of_different_manifests_are_refused_unless_forced(
     other.write_text("prompts:\n  - id: q\n    text: a different manifest\n")
     await run_shard(other, tmp_path / "o", None)
     into = tmp_path / "all"
-    with pytest.raises(MergeError, match="different manifests.*--force"):
+    with pytest.raises(MergeError, match=r"different manifests.*--force"):
         merge_runs([outs[0], tmp_path / "o"], into)
     assert not (into / "results.jsonl").exists()
     assert main(["merge", str(outs[0]), str(tmp_path / "o"), "--into", str(into)]) == 1

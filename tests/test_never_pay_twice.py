@@ -9,17 +9,24 @@ import signal
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
 from ledger import Ledger
 from PIL import Image
-from runner_helpers import API_KEY, check_run_directory, inprocess, load_results, start_run, write_manifest
+from runner_helpers import (
+    API_KEY,
+    check_run_directory,
+    inprocess,
+    load_results,
+    start_run,
+    write_manifest,
+)
 
 from batchflux import batch
-from batchflux.errors import RunAborted
 from batchflux.config import Api
+from batchflux.errors import RunAborted
 from batchflux.models import RunOptions
 from batchflux.sim import SimSettings, create_app, serve_in_thread
 
@@ -68,7 +75,7 @@ def test_resume_with_reference_images_replays_in_flight_submits(tmp_path: Path,
         proc.communicate(timeout=60)
         httpx.post(f"{base_url}/_sim/settings", json={"stall_rate": 0.0}, timeout=10)
         again = start_run(manifest, out, base_url)
-        stdout, stderr = again.communicate(timeout=120)
+        _, stderr = again.communicate(timeout=120)
         assert again.returncode == 0, stderr
         ledger.collect(base_url)
         stats = sim_stats(base_url)
@@ -280,7 +287,7 @@ async def test_the_display_counts_jobs_the_provider_has_not_slots_waiting_to_sub
     from batchflux.runner import NullReporter
 
     class Recorder(NullReporter):
-        seen: list[tuple[int, int]] = []
+        seen: ClassVar[list[tuple[int, int]]] = []
 
         def status(self, state: Any) -> None:
             # What the display says, and how many jobs exist that no result line closed yet.

@@ -8,8 +8,8 @@ import textwrap
 from pathlib import Path
 
 from batchflux.cli import main
-from batchflux.plan import make_plan, plan_command, validate_command
 from batchflux.manifest import load_job
+from batchflux.plan import make_plan, plan_command, validate_command
 
 
 def write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:

@@ -88,7 +88,7 @@ def test_library_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     # The in-process simulator's default job time is a couple of seconds; keep the same code
     # path but shorten the wait.
     monkeypatch.setattr("batchflux.batch.SIM_DEFAULT_JOB_SECONDS", 0.3)
-    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - our own README
+    exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out.split()
     assert printed[0] == "0" and int(printed[1]) == 12
     assert (tmp_path / "out" / "from-python" / "results.jsonl").exists()

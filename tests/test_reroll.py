@@ -55,7 +55,8 @@ async def test_reroll_pays_once_per_rejected_image_and_chains(
     for record in rerolls:
         original = originals[record["reroll_of"]]
         assert record["attempt"] == 1 and record["status"] == "ok"
-        assert record["prompt"] == original["prompt"] and record["prompt_id"] == original["prompt_id"]
+        assert record["prompt"] == original["prompt"]
+        assert record["prompt_id"] == original["prompt_id"]
         assert record["seed"] == reroll_seed(original["key"], 1) != original["seed"]
         assert record["key"] != original["key"] and record["index"] >= 4
     check_run_directory(out, expected_items=6)

@@ -632,5 +632,5 @@ def test_the_review_examples_in_the_readme_and_docs_work(run: Path,
 
     (code,) = re.findall(r"```python\n(.*?)```", docs, re.DOTALL)
     namespace: dict[str, Any] = {}
-    exec(code.replace('"out/product-photos"', repr(str(run))), namespace)  # noqa: S102
+    exec(code.replace('"out/product-photos"', repr(str(run))), namespace)
     assert sorted(namespace["accepted"]) == sorted(chosen["accepted"])

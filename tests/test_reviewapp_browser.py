@@ -5,7 +5,8 @@ The screenshot in docs/review.md comes from :func:`test_the_docs_screenshot_is_f
 it renders the app on the product-photos example and compares the committed picture with a
 fresh one. After a visible change to the page, regenerate it with::
 
-    BATCHFLUX_UPDATE_SCREENSHOT=1 .venv/bin/python -m pytest -q tests/test_reviewapp_browser.py -k screenshot
+    BATCHFLUX_UPDATE_SCREENSHOT=1 .venv/bin/python -m pytest -q \
+        tests/test_reviewapp_browser.py -k screenshot
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ BODY = {"prompt": "a ceramic mug, product photography", "model": "flux-2-dev",
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
-async def wait_terminal(client: httpx.AsyncClient, job_id: str, oas: OasValidator) -> dict[str, Any]:
+async def wait_terminal(client: httpx.AsyncClient, job_id: str,
+                        oas: OasValidator) -> dict[str, Any]:
     for _ in range(500):
         response = await client.get(f"/v2/jobs/{job_id}")
         assert response.status_code == 200
@@ -63,7 +64,8 @@ BAD_BODIES = [
     ({"prompt": "a", "model": "flux-9"}, ["model"]),
     ({"prompt": "a", "model": "flux-2-dev", "colour": "red"}, ["colour"]),
     ({"prompt": "a", "model": "flux-2-dev", "seedreamParams": {}}, ["seedreamParams"]),
-    ({"prompt": "a", "model": "flux-2-dev", "fluxParams": {"sharpness": 3}}, ["fluxParams.sharpness"]),
+    ({"prompt": "a", "model": "flux-2-dev", "fluxParams": {"sharpness": 3}},
+     ["fluxParams.sharpness"]),
     ({"prompt": "a", "model": "flux-2-dev", "fluxParams": {"aspect_ratio": "wide"}},
      ["fluxParams.aspect_ratio"]),
     ({"prompt": "a", "model": "flux-2-dev", "fluxParams": {"aspect_ratio": "0:1"}},
@@ -89,7 +91,8 @@ BAD_BODIES = [
     ({"prompt": "a", "model": "flux-2-dev",
       "fluxParams": {"input_images": [f"https://x.test/{i}.png" for i in range(6)]}},
      ["fluxParams.input_images"]),
-    ({"prompt": "a", "model": "flux-2-dev", "fluxParams": {"input_images": ["data:image/png;base64,AA"]}},
+    ({"prompt": "a", "model": "flux-2-dev",
+      "fluxParams": {"input_images": ["data:image/png;base64,AA"]}},
      ["fluxParams.input_images.0"]),
     ({"prompt": "a", "model": "flux-2-dev", "webhookUrl": "not a url"}, ["webhookUrl"]),
     ({"prompt": "a", "model": "flux-2-dev", "webhookUrl": "https://h.test/", "webhookEvents": []},
@@ -128,7 +131,8 @@ async def test_completed_job_serves_a_real_image(sim_mode: str, oas: OasValidato
                                                  pil_format: str) -> None:
     settings = SimSettings(**{**FAST, "render_mode": "full"})
     async with sim_client(settings, mode=sim_mode) as client:
-        body = {"prompt": "a red bicycle", "model": "flux-2-dev", "fluxParams": {**params, "seed": 3}}
+        body = {"prompt": "a red bicycle", "model": "flux-2-dev",
+                "fluxParams": {**params, "seed": 3}}
         response = await client.post("/v2/images/generate", json=body)
         assert response.status_code == 202
         accepted = response.json()
@@ -195,7 +199,8 @@ async def test_idempotency_replays_conflicts_and_limits(sim_mode: str, oas: OasV
 
 async def test_credits_are_debited_and_402_reports_the_numbers(sim_mode: str,
                                                                oas: OasValidator) -> None:
-    async with sim_client(SimSettings(**FAST, credits=5, cost_per_image=2), mode=sim_mode) as client:
+    settings = SimSettings(**FAST, credits=5, cost_per_image=2)
+    async with sim_client(settings, mode=sim_mode) as client:
         for seed in (1, 2):
             body = {**BODY, "fluxParams": {"seed": seed}}
             assert (await client.post("/v2/images/generate", json=body)).status_code == 202
@@ -240,7 +245,8 @@ async def test_inflight_cap_answers_429_with_retry_after(sim_mode: str) -> None:
     settings = SimSettings(job_seconds=30.0, queue_seconds=0.0, render_mode="fast", max_inflight=2)
     async with sim_client(settings, mode=sim_mode) as client:
         for seed in range(2):
-            ok = await client.post("/v2/images/generate", json={**BODY, "fluxParams": {"seed": seed}})
+            ok = await client.post("/v2/images/generate",
+                                   json={**BODY, "fluxParams": {"seed": seed}})
             assert ok.status_code == 202
         capped = await client.post("/v2/images/generate", json=BODY)
         assert capped.status_code == 429
@@ -253,7 +259,8 @@ async def test_inflight_cap_answers_429_with_retry_after(sim_mode: str) -> None:
 
 
 async def test_models_catalog_is_public(sim_mode: str, oas: OasValidator) -> None:
-    async with sim_client(SimSettings(**FAST, cost_per_image=3), mode=sim_mode, api_key=None) as client:
+    settings = SimSettings(**FAST, cost_per_image=3)
+    async with sim_client(settings, mode=sim_mode, api_key=None) as client:
         response = await client.get("/v2/models", params={"modality": "image"})
         assert response.status_code == 200
         oas.check("ModelCatalog", response.json())

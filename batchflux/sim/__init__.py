@@ -21,4 +21,11 @@ from .serve import serve_in_thread
 from .settings import SimSettings
 from .webhooks import sign as sign_webhook
 
-__all__ = ["SimSettings", "SimStateError", "create_app", "serve_in_thread", "sign_webhook", "size_for"]
+__all__ = [
+    "SimSettings",
+    "SimStateError",
+    "create_app",
+    "serve_in_thread",
+    "sign_webhook",
+    "size_for",
+]

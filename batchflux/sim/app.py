@@ -42,7 +42,8 @@ from .state import Clock, Job, SimState, canonical_hash, iso_ms
 from .validate import validate_generate
 from .webhooks import WebhookSender
 
-UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+UUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 IMAGE_NAME_RE = re.compile(r"^([0-9a-f-]{36})-(\d+)\.(jpg|png|webp)$")
 UPLOAD_PATH_RE = re.compile(r"/cdn/uploads/([0-9a-f-]{36})\.[a-z0-9]+$")
 
@@ -88,7 +89,7 @@ def _dropped_json(data: Any, status: int) -> _Dropped:
     return _Dropped(status, json.dumps(data).encode(), "application/json")
 
 
-# -- auth and injected errors ------------------------------------------------------------------
+# -- auth and injected errors ----------------------------------------------------------------------
 
 
 def _authenticate(request: Request) -> tuple[str, None] | tuple[None, JSONResponse]:
@@ -135,7 +136,7 @@ async def _maybe_stall(state: SimState, kind: str) -> None:
         await anyio.sleep(state.settings.stall_seconds)
 
 
-# -- /v2/images/generate -------------------------------------------------------------------------
+# -- /v2/images/generate ---------------------------------------------------------------------------
 
 
 def _input_size(state: SimState, body: dict[str, Any]) -> tuple[int, int] | None:
@@ -173,7 +174,8 @@ async def generate(request: Request) -> Response:
     wait = state.take_submit_token(api_key)
     if wait:
         state.counters.rate_limited += 1
-        return _error(429, "Rate limit exceeded", headers={"Retry-After": retry_after_seconds(wait)})
+        return _error(429, "Rate limit exceeded",
+                      headers={"Retry-After": retry_after_seconds(wait)})
 
     idempotency_key = request.headers.get("idempotency-key")
     details: dict[str, list[str]] = {}
@@ -230,7 +232,7 @@ async def generate(request: Request) -> Response:
     return _json(accepted, 202)
 
 
-# -- /v2/jobs ------------------------------------------------------------------------------------
+# -- /v2/jobs --------------------------------------------------------------------------------------
 
 
 async def get_job(request: Request) -> Response:
@@ -336,7 +338,7 @@ async def list_jobs(request: Request) -> Response:
     return _json(body)
 
 
-# -- account, catalog -----------------------------------------------------------------------------
+# -- account, catalog ------------------------------------------------------------------------------
 
 
 async def me(request: Request) -> Response:
@@ -511,7 +513,7 @@ async def get_image(request: Request) -> Response:
     return Response(data, media_type=media_type)
 
 
-# -- /_sim test hooks --------------------------------------------------------------------------------
+# -- /_sim test hooks ------------------------------------------------------------------------------
 
 
 async def sim_stats(request: Request) -> Response:
@@ -560,7 +562,7 @@ async def sim_cancel(request: Request) -> Response:
     return _json(state.job_json(job, now, _base_url(request)))
 
 
-# -- assembly ---------------------------------------------------------------------------------------
+# -- assembly --------------------------------------------------------------------------------------
 
 ROUTES: tuple[tuple[str, str, Callable[[Request], Any]], ...] = (
     ("POST", "/v2/images/generate", generate),

@@ -84,7 +84,8 @@ def size_for(
     return min(MAX_SIDE, round16(w * scale)), min(MAX_SIDE, round16(h * scale))
 
 
-def seed_colour(seed: int, *, lightness: float = 0.45, hue_shift: float = 0.0) -> tuple[int, int, int]:
+def seed_colour(seed: int, *, lightness: float = 0.45,
+                hue_shift: float = 0.0) -> tuple[int, int, int]:
     """A pleasant, saturated colour derived from ``seed``."""
     digest = hashlib.sha256(str(seed).encode()).digest()
     hue = (digest[0] / 256.0 + hue_shift) % 1.0
@@ -203,5 +204,5 @@ def image_size(data: bytes) -> tuple[int, int] | None:
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.size
-    except Exception:  # noqa: BLE001 - Pillow raises many kinds; callers fall back to 1:1
+    except Exception:
         return None

@@ -408,7 +408,8 @@ class SimState:
             size=size,
             output_format=params.get("output_format", "webp"),
             quality=params.get("output_quality", 80),
-            seed=params["seed"] if "seed" in params else self.plan._stream("seeds").randrange(2**31),
+            seed=params["seed"] if "seed" in params
+            else self.plan._stream("seeds").randrange(2**31),
             base_url=base_url,
             idempotency_key=idempotency_key,
             idempotency_expires=None if idempotency_key is None else now + s.idempotency_ttl,

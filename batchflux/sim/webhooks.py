@@ -26,8 +26,8 @@ from typing import Any
 import anyio
 import httpx
 
-from .settings import spread_bounds
 from .persist import SimStateError
+from .settings import spread_bounds
 from .state import Job, SimState, iso_ms
 
 
