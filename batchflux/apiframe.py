@@ -24,7 +24,7 @@ import json
 import math
 import mimetypes
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, NoReturn, Protocol, Self, TypeAlias
 
@@ -150,6 +150,95 @@ class _BodyTooLarge(Exception):
     pass
 
 
+def _check_key(api_key: str) -> None:
+    """Refuse a missing key, or one with whitespace or control characters (a header cannot
+    carry it, and a pasted newline is a common mistake)."""
+    if not api_key or not api_key.strip():
+        raise ConfigError("no API key given (set APIFRAME_API_KEY)")
+    if any(c in api_key for c in "\r\n\0") or api_key != api_key.strip():
+        raise ConfigError("the API key contains whitespace or control characters")
+
+
+def _check_base_url(base_url: str, *, local: bool, allow_insecure: bool,
+                    wording: Wording) -> httpx.URL:
+    """The API base URL, checked: http(s) with a host, no credentials or query, and plain
+    http only on loopback (or ``local``: an in-process transport) unless ``allow_insecure``."""
+    try:
+        base = httpx.URL(base_url.rstrip("/"))
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ConfigError(f"invalid API base URL {base_url!r}") from exc
+    if base.scheme not in ("http", "https") or not base.host:
+        raise ConfigError(f"API base URL must be http(s)://HOST, got {base_url!r}")
+    if base.userinfo or base.query:
+        raise ConfigError("API base URL must not carry credentials or a query string")
+    if base.scheme == "http" and not (local or _is_loopback(base.host) or allow_insecure):
+        raise ConfigError(
+            f"refusing plain-http API base URL {base_url!r}: the API key would travel "
+            f"unencrypted (use https, a loopback host, or {wording.allow_insecure})"
+        )
+    return base
+
+
+@dataclass(frozen=True, slots=True)
+class _Redactor:
+    """Takes the API key out of text a server sent back (it may echo the key, or the key
+    without its ``afk_`` prefix, which is as secret)."""
+
+    api_key: str = field(repr=False)
+
+    def __call__(self, text: str) -> str:
+        text = text.replace(self.api_key, "[REDACTED]")
+        body = self.api_key.removeprefix("afk_")
+        return text.replace(body, "[REDACTED]") if len(body) >= 8 else text
+
+    def json(self, value: Any) -> Any:
+        """:meth:`__call__` over every string (keys too) of a JSON value."""
+        if isinstance(value, str):
+            return self(value)
+        if isinstance(value, dict):
+            return {self(str(k)): self.json(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.json(v) for v in value]
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class _DownloadPolicy:
+    """Where result images may be fetched from: the API's own origin, https on
+    ``*.apiframe.ai``, and the hosts the caller allowed (``"*"``: any http(s) host)."""
+
+    base_origin: tuple[str, str, int | None]
+    hosts: frozenset[str]
+    any_host: bool
+    wording: Wording
+
+    @classmethod
+    def of(cls, base: httpx.URL, allowed: Collection[str], wording: Wording) -> _DownloadPolicy:
+        hosts = frozenset(h.lower() for h in allowed)
+        return cls((base.scheme, base.host, base.port), hosts - {"*"}, "*" in hosts, wording)
+
+    def check(self, url: str) -> httpx.URL:
+        """``url`` parsed, or :class:`ApiError` (``download_failed``, not retryable)."""
+        try:
+            target = httpx.URL(url)
+        except (httpx.InvalidURL, TypeError) as exc:
+            raise ApiError("refusing to download from a malformed URL",
+                           category=ErrorCategory.DOWNLOAD_FAILED, retryable=False) from exc
+        scheme, host = target.scheme, target.host.lower()
+        if scheme in ("http", "https") and host and not target.userinfo and (
+            (scheme, host, target.port) == self.base_origin
+            or (scheme == "https" and host.endswith(_TRUSTED_DOWNLOAD_SUFFIX))
+            or self.any_host
+            or host in self.hosts
+        ):
+            return target
+        raise ApiError(
+            f"refusing to download from {scheme}://{host or '?'} (not the API host, not "
+            f"https on *.apiframe.ai; {self.wording.allow_download_host} allows a host)",
+            category=ErrorCategory.DOWNLOAD_FAILED, retryable=False,
+        )
+
+
 class ApiframeClient:
     """An async client for the Apiframe v2 API; one ``httpx.AsyncClient`` underneath.
 
@@ -180,33 +269,14 @@ class ApiframeClient:
         allow_insecure: bool = False,
         wording: Wording = LIBRARY,
     ) -> None:
-        if not api_key or not api_key.strip():
-            raise ConfigError("no API key given (set APIFRAME_API_KEY)")
-        if any(c in api_key for c in "\r\n\0") or api_key != api_key.strip():
-            raise ConfigError("the API key contains whitespace or control characters")
-        self._api_key = api_key
-        try:
-            base = httpx.URL(base_url.rstrip("/"))
-        except (httpx.InvalidURL, TypeError) as exc:
-            raise ConfigError(f"invalid API base URL {base_url!r}") from exc
-        if base.scheme not in ("http", "https") or not base.host:
-            raise ConfigError(f"API base URL must be http(s)://HOST, got {base_url!r}")
-        if base.userinfo or base.query:
-            raise ConfigError("API base URL must not carry credentials or a query string")
-        is_local = isinstance(transport, httpx.ASGITransport) or _is_loopback(base.host)
-        if base.scheme == "http" and not (is_local or allow_insecure):
-            raise ConfigError(
-                f"refusing plain-http API base URL {base_url!r}: the API key would travel "
-                f"unencrypted (use https, a loopback host, or {wording.allow_insecure})"
-            )
+        _check_key(api_key)
+        base = _check_base_url(base_url, local=isinstance(transport, httpx.ASGITransport),
+                               allow_insecure=allow_insecure, wording=wording)
         if max_connections < 1:
             raise ConfigError("max_connections must be at least 1")
         self.base_url = base
-        self._base_origin = (base.scheme, base.host, base.port)
-        allowed = frozenset(h.lower() for h in (allowed_download_hosts or ()))
-        self._allow_any_download_host = "*" in allowed
-        self._allowed_download_hosts = allowed - {"*"}
-        self._wording = wording
+        self._redact = _Redactor(api_key)
+        self._downloads = _DownloadPolicy.of(base, allowed_download_hosts or (), wording)
         self._auth = {"X-API-Key": api_key}
         self._auth_json = {**self._auth, "Content-Type": "application/json"}
         # httpcore's pool does O(connections^2) bookkeeping on every request and response,
@@ -267,7 +337,7 @@ class ApiframeClient:
                                           headers=headers, content=content)
         job_id, status = data.get("jobId"), data.get("status")
         if not isinstance(job_id, str) or not job_id or not isinstance(status, str):
-            self._bad_shape(route, response, "expected {jobId, status}")
+            _bad_shape(self._redact, route, response, "expected {jobId, status}")
         replayed = data.get("replayed") is True or any(
             response.headers.get(name, "").lower() == "true" for name in _REPLAY_HEADERS
         )
@@ -286,7 +356,7 @@ class ApiframeClient:
                 raise ApiError(exc.message, category=ErrorCategory.LOST, retryable=False,
                                http_status=404) from exc
             raise
-        return self._job_state(route, response, data)
+        return _job_state(self._redact, route, response, data)
 
     async def me(self) -> dict[str, Any]:
         """``GET /v2/me``: user, team (with ``credits``) and key details."""
@@ -300,7 +370,7 @@ class ApiframeClient:
                                           params={"modality": "image"})
         models = data.get("models")
         if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
-            self._bad_shape(route, response, "expected {models: [...]}")
+            _bad_shape(self._redact, route, response, "expected {models: [...]}")
         return models
 
     async def upload(self, data: bytes, *, filename: str) -> UploadResult:
@@ -320,7 +390,8 @@ class ApiframeClient:
                 expires_at=_opt_str(body.get("expiresAt")),
             )
         except (KeyError, TypeError) as exc:
-            self._bad_shape(route, response, "expected {id, url, contentType, byteSize}", exc)
+            _bad_shape(self._redact, route, response,
+                       "expected {id, url, contentType, byteSize}", exc)
 
     async def download(self, url: str, sink: ByteSink, *,
                        max_bytes: int = 64 << 20) -> DownloadInfo:
@@ -331,7 +402,7 @@ class ApiframeClient:
         a refused URL (scheme/host policy), other 4xx, or a body over ``max_bytes`` (reading
         stops at once). On failure ``sink`` may hold a partial body: discard it.
         """
-        target = self._check_download_url(url)
+        target = self._downloads.check(url)
         for _ in range(_MAX_REDIRECTS + 1):
             label = f"GET {target.host}{target.path}"
             try:
@@ -340,7 +411,7 @@ class ApiframeClient:
                 response = await client.send(request, stream=True)
                 try:
                     if response.is_redirect and "location" in response.headers:
-                        target = self._check_download_url(
+                        target = self._downloads.check(
                             str(response.url.join(response.headers["location"])))
                         continue
                     return await self._stream_body(label, response, sink, max_bytes)
@@ -397,26 +468,6 @@ class ApiframeClient:
                 category=ErrorCategory.DOWNLOAD_FAILED, retryable=True, http_status=status)
         return DownloadInfo(bytes=written, content_type=response.headers.get("content-type"))
 
-    def _check_download_url(self, url: str) -> httpx.URL:
-        try:
-            target = httpx.URL(url)
-        except (httpx.InvalidURL, TypeError) as exc:
-            raise ApiError("refusing to download from a malformed URL",
-                           category=ErrorCategory.DOWNLOAD_FAILED, retryable=False) from exc
-        scheme, host = target.scheme, target.host.lower()
-        if scheme in ("http", "https") and host and not target.userinfo and (
-            (scheme, host, target.port) == self._base_origin
-            or (scheme == "https" and host.endswith(_TRUSTED_DOWNLOAD_SUFFIX))
-            or self._allow_any_download_host
-            or host in self._allowed_download_hosts
-        ):
-            return target
-        raise ApiError(
-            f"refusing to download from {scheme}://{host or '?'} (not the API host, not "
-            f"https on *.apiframe.ai; {self._wording.allow_download_host} allows a host)",
-            category=ErrorCategory.DOWNLOAD_FAILED, retryable=False,
-        )
-
     async def _call(
         self,
         method: str,
@@ -454,103 +505,90 @@ class ApiframeClient:
             try:
                 data = _loads(content)
             except ValueError as exc:
-                self._bad_shape(route, response, "not JSON", exc)
+                _bad_shape(self._redact, route, response, "not JSON", exc)
             if not isinstance(data, dict):
-                self._bad_shape(route, response, "expected a JSON object")
+                _bad_shape(self._redact, route, response, "expected a JSON object")
             return response, data
-        self._raise_for_status(route, response, content, not_found=not_found)
+        raise _status_error(self._redact, route, response, content, not_found=not_found)
 
-    def _raise_for_status(self, route: str, response: httpx.Response, content: bytes, *,
-                          not_found: str | None) -> NoReturn:
-        status = response.status_code
-        try:
-            body = _loads(content) if content else None
-        except ValueError:
-            body = None
-        body = body if isinstance(body, dict) else {}
-        text = body.get("error")
-        text = self._redact(text[:_MAX_ERROR_TEXT]) if isinstance(text, str) and text else None
-        retry_after = parse_retry_after(response.headers.get("retry-after"))
-        details: dict[str, object] = {}
-        category: ErrorCategory
-        retryable: bool
-        if status == 400:
-            category, retryable = ErrorCategory.INVALID_REQUEST, False
-            if isinstance(body.get("details"), dict):
-                details = self._redact_json(dict(body["details"]))
-        elif status in (401, 403):
-            category, retryable = ErrorCategory.AUTH, False
-        elif status == 402:
-            category, retryable = ErrorCategory.INSUFFICIENT_CREDITS, False
-            details = self._redact_json(
-                {k: body[k] for k in ("creditsRequired", "creditsAvailable") if k in body})
-        elif status == 404:
-            category, retryable = ErrorCategory.INVALID_REQUEST, False
-            text = not_found or text or "not found"
-        elif status == 409:
-            category, retryable = ErrorCategory.INVALID_REQUEST, False
-            text = text or "idempotency key reused with a different request body"
-        elif status == 429:
-            category, retryable = ErrorCategory.RATE_LIMITED, True
-        elif status == 408:
-            category, retryable = ErrorCategory.TIMEOUT, True
-        elif status >= 500:
-            category, retryable = ErrorCategory.SERVER_ERROR, True
-        elif 400 <= status < 500:
-            category, retryable = ErrorCategory.INVALID_REQUEST, False
-        else:  # 1xx/3xx: we follow no redirects on the API
-            category, retryable = ErrorCategory.SERVER_ERROR, False
-            text = text or "unexpected answer"
-        message = f"{route}: HTTP {status}" + (f": {text}" if text else "")
-        raise ApiError(message, category=category, retryable=retryable, http_status=status,
-                       retry_after=retry_after, details=details)
+def _status_error(redact: _Redactor, route: str, response: httpx.Response, content: bytes,
+                  *, not_found: str | None) -> ApiError:
+    """The :class:`ApiError` for a non-2xx answer: its category, whether a retry can help,
+    the server's text (redacted), Retry-After and details."""
+    status = response.status_code
+    try:
+        body = _loads(content) if content else None
+    except ValueError:
+        body = None
+    body = body if isinstance(body, dict) else {}
+    text = body.get("error")
+    text = redact(text[:_MAX_ERROR_TEXT]) if isinstance(text, str) and text else None
+    retry_after = parse_retry_after(response.headers.get("retry-after"))
+    details: dict[str, object] = {}
+    category: ErrorCategory
+    retryable: bool
+    if status == 400:
+        category, retryable = ErrorCategory.INVALID_REQUEST, False
+        if isinstance(body.get("details"), dict):
+            details = redact.json(dict(body["details"]))
+    elif status in (401, 403):
+        category, retryable = ErrorCategory.AUTH, False
+    elif status == 402:
+        category, retryable = ErrorCategory.INSUFFICIENT_CREDITS, False
+        details = redact.json(
+            {k: body[k] for k in ("creditsRequired", "creditsAvailable") if k in body})
+    elif status == 404:
+        category, retryable = ErrorCategory.INVALID_REQUEST, False
+        text = not_found or text or "not found"
+    elif status == 409:
+        category, retryable = ErrorCategory.INVALID_REQUEST, False
+        text = text or "idempotency key reused with a different request body"
+    elif status == 429:
+        category, retryable = ErrorCategory.RATE_LIMITED, True
+    elif status == 408:
+        category, retryable = ErrorCategory.TIMEOUT, True
+    elif status >= 500:
+        category, retryable = ErrorCategory.SERVER_ERROR, True
+    elif 400 <= status < 500:
+        category, retryable = ErrorCategory.INVALID_REQUEST, False
+    else:  # 1xx/3xx: we follow no redirects on the API
+        category, retryable = ErrorCategory.SERVER_ERROR, False
+        text = text or "unexpected answer"
+    message = f"{route}: HTTP {status}" + (f": {text}" if text else "")
+    return ApiError(message, category=category, retryable=retryable, http_status=status,
+                    retry_after=retry_after, details=details)
 
-    def _job_state(self, route: str, response: httpx.Response,
-                   data: dict[str, Any]) -> JobState:
-        try:
-            status = data["status"]
-            if status not in _JOB_STATUSES:
-                raise TypeError(f"unknown status {status!r}")
-            progress = data.get("progress")
-            if progress is not None:
-                progress = _int(progress)
-            return JobState(
-                id=_str(data["id"]),
-                status=status,
-                progress=progress,
-                images=_images(data.get("result")),
-                error=_opt_str(data.get("error")),
-                credit_cost=None if data.get("creditCost") is None else _int(data["creditCost"]),
-                created_at=_opt_str(data.get("createdAt")),
-                completed_at=_opt_str(data.get("completedAt")),
-                expired=data.get("expired") is True,
-            )
-        except (KeyError, TypeError) as exc:
-            self._bad_shape(route, response, "not a job record", exc)
+def _job_state(redact: _Redactor, route: str, response: httpx.Response,
+               data: dict[str, Any]) -> JobState:
+    try:
+        status = data["status"]
+        if status not in _JOB_STATUSES:
+            raise TypeError(f"unknown status {status!r}")
+        progress = data.get("progress")
+        if progress is not None:
+            progress = _int(progress)
+        return JobState(
+            id=_str(data["id"]),
+            status=status,
+            progress=progress,
+            images=_images(data.get("result")),
+            error=_opt_str(data.get("error")),
+            credit_cost=None if data.get("creditCost") is None else _int(data["creditCost"]),
+            created_at=_opt_str(data.get("createdAt")),
+            completed_at=_opt_str(data.get("completedAt")),
+            expired=data.get("expired") is True,
+        )
+    except (KeyError, TypeError) as exc:
+        _bad_shape(redact, route, response, "not a job record", exc)
 
-    def _bad_shape(self, route: str, response: httpx.Response, what: str,
-                   exc: BaseException | None = None) -> NoReturn:
-        detail = f" ({self._redact(str(exc))})" if exc is not None and str(exc) else ""
-        raise ApiError(
-            f"{route}: HTTP {response.status_code} but the answer is malformed: {what}{detail}",
-            category=ErrorCategory.SERVER_ERROR, retryable=True,
-            http_status=response.status_code,
-        ) from exc
-
-    def _redact(self, text: str) -> str:
-        text = text.replace(self._api_key, "[REDACTED]")
-        body = self._api_key.removeprefix("afk_")
-        # The key without its prefix is as secret as the key (a server may echo either).
-        return text.replace(body, "[REDACTED]") if len(body) >= 8 else text
-
-    def _redact_json(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self._redact(value)
-        if isinstance(value, dict):
-            return {self._redact(str(k)): self._redact_json(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self._redact_json(v) for v in value]
-        return value
+def _bad_shape(redact: _Redactor, route: str, response: httpx.Response, what: str,
+               exc: BaseException | None = None) -> NoReturn:
+    detail = f" ({redact(str(exc))})" if exc is not None and str(exc) else ""
+    raise ApiError(
+        f"{route}: HTTP {response.status_code} but the answer is malformed: {what}{detail}",
+        category=ErrorCategory.SERVER_ERROR, retryable=True,
+        http_status=response.status_code,
+    ) from exc
 
 
 async def _read_capped(response: httpx.Response, cap: int) -> bytes:
