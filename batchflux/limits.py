@@ -461,6 +461,11 @@ class SubmitRateLearner:
         self.history.append((now, rate))
         return verdict
 
+    @property
+    def learned(self) -> float | None:
+        """The rate learned from the 429s so far, before growth (None: none learned)."""
+        return self._base_rate
+
     def at_least(self, rate: float) -> bool:
         """Raise a learned rate below ``rate`` to it (never past a configured rate); True when
         it was raised. For a floor the provider itself showed (:meth:`SubmitGate.ended`)."""
@@ -615,8 +620,11 @@ class Budget:
         self.committed += cost - self.cost
 
 
-#: The share of ``running / job time`` (a settled 429's count, Little's law) that a learned
-#: submit rate is never left below: a margin for the count's noise under a real rate limit.
+#: A learned submit rate under ``RATE_SHADOW`` x ``running / job time`` (two agreeing settled
+#: 429s' count, Little's law) is a cap's shadow, and is raised to ``RATE_FLOOR_SHARE`` x that.
+#: Under a real rate limit the two are within a few percent of each other (the count at a
+#: 429 is at its peak, just after a burst), so neither threshold is met there.
+RATE_SHADOW = 0.8
 RATE_FLOOR_SHARE = 0.9
 
 
@@ -686,10 +694,13 @@ class SubmitGate:
         shows, before three make it sure): the provider then finishes, so accepts, about
         ``running / job time`` a second (Little's law). A rate measured below that, a margin
         kept, is the shadow of that cap being filled (jobs not yet ending), not a rate limit:
-        raise it. (A single count is no floor: a rate limit's 429 comes just after a burst,
-        when the count is at its peak.)"""
+        raise it. Only a rate well below it (:data:`RATE_SHADOW`) is: under a real rate limit
+        the count at a 429 is at its peak (just after a burst), near ``rate x job time``, and
+        raising a rate to it would only meet more 429s."""
         seconds = self.caps.job_seconds()
-        if running is None or running <= 0 or seconds is None or seconds <= 0:
+        learned = self.learner.learned
+        if running is None or running <= 0 or seconds is None or seconds <= 0 \
+                or learned is None or learned >= RATE_SHADOW * running / seconds:
             return
         self.learner.at_least(RATE_FLOOR_SHARE * running / seconds)
 

@@ -697,3 +697,21 @@ def test_a_rate_limits_429s_raise_no_floor() -> None:
         caps.limited(moment)
     caps.cap(now=60.0)
     assert caps.steady is None and caps.settles == 2
+
+
+def test_a_rate_near_what_the_running_jobs_allow_is_left_alone() -> None:
+    """Under a real rate limit the running count at a 429 is near rate x job time: a learned
+    40/s with 84 jobs of 2 s running (42/s) is no cap's shadow and stays 40/s."""
+    from batchflux.limits import SubmitGate
+
+    t = SteppingTime()
+    gate = SubmitGate(ceiling=128, clock=t.clock)
+    gate.learner.restore(40.0)
+    gate._rate_floor(84)  # no job time known yet: nothing to go on
+    assert gate.bucket.rate == 40.0
+    token = gate.accepted()
+    gate.ended(token, 2.0)  # one job of 2 s: the median job time
+    gate._rate_floor(84)
+    assert gate.bucket.rate == 40.0 and gate.learner.learned == 40.0
+    gate._rate_floor(84 * 2)  # 84/s possible: 40/s is under 0.8 of it, a cap's shadow
+    assert gate.bucket.rate == pytest.approx(0.9 * 84.0)
