@@ -106,6 +106,20 @@ class CompletionSource(Protocol):
 Fetch = Callable[[str, float], Awaitable[JobLike]]
 
 
+async def _poll_once(fetch: Fetch, job: Waiting,
+                    clock: Callable[[], float]) -> JobLike | None:
+    """Ask the API once for ``job`` and record what it said as a :class:`Sighting`; None
+    when the API no longer knows the job (``lost``: the caller submits anew)."""
+    try:
+        state = await fetch(job.job_id, job.deadline)
+    except ApiError as exc:
+        if exc.category is ErrorCategory.LOST:
+            return None
+        raise
+    job.sightings.append(Sighting(clock() - job.submitted, state.status, state.progress))
+    return state
+
+
 class PollingCompletion:
     """Poll each job until it ends, on the schedule :func:`next_poll_delay` computes.
 
@@ -139,15 +153,8 @@ class PollingCompletion:
                 raise ApiError(f"job {job.job_id} not finished by its deadline",
                                category=ErrorCategory.TIMEOUT, retryable=True)
             await self._sleep(min(delay, remaining))
-            try:
-                state = await self._fetch(job.job_id, job.deadline)
-            except ApiError as exc:
-                if exc.category is ErrorCategory.LOST:
-                    return None
-                raise
-            job.sightings.append(Sighting(self._clock() - job.submitted, state.status,
-                                          state.progress))
-            if state.status in TERMINAL_STATUSES:
+            state = await _poll_once(self._fetch, job, self._clock)
+            if state is None or state.status in TERMINAL_STATUSES:
                 return state
 
     def summary(self) -> Mapping[str, Any]:
@@ -508,15 +515,7 @@ class WebhookCompletion:
             self.counters.reattach_polls += 1
         else:
             self.counters.fallback_polls += 1
-        try:
-            state = await self._fetch(job.job_id, job.deadline)
-        except ApiError as exc:
-            if exc.category is ErrorCategory.LOST:
-                return None
-            raise
-        job.sightings.append(Sighting(self._clock() - job.submitted, state.status,
-                                      state.progress))
-        return state
+        return await _poll_once(self._fetch, job, self._clock)
 
     # -- learning ----------------------------------------------------------------------------
 
