@@ -52,18 +52,24 @@ def test_a_new_file_gets_the_mode_the_umask_gives_not_0600(tmp_path: Path) -> No
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
 
 
-def test_the_file_is_synced_before_the_rename_and_the_directory_after(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The order that makes the write survive a power loss: the bytes reach the disk under
-    the temporary name, then the rename, then the directory entry."""
-    synced: list[str] = []
+@pytest.fixture
+def synced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths ``os.fsync`` is called on, in order (the real fsync still runs)."""
+    paths: list[str] = []
     real_fsync = os.fsync
 
     def recording_fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
+    return paths
+
+
+def test_the_file_is_synced_before_the_rename_and_the_directory_after(
+        tmp_path: Path, synced: list[str]) -> None:
+    """The order that makes the write survive a power loss: the bytes reach the disk under
+    the temporary name, then the rename, then the directory entry."""
     path = tmp_path / "summary.json"
     write_json_atomic(path, {"ok": 1})
     assert len(synced) == 2, synced
@@ -75,15 +81,7 @@ def test_the_file_is_synced_before_the_rename_and_the_directory_after(
 
 
 def test_replace_atomic_moves_a_finished_directory_in_and_syncs_both(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+        tmp_path: Path, synced: list[str]) -> None:
     work = tmp_path / "work"
     work.mkdir()
     (work / "metadata.jsonl").write_text("{}\n")
