@@ -68,8 +68,9 @@ CAPACITY_MARKERS = ("no available capacity", "capacity", "try again", "retry sho
 IDEMPOTENCY_WINDOW = 23 * 3600.0
 #: Upload URLs this close to expiry are not used for a new job (the API must still fetch them).
 UPLOAD_MARGIN = 15 * 60.0
-#: A job created this long before we first asked for it was created by someone else (an
-#: earlier run, another directory): the API replayed it and this run did not pay for it.
+#: A job created this long before this run directory first sent its request (journaled, so a
+#: resumed run knows) was created by someone else, such as another directory on the account:
+#: the API replayed it and this directory did not pay for it.
 REPLAY_SLACK = 2.0
 
 
@@ -180,6 +181,7 @@ class _Item:
     refetch: bool = False
     replayed: bool = False
     first_sent_wall: float | None = None
+    sent_before: bool = False  # first sent by an earlier run of this directory (journaled)
     submitted: float | None = None
     jobs_created: int = 0
     credit_cost: int | None = None
@@ -236,6 +238,8 @@ class Lifecycle:
         current.refetch = self.index.missing_files(item.key) is not None
         if current.job_id is not None:
             current.attached = current.was_attached = True
+            current.first_sent_wall = self.index.journaled_sent(item.key)
+            current.sent_before = current.first_sent_wall is not None
             self.stats.attached += 1
         elif self.index.prior_failure(item.key) is None and not current.refetch \
                 and self.index.journaled_intent(item.key) is None:
@@ -374,10 +378,13 @@ class Lifecycle:
             await self.gate.throttle()
             if self.control.stopping:
                 raise _NotStarted
+            if current.first_sent_wall is None:
+                # A resend's first send was the journaled one (an earlier run of this directory).
+                resent = current.resend.at if current.resend is not None else None
+                current.sent_before = resent is not None
+                current.first_sent_wall = resent if resent is not None else time.time()
             self.store.journal_intent(item, current.submission, inputs, webhook)
             current.resend = JournalIntent(current.submission, inputs, webhook=webhook)
-            if current.first_sent_wall is None:
-                current.first_sent_wall = time.time()
             accepted = await self.call(
                 "submit", lambda: self.client.submit(body, idempotency_key=key),
                 throttle=True)
@@ -446,8 +453,14 @@ class Lifecycle:
         if state.status == "COMPLETED":
             self.gate.inflight.on_success()
         created = parse_time(state.created_at)
-        if current.attached or (current.first_sent_wall is not None and created is not None
-                                and created < current.first_sent_wall - REPLAY_SLACK):
+        if created is not None and current.first_sent_wall is not None \
+                and created < current.first_sent_wall - REPLAY_SLACK:
+            current.replayed = True  # created before this directory first asked: not ours
+        elif current.sent_before and created is not None:
+            # A re-attached job, or a resend the API answered with the job an earlier run's
+            # send created: this directory paid for it, and this run records it.
+            current.replayed = False
+        elif current.attached:
             current.replayed = True
         current.credit_cost = state.credit_cost or 0
         if current.submitted is not None:

@@ -426,6 +426,8 @@ class ResumeIndex:
         self.missing: dict[int, PriorResult] = {}
         self.jobs: dict[int, tuple[int, str]] = {}  # key id -> (submission number, jobId)
         self.intents: dict[int, JournalIntent] = {}  # key id -> submission sent, jobId unknown
+        # key id -> when the submit of its journaled job was first sent (Unix time)
+        self.sent: dict[int, float] = {}
         self.results_lines = 0
         self.uploads: dict[str, JournalUpload] = {}  # content sha256 -> upload
         #: Lines of results.jsonl and the journal that were skipped (blank, garbage), in order.
@@ -483,11 +485,14 @@ class ResumeIndex:
             elif kind == "job":
                 index.jobs[kid] = (n, str(record.get("job_id")))
                 intent = index.intents.get(kid)
+                index.sent.pop(kid, None)
+                if intent is not None and intent.submission == n and intent.at is not None:
+                    index.sent[kid] = intent.at
                 if intent is not None and intent.submission <= n:
                     del index.intents[kid]
         # An ok result closes the item's journal entries, whatever the journal says; a failed
         # one does not (its retry must reuse the key or the job the journal knows).
-        for table in (index.jobs, index.intents):
+        for table in (index.jobs, index.intents, index.sent):
             for kid in [k for k in table if index._has_ok(k)]:
                 del table[kid]
         return index
@@ -523,6 +528,11 @@ class ResumeIndex:
 
     def journaled_intent(self, key: str) -> JournalIntent | None:
         return self.intents.get(key_id(key))
+
+    def journaled_sent(self, key: str) -> float | None:
+        """When the submit of ``key``'s journaled job was first sent (Unix time; None: an
+        older journal, or no job)."""
+        return self.sent.get(key_id(key))
 
 
 class _FileCheck:

@@ -28,6 +28,7 @@ from batchflux import batch
 from batchflux.config import Api
 from batchflux.errors import RunAborted
 from batchflux.models import RunOptions
+from batchflux.report import build_report
 from batchflux.sim import SimSettings, create_app, serve_in_thread
 
 FAST = SimSettings(job_seconds=0.3, queue_seconds=0.05, render_mode="fast", credits=100_000)
@@ -84,6 +85,9 @@ def test_resume_with_reference_images_replays_in_flight_submits(tmp_path: Path,
     assert stats["jobs_created"] == 4 and stats["uploads"] == 1, stats
     ledger.assert_holds([out])
     assert ledger.paid_jobs() == 4
+    # The resends were answered with the jobs the first run's sends created: this directory
+    # paid for them, and its report says so.
+    assert build_report(out)["credits_spent"] == stats["credits_spent"] == 8
 
 
 # -- defect 2: --retry-failed after a lost submit answer --------------------------------------
@@ -225,6 +229,37 @@ async def test_credits_spent_counts_only_jobs_this_run_created(tmp_path: Path) -
     assert second.summary["counts"]["ok"] == 4
     assert second.summary["credits_spent"] == 0
     assert second.summary["replayed_jobs"] == 4
+
+
+async def test_the_credits_of_an_interrupted_run_and_its_resume_add_up(tmp_path: Path) -> None:
+    """Stopped with jobs in flight, then resumed: the jobs the first run created and the second
+    re-attached to were paid by this directory. Each is counted once, by the run that records
+    it, so the two summaries and the report say what the account was charged."""
+    import anyio
+
+    from batchflux.models import Result
+    from batchflux.runner import NullReporter
+
+    manifest = write_manifest(tmp_path, prompts=4, seeds=3, aspects=("1:1",))  # 12 items
+    out = tmp_path / "out"
+    app = create_app(replace(FAST, job_seconds=(0.3, 1.5)))
+    stop = anyio.Event()
+
+    class StopAfterFirst(NullReporter):
+        def result(self, record: Result) -> None:
+            stop.set()
+
+    first = await batch.run_batch_async(manifest, RunOptions(out_dir=out, concurrency=8),
+                                        target=inprocess(app), reporter=StopAfterFirst(),
+                                        stop=stop)
+    assert first.summary["stop_reason"] == "interrupted"
+    second = await batch.run_batch_async(manifest, RunOptions(out_dir=out, concurrency=8),
+                                         target=inprocess(app))
+    assert second.exit_code == 0 and second.summary["counts"]["reattached"] >= 1
+    charged = app.state.sim.stats_json()["credits_spent"]
+    assert app.state.sim.counters.jobs_created == 12 and charged == 24
+    assert first.summary["credits_spent"] + second.summary["credits_spent"] == charged
+    assert build_report(out)["credits_spent"] == charged
 
 
 async def test_budget_check_ignores_results_of_items_no_longer_in_the_manifest(
