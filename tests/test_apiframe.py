@@ -545,6 +545,31 @@ def test_plain_http_is_fine_through_an_in_process_asgi_transport() -> None:
                    transport=httpx.ASGITransport(app=app))
 
 
+def test_every_lane_of_every_client_shares_one_tls_context(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """-j 128 opens 21 lanes (httpx clients); each built its own TLS context, loading the CA
+    bundle again, and a run builds its client twice: 1.3 s before the first request. One
+    context, still verifying certificates and host names, serves them all."""
+    import ssl
+
+    from batchflux import apiframe
+
+    made: list[ssl.SSLContext] = []
+    create = ssl.create_default_context
+
+    def counting(*args: object, **kwargs: object) -> ssl.SSLContext:
+        context = create(*args, **kwargs)  # type: ignore[arg-type]
+        made.append(context)
+        return context
+
+    monkeypatch.setattr(ssl, "create_default_context", counting)
+    apiframe._tls_context.cache_clear()
+    clients = [ApiframeClient(api_key=KEY, max_connections=164) for _ in range(2)]
+    assert len(clients[0]._lanes) == 21
+    assert len(made) == 1
+    assert made[0].verify_mode == ssl.CERT_REQUIRED and made[0].check_hostname
+
+
 @pytest.mark.parametrize("key", ["", "   ", "afk_x\r\nX-Evil: 1", " afk_x"])
 def test_bad_keys_are_config_errors(key: str) -> None:
     with pytest.raises(ConfigError) as info:
