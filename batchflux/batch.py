@@ -354,6 +354,7 @@ def _items(spec: JobSpec, config: RunConfig, index: ResumeIndex) -> Iterator[Wor
 def _settings(config: RunConfig, *, cost: float, expected: float | None) -> RunSettings:
     return RunSettings(
         max_inflight=config.inflight_ceiling,
+        sharers=config.shard.count if config.shard is not None else 1,
         submits_per_second=config.rpm / 60.0 if config.rpm else None,
         retries=config.retries,
         request_retry=RetryPolicy(max_attempts=config.retries + 3),

@@ -345,12 +345,23 @@ class SubmitRateLearner:
     the run goes on and follows a provider that changes its limit.
 
     The first 429 has no earlier mark: the rate becomes what was accepted in the trailing
-    seconds before it (what the provider let through at full speed; it errs high by what was
-    left of the provider's burst), and every submit waits out that first ``Retry-After``; a
-    first 429 within ``min_window`` of the first submit measures nothing (another process on
-    the same key took the burst). The next 429, a second or more later, is exact. Between
-    429s the rate grows (:meth:`growth_factor`), so a limit that was raised, or a share of a
-    key that grew, is found again; it never exceeds a configured rate.
+    seconds before it, over at least ``min_window`` (what the provider let through at full
+    speed; it errs high by what was left of the provider's burst), and every submit waits out
+    that first ``Retry-After``. A run that opens with more submits than the provider's bucket
+    holds meets it within moments: what got through is that bucket, about a second of the
+    rate at the usual size, and pacing to it at once keeps the submits after the pause from
+    meeting the empty bucket again. Fewer than ``min_samples`` through measures nothing
+    (another process on the same key took the burst; a storm). The next 429, a second or
+    more later, is exact. Between 429s the rate grows (:meth:`growth_factor`), so a limit
+    that was raised, or a share of a key that grew, is found again; it never exceeds a
+    configured rate. A first estimate that is only a guess (from a burst, or a shard's) grows
+    by ``burst_growth`` a second until a measured 429.
+
+    ``sharers`` > 1: this is one of that many processes that started together on one key
+    (the shards of a run). Their first 429s come together; each takes its share of the whole
+    window since its start (the same for each), not of its last seconds (a lottery of who got
+    through as the bucket emptied, whose ratios would stick: a measured 429 gives each the
+    share it was pacing to).
 
     429s answering requests sent before the latest adjustment, or within ``min_window`` of
     it, belong to the same episode and change nothing.
@@ -358,16 +369,18 @@ class SubmitRateLearner:
 
     def __init__(self, bucket: TokenBucket, *, clock: Clock = time.monotonic,
                  growth: float = 0.01, min_window: float = 1.0, min_samples: int = 4,
-                 horizon: float = 30.0, escalate: float = 5.0) -> None:
+                 horizon: float = 30.0, escalate: float = 5.0,
+                 burst_growth: float = 0.1, sharers: int = 1) -> None:
         self.bucket = bucket
         self.min_samples = min_samples
         self.ceiling = bucket.rate  # a configured rate is never exceeded
         self.growth = growth
         self.escalate = escalate
+        self.burst_growth = burst_growth
+        self.sharers = max(1, sharers)
         self.min_window = min_window
         self.horizon = horizon
         self._clock = clock
-        self._first_sent: float | None = None  # the run's first submit
         self._window_start: float | None = None  # first submit, or when submits resumed
         self._accepted = 0  # accepted since _window_start (before the first mark)
         self._total = 0  # accepted in all
@@ -375,6 +388,10 @@ class SubmitRateLearner:
         self._episode_at = -math.inf
         self._base_rate: float | None = None
         self._base_time = 0.0
+        # The learned rate is a first guess: a share of the provider's bucket (a first 429
+        # within min_window of the window's start), or a shard's share of a window it ramped
+        # up in. It grows by burst_growth a second until a measured 429 says what it is.
+        self._provisional = False
         self._accepted_at: deque[float] = deque(maxlen=4096)
         #: ``(clock time, learned rate)`` at each 429 episode, for the run report.
         self.history: list[tuple[float, float]] = []
@@ -382,12 +399,13 @@ class SubmitRateLearner:
     def on_sent(self) -> None:
         """A submit is about to go out: start the first window; let the rate probe upward."""
         now = self._clock()
-        if self._first_sent is None:
-            self._first_sent = now
         if self._window_start is None:
             self._window_start = now
         if self._base_rate is not None:
-            rate = self._base_rate * self.growth_factor(max(0.0, now - self._base_time))
+            quiet = max(0.0, now - self._base_time)
+            rate = self._base_rate * self.growth_factor(quiet)
+            if self._provisional:
+                rate = max(rate, self._base_rate * (1.0 + self.burst_growth) ** min(quiet, 60.0))
             if self.ceiling is not None:
                 rate = min(rate, self.ceiling)
             current = self.bucket.rate
@@ -428,8 +446,7 @@ class SubmitRateLearner:
             return "same"
         since_last = self._total - self._marks[-1][1] if self._marks else self._accepted
         start = self._window_start if self._window_start is not None else now
-        first = self._first_sent if self._first_sent is not None else now
-        if since_last < self.min_samples or (not self._marks and now - first < self.min_window):
+        if since_last < self.min_samples:
             # Pacing to that number would crawl. A pause the provider asked for without its
             # bucket being the reason (a storm) says nothing of its rate either: start over,
             # measuring from when submits resume.
@@ -443,14 +460,24 @@ class SubmitRateLearner:
             window = max(self.min_window, now - start)
             span = min(2 * self.min_window, window)
             recent = sum(1 for t in self._accepted_at if t >= now - span)
-            rate = max(self._accepted / window, recent / span)
             verdict: Verdict = "first"
+            if self.sharers > 1:
+                # Processes on one key that started together have each had about the same
+                # share of the whole window, but not of its last seconds (who got through as
+                # the bucket emptied is a lottery), and shares keep the ratio they start at.
+                # The whole window's share errs low while they ramped up: it grows fast until
+                # a measured 429.
+                rate, self._provisional = self._accepted / window, True
+            else:
+                rate = max(self._accepted / window, recent / span)
+                self._provisional = now - start < self.min_window
         else:
             while len(self._marks) > 1 and now - self._marks[1][0] >= self.horizon:
                 self._marks.popleft()
             since, count = self._marks[0]
             rate = (self._total - count) / (now - since)
             verdict = "measured"
+            self._provisional = False
         if self.ceiling is not None:
             rate = min(rate, self.ceiling)
         rate = max(rate, 1.0 / 60.0)
@@ -483,7 +510,7 @@ class SubmitRateLearner:
         """The 429s came from another limit (an in-flight cap): back to the configured rate,
         and measure afresh if a rate limit shows later."""
         self.bucket.set_rate(self.ceiling)
-        self._base_rate = None
+        self._base_rate, self._provisional = None, False
         self._marks.clear()
         self._window_start, self._accepted = self._clock(), 0
 
@@ -644,14 +671,14 @@ class SubmitGate:
     """
 
     def __init__(self, *, ceiling: int, initial: int | None = None,
-                 rate: float | None = None, clock: Clock = time.monotonic,
+                 rate: float | None = None, sharers: int = 1, clock: Clock = time.monotonic,
                  sleep: Sleep = anyio.sleep) -> None:
         start = min(ceiling, initial if initial is not None else ceiling)
         self._clock = clock
         self.inflight = AdaptiveLimit(start, maximum=ceiling, clock=clock,
                                       slow_start=start < ceiling)
         self.bucket = TokenBucket(rate, clock=clock, sleep=sleep)
-        self.learner = SubmitRateLearner(self.bucket, clock=clock)
+        self.learner = SubmitRateLearner(self.bucket, clock=clock, sharers=sharers)
         self.caps = CapDetector()
         self.pause = Cooldown(clock=clock, sleep=sleep)
         self.submit_pause = Cooldown(clock=clock, sleep=sleep)

@@ -87,13 +87,15 @@ class RunSettings:
     """How a run behaves. Every field has a named default; build with keywords.
 
     ``max_inflight`` is ``-j``: jobs in flight, the ceiling of the adaptive cap, which slow
-    starts from ``initial_inflight`` (None: :func:`initial_inflight`). ``concurrency`` is the
+    starts from ``initial_inflight`` (None: :func:`initial_inflight`, shared out among
+    ``sharers``, the shard processes that start together on one key). ``concurrency`` is the
     number of workers (None: :func:`workers_for`). The other fields are the lifecycle's
     (:class:`~batchflux.lifecycle.LifecycleSettings`) and the poll schedule's.
     """
 
     max_inflight: int = 32
     initial_inflight: int | None = None
+    sharers: int = 1  # processes that start together on one key (the shards of a run)
     concurrency: int | None = None
     submits_per_second: float | None = None
     retries: int = 4
@@ -119,9 +121,16 @@ class RunSettings:
                                  webhook=self.webhook)
 
 
-def initial_inflight(max_inflight: int) -> int:
-    """Where slow start begins for a ceiling of ``max_inflight`` jobs in flight."""
-    return max(min(max_inflight, SLOW_START_INITIAL), max_inflight // 2)
+def initial_inflight(max_inflight: int, *, sharers: int = 1) -> int:
+    """Where slow start begins for a ceiling of ``max_inflight`` jobs in flight, when
+    ``sharers`` processes (the shards of one run) start together on one key: each opens with
+    its part, so that together they open as one run would.
+
+    >>> initial_inflight(128), initial_inflight(8), initial_inflight(32, sharers=3)
+    (64, 8, 5)
+    """
+    alone = max(min(max_inflight, SLOW_START_INITIAL), max_inflight // 2)
+    return max(1, alone // max(1, sharers))
 
 
 def workers_for(settings: RunSettings) -> int:
@@ -192,8 +201,10 @@ class Runner:
         self.state = RunState(inflight_cap=settings.max_inflight)
         self.gate = SubmitGate(
             ceiling=settings.max_inflight,
-            initial=settings.initial_inflight or initial_inflight(settings.max_inflight),
-            rate=settings.submits_per_second, clock=clock, sleep=sleep)
+            initial=settings.initial_inflight or initial_inflight(settings.max_inflight,
+                                                                  sharers=settings.sharers),
+            rate=settings.submits_per_second, sharers=settings.sharers, clock=clock,
+            sleep=sleep)
         self.budget = Budget(settings.budget, cost=settings.cost_per_image)
         self.timings = JobTimings()
         self.stats = LifecycleStats()

@@ -471,14 +471,13 @@ def test_between_two_429s_the_provider_accepted_exactly_its_rate() -> None:
 
 
 def test_a_429_right_after_submits_resume_is_measured() -> None:
-    """A first 429 within a second of the run's first submit measures nothing; that is about
-    the run's first submit, not every resume. After the pause the provider's refilled bucket
-    is emptied at once, and the 429 that follows is measured (the learner once measured
-    nothing ever again, so every 429 paused every submit)."""
+    """A 429 storm before anything got through measures nothing; after its pause the
+    provider's refilled bucket is emptied at once, and the 429 that follows is measured (the
+    learner once measured nothing ever again, so every 429 paused every submit)."""
     t = SteppingTime()
     bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
     learner = SubmitRateLearner(bucket, clock=t.clock)
-    for _ in range(10):
+    for _ in range(2):
         learner.on_sent()
         learner.on_accepted()
         t.now += 0.01
@@ -490,6 +489,72 @@ def test_a_429_right_after_submits_resume_is_measured() -> None:
     assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "first"
     assert bucket.rate == pytest.approx(10.0)
     assert [rate for _, rate in learner.history] == [pytest.approx(10.0)]
+
+
+def test_the_opening_burst_sets_the_pace_at_once() -> None:
+    """A run opens with 64 submits at once against a 40/s provider whose bucket holds 40: the
+    40 that got through in a moment are about a second of its rate. The first 429 paces every
+    later submit to that (it once measured nothing there, so the submits after the pause went
+    unpaced, met the empty bucket again, and a third of them came back 429)."""
+    t = SteppingTime()
+    bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
+    learner = SubmitRateLearner(bucket, clock=t.clock)
+    for _ in range(40):
+        learner.on_sent()
+        learner.on_accepted()
+        t.now += 0.0002
+    assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "first"
+    assert bucket.rate == pytest.approx(40.0)
+    for _ in range(23):  # the rest of the opening burst, answered 429 too
+        assert learner.on_rate_limited(sent_at=t.now - 0.001, pause=1.0) == "same"
+    assert len(learner.history) == 1
+
+
+def test_a_first_guess_grows_fast_until_a_429_measures_the_rate() -> None:
+    """The opening burst's rate is a guess (the provider's bucket, not its rate): after the
+    pause it grows 10 % a second, where a measured rate grows 1 %, until a measured 429."""
+    t = SteppingTime()
+    bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
+    learner = SubmitRateLearner(bucket, clock=t.clock)
+    for _ in range(20):
+        learner.on_sent()
+        learner.on_accepted()
+    assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "first"
+    assert bucket.rate == pytest.approx(20.0)
+    t.now += 1.0 + 3.0  # the pause, then three seconds
+    learner.on_sent()
+    assert bucket.rate == pytest.approx(20.0 * 1.1 ** 3, rel=1e-3)
+    for _ in range(50):
+        t.now += 0.1
+        learner.on_sent()
+        learner.on_accepted()
+    assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "measured"
+    measured = bucket.rate
+    t.now += 3.0
+    learner.on_sent()
+    assert bucket.rate == pytest.approx(measured * learner.growth_factor(3.0), rel=1e-3)
+
+
+def test_a_shard_takes_its_share_of_the_whole_window() -> None:
+    """Three shards ramped up together for 6 s; this one got 30 through, 20 of them in the
+    last 2 s as the bucket emptied (a lottery). Alone, that trailing rate (~10/s) would be the
+    guess; a shard takes the share of the whole window (5/s), the same for each shard, and
+    grows it fast."""
+    def learned(sharers: int) -> float | None:
+        t = SteppingTime()
+        bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
+        learner = SubmitRateLearner(bucket, clock=t.clock, sharers=sharers)
+        learner.on_sent()
+        for gap in [0.4] * 10 + [0.1] * 20:
+            t.now += gap
+            learner.on_sent()
+            learner.on_accepted()
+        assert t.now == pytest.approx(6.0)
+        assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "first"
+        return bucket.rate
+
+    assert learned(1) == pytest.approx(10.5)  # 21 accepted in the trailing 2 s (4.0 to 6.0)
+    assert learned(3) == pytest.approx(5.0)
 
 
 def test_submit_rate_learner_probes_upward_but_never_past_a_configured_rate() -> None:
