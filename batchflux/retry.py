@@ -175,6 +175,9 @@ class PollPolicy:
       job is usually PROCESSING with a progress figure to predict its end from.
     - ``confidence``: a predicted end is polled ``confidence`` standard deviations after it
       (higher: fewer polls, more lag).
+    - ``cold_confidence``: the same before any job has ended, when a job's end is predicted
+      from its own progress alone. Lower: the first jobs to end teach every other job's
+      schedule, so they are seen at once.
     - ``unsure``: when the predicted end is this uncertain (its spread over the time left),
       look again halfway first: a second progress figure gives the job's own speed.
     - ``exact_margin``: seconds after the expected end when job times are predictable (all
@@ -186,7 +189,8 @@ class PollPolicy:
     max_interval: float = 10.0
     growth: float = 1.5
     probe: float = 0.5
-    confidence: float = 0.7
+    confidence: float = 0.85
+    cold_confidence: float = 0.7
     unsure: float = 0.25
     exact_margin: float = 0.02
 
@@ -195,8 +199,10 @@ class PollPolicy:
             raise ValueError("need 0 < min_interval <= max_interval")
         if self.growth < 1.0:
             raise ValueError("growth must be >= 1")
-        if self.initial < 0 or self.confidence < 0 or self.exact_margin < 0:
-            raise ValueError("initial, confidence and exact_margin must be >= 0")
+        if self.initial < 0 or self.confidence < 0 or self.cold_confidence < 0 \
+                or self.exact_margin < 0:
+            raise ValueError("initial, confidence, cold_confidence and exact_margin must be "
+                             ">= 0")
         if not 0 < self.probe <= 1 or not self.unsure > 0:
             raise ValueError("probe must be in (0, 1] and unsure > 0")
 
@@ -392,7 +398,7 @@ def next_poll_delay(policy: PollPolicy, timings: JobTimings, sightings: Sequence
             f = _fraction(last.progress)
             left = _anchor(sightings) + (1.0 - f) * run_time - elapsed
             if left > 0:
-                return policy.clamp(left + policy.confidence * (1.0 - f) * error)
+                return policy.clamp(left + policy.cold_confidence * (1.0 - f) * error)
         return policy.clamp(max(policy.initial, elapsed) - (elapsed if not sightings else 0.0))
     if queue is None or run is None:
         queue, run = Spread(0.0, 0.5 * guess), Spread(guess, 0.5 * guess)
