@@ -35,6 +35,53 @@ def test_whole_images_pass_both_checks(tmp_path: Path, fmt: str, ext: str) -> No
     assert inspect_container(path) == inspect_image(path) == ImageFacts(256, 192, ext)
 
 
+#: An EXIF block with an empty IFD: it makes JPEG write an APP1 before the frame and WebP a VP8X.
+EXIF = b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+VARIANTS: list[tuple[str, str, str, dict[str, object]]] = [
+    ("PNG", "png", "RGB", {}), ("PNG", "png", "RGBA", {}), ("PNG", "png", "L", {}),
+    ("PNG", "png", "P", {}), ("PNG", "png", "RGB", {"optimize": True}),
+    ("JPEG", "jpg", "RGB", {"quality": 90}), ("JPEG", "jpg", "L", {}),
+    ("JPEG", "jpg", "RGB", {"progressive": True}),
+    ("JPEG", "jpg", "RGB", {"exif": EXIF}),
+    ("WEBP", "webp", "RGB", {"quality": 80}), ("WEBP", "webp", "RGB", {"lossless": True}),
+    ("WEBP", "webp", "RGBA", {"quality": 80}), ("WEBP", "webp", "RGBA", {"lossless": True}),
+    ("WEBP", "webp", "RGB", {"quality": 80, "exif": EXIF}),
+]
+
+
+@pytest.mark.parametrize(("fmt", "ext", "mode", "options"), VARIANTS)
+def test_the_walk_reads_the_size_pillow_reads(tmp_path: Path, fmt: str, ext: str, mode: str,
+                                              options: dict[str, object]) -> None:
+    """The container walk takes width and height from the header it passes (IHDR; VP8X,
+    VP8L or VP8; a JPEG start of frame), for every flavour Pillow writes, at odd sizes."""
+    rng = random.Random(f"{fmt}{mode}{sorted(options)}")
+    for _ in range(3):
+        size = (rng.randint(1, 700), rng.randint(1, 700))
+        image = Image.effect_noise(size, 60).convert(mode)
+        path = tmp_path / f"img.{ext}"
+        image.save(path, fmt, **options)
+        assert inspect_container(path) == inspect_image(path) == ImageFacts(*size, ext)
+
+
+def test_a_header_over_the_pixel_cap_is_refused_unread(tmp_path: Path) -> None:
+    """A 9,000 x 9,000 PNG header (81 MP, over the 64 MP cap) is refused by the walk, as
+    Pillow would refuse to open it: whoever decodes it later is not bombed."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + \
+            struct.pack(">I", zlib.crc32(kind + body))
+
+    body = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 9000, 9000, 8, 0,
+                                                               0, 0, 0)) \
+        + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    path = tmp_path / "bomb.png"
+    path.write_bytes(body)
+    with pytest.raises(ImageCheckError, match="pixel cap"):
+        inspect_container(path)
+
+
 @pytest.mark.parametrize(("fmt", "ext"), [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")])
 def test_truncated_or_padded_bodies_fail_both_checks(tmp_path: Path, fmt: str, ext: str) -> None:
     data = encoded(fmt)
