@@ -4,6 +4,7 @@ import heapq
 import itertools
 import math
 import time
+from typing import Any
 
 import anyio
 import pytest
@@ -55,6 +56,21 @@ class SteppingTime:
         self.sleeps.append(seconds)
         self.now += seconds
         await anyio.lowlevel.checkpoint()
+
+
+def unpaced_learner(**options: Any) -> tuple[SteppingTime, TokenBucket, SubmitRateLearner]:
+    """A rate learner on a stepping clock, pacing an unlimited bucket until it learns."""
+    t = SteppingTime()
+    bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
+    return t, bucket, SubmitRateLearner(bucket, clock=t.clock, **options)
+
+
+def accept(t: SteppingTime, learner: SubmitRateLearner, count: int, gap: float = 0.0) -> None:
+    """``count`` submits sent and accepted, ``gap`` seconds apart."""
+    for _ in range(count):
+        learner.on_sent()
+        learner.on_accepted()
+        t.now += gap
 
 
 async def _no_sleep(seconds: float) -> None:
@@ -431,9 +447,7 @@ def test_adaptive_limit_release_without_acquire_is_a_bug() -> None:
 
 
 def test_submit_rate_learner_sets_the_rate_the_provider_accepted() -> None:
-    t = SteppingTime()
-    bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
-    learner = SubmitRateLearner(bucket, clock=t.clock)
+    t, bucket, learner = unpaced_learner()
     for _ in range(50):  # 50 submits accepted in 2 s, then a 429
         learner.on_sent()
         learner.on_accepted()
@@ -453,9 +467,7 @@ def test_between_two_429s_the_provider_accepted_exactly_its_rate() -> None:
     """The first estimate errs high (the provider's burst); the second, measured between two
     empty buckets, is the provider's rate whatever we sent meanwhile; later ones take the
     longest span, so they get more exact."""
-    t = SteppingTime()
-    bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
-    learner = SubmitRateLearner(bucket, clock=t.clock)
+    t, bucket, learner = unpaced_learner()
     for _ in range(60):  # a burst of 40 and then 20/s for a second: 60 in 1 s
         learner.on_sent()
         learner.on_accepted()
@@ -474,13 +486,8 @@ def test_a_429_right_after_submits_resume_is_measured() -> None:
     """A 429 storm before anything got through measures nothing; after its pause the
     provider's refilled bucket is emptied at once, and the 429 that follows is measured (the
     learner once measured nothing ever again, so every 429 paused every submit)."""
-    t = SteppingTime()
-    bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
-    learner = SubmitRateLearner(bucket, clock=t.clock)
-    for _ in range(2):
-        learner.on_sent()
-        learner.on_accepted()
-        t.now += 0.01
+    t, bucket, learner = unpaced_learner()
+    accept(t, learner, 2, gap=0.01)
     assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "unmeasured"
     t.now += 1.0
     for _ in range(10):  # what the provider refilled during the pause, at once
@@ -496,13 +503,8 @@ def test_the_opening_burst_sets_the_pace_at_once() -> None:
     40 that got through in a moment are about a second of its rate. The first 429 paces every
     later submit to that (it once measured nothing there, so the submits after the pause went
     unpaced, met the empty bucket again, and a third of them came back 429)."""
-    t = SteppingTime()
-    bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
-    learner = SubmitRateLearner(bucket, clock=t.clock)
-    for _ in range(40):
-        learner.on_sent()
-        learner.on_accepted()
-        t.now += 0.0002
+    t, bucket, learner = unpaced_learner()
+    accept(t, learner, 40, gap=0.0002)
     assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "first"
     assert bucket.rate == pytest.approx(40.0)
     for _ in range(23):  # the rest of the opening burst, answered 429 too
@@ -513,12 +515,8 @@ def test_the_opening_burst_sets_the_pace_at_once() -> None:
 def test_a_first_guess_grows_fast_until_a_429_measures_the_rate() -> None:
     """The opening burst's rate is a guess (the provider's bucket, not its rate): after the
     pause it grows 10 % a second, where a measured rate grows 1 %, until a measured 429."""
-    t = SteppingTime()
-    bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
-    learner = SubmitRateLearner(bucket, clock=t.clock)
-    for _ in range(20):
-        learner.on_sent()
-        learner.on_accepted()
+    t, bucket, learner = unpaced_learner()
+    accept(t, learner, 20)
     assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "first"
     assert bucket.rate == pytest.approx(20.0)
     t.now += 1.0 + 3.0  # the pause, then three seconds
@@ -541,9 +539,7 @@ def test_a_shard_takes_its_share_of_the_whole_window() -> None:
     guess; a shard takes the share of the whole window (5/s), the same for each shard, and
     grows it fast."""
     def learned(sharers: int) -> float | None:
-        t = SteppingTime()
-        bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
-        learner = SubmitRateLearner(bucket, clock=t.clock, sharers=sharers)
+        t, bucket, learner = unpaced_learner(sharers=sharers)
         learner.on_sent()
         for gap in [0.4] * 10 + [0.1] * 20:
             t.now += gap
@@ -561,10 +557,7 @@ def test_submit_rate_learner_probes_upward_but_never_past_a_configured_rate() ->
     t = SteppingTime()
     bucket = TokenBucket(30.0, clock=t.clock, sleep=t.sleep)
     learner = SubmitRateLearner(bucket, clock=t.clock, growth=0.01, escalate=5.0)
-    for _ in range(20):
-        learner.on_sent()
-        learner.on_accepted()
-        t.now += 0.1
+    accept(t, learner, 20, gap=0.1)
     learner.on_rate_limited(sent_at=t.now, pause=0.0)
     assert bucket.rate == pytest.approx(10.0)
     t.now += 1.0
@@ -589,12 +582,8 @@ def test_a_share_that_grew_is_found_in_seconds() -> None:
 
 
 def test_submit_rate_learner_restore_undoes_a_wrong_guess() -> None:
-    t = SteppingTime()
-    bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
-    learner = SubmitRateLearner(bucket, clock=t.clock)
-    for _ in range(10):
-        learner.on_sent()
-        learner.on_accepted()
+    t, bucket, learner = unpaced_learner()
+    accept(t, learner, 10)
     t.now += 2.0
     assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "first"
     assert bucket.rate == pytest.approx(5.0)
@@ -614,9 +603,7 @@ def test_pin_makes_a_revealed_cap_the_limit_and_the_maximum() -> None:
 
 def test_submit_rate_learner_ignores_a_429_that_says_nothing_about_a_rate() -> None:
     """A 429 storm right at the start (nothing accepted yet) must not pace the run to a crawl."""
-    t = SteppingTime()
-    bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
-    learner = SubmitRateLearner(bucket, clock=t.clock)
+    t, bucket, learner = unpaced_learner()
     learner.on_sent()
     t.now += 0.5
     assert learner.on_rate_limited(sent_at=t.now, pause=2.0) == "unmeasured"
@@ -626,9 +613,7 @@ def test_submit_rate_learner_ignores_a_429_that_says_nothing_about_a_rate() -> N
 def test_a_storm_pause_does_not_count_against_the_learned_rate() -> None:
     """A 429 storm (Retry-After 5 s, nothing accepted) and then a 5/s provider: the pause the
     storm asked for is not in the window the rate is measured over (it once learned 0.9/s)."""
-    t = SteppingTime()
-    bucket = TokenBucket(None, clock=t.clock, sleep=t.sleep)
-    learner = SubmitRateLearner(bucket, clock=t.clock)
+    t, bucket, learner = unpaced_learner()
     learner.on_sent()
     assert learner.on_rate_limited(sent_at=t.now, pause=5.0) == "unmeasured"  # the storm
     t.now += 5.0
