@@ -183,6 +183,25 @@ def run_batch_in_thread(manifest: Path, options: RunOptions | None = None,
         return pool.submit(batch.run_batch, manifest, options, **kwargs).result()
 
 
+async def run_until_first_result(manifest: Path, options: RunOptions, app: Any) -> Any:
+    """Run ``manifest`` on the in-process simulator ``app`` and stop it, as Ctrl-C would, as
+    soon as the first result is recorded (jobs still in flight stay on the journal)."""
+    import anyio
+
+    from batchflux import batch
+    from batchflux.models import Result
+    from batchflux.runner import NullReporter
+
+    stop = anyio.Event()
+
+    class StopAfterFirst(NullReporter):
+        def result(self, record: Result) -> None:
+            stop.set()
+
+    return await batch.run_batch_async(manifest, options, target=inprocess(app),
+                                       reporter=StopAfterFirst(), stop=stop)
+
+
 def review_run(base: Path) -> Path:
     """A finished simulator run to review: 2 prompts x 3 seeds x 2 aspect ratios, a few items
     FAILED by content policy (not retried), the rest ok with real PNG files."""

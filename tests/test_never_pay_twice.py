@@ -20,6 +20,7 @@ from runner_helpers import (
     check_run_directory,
     inprocess,
     load_results,
+    run_until_first_result,
     start_run,
     write_manifest,
 )
@@ -235,23 +236,10 @@ async def test_the_credits_of_an_interrupted_run_and_its_resume_add_up(tmp_path:
     """Stopped with jobs in flight, then resumed: the jobs the first run created and the second
     re-attached to were paid by this directory. Each is counted once, by the run that records
     it, so the two summaries and the report say what the account was charged."""
-    import anyio
-
-    from batchflux.models import Result
-    from batchflux.runner import NullReporter
-
     manifest = write_manifest(tmp_path, prompts=4, seeds=3, aspects=("1:1",))  # 12 items
     out = tmp_path / "out"
     app = create_app(replace(FAST, job_seconds=(0.3, 1.5)))
-    stop = anyio.Event()
-
-    class StopAfterFirst(NullReporter):
-        def result(self, record: Result) -> None:
-            stop.set()
-
-    first = await batch.run_batch_async(manifest, RunOptions(out_dir=out, concurrency=8),
-                                        target=inprocess(app), reporter=StopAfterFirst(),
-                                        stop=stop)
+    first = await run_until_first_result(manifest, RunOptions(out_dir=out, concurrency=8), app)
     assert first.summary["stop_reason"] == "interrupted"
     second = await batch.run_batch_async(manifest, RunOptions(out_dir=out, concurrency=8),
                                          target=inprocess(app))

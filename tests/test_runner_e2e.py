@@ -9,7 +9,14 @@ from typing import Any
 
 import httpx
 import pytest
-from runner_helpers import check_run_directory, inprocess, load_results, loopback, write_manifest
+from runner_helpers import (
+    check_run_directory,
+    inprocess,
+    load_results,
+    loopback,
+    run_until_first_result,
+    write_manifest,
+)
 
 from batchflux import batch
 from batchflux.config import Api
@@ -188,24 +195,13 @@ async def test_a_stop_event_stops_the_run_and_the_next_run_pays_for_nothing_twic
     """The library's ``stop`` (what Ctrl-C sets on the command line): the run ends at once
     with its summary, what was in flight stays journaled, and the next run re-attaches to
     those jobs instead of paying for them again."""
-    import anyio
-
-    from batchflux.models import Result
-    from batchflux.runner import NullReporter
     from batchflux.store import ResumeIndex
 
     manifest = write_manifest(tmp_path, prompts=4, seeds=3)  # 24 items
     out = tmp_path / "out"
     app = create_app(replace(FAST, job_seconds=(0.3, 1.5)))
-    stop = anyio.Event()
-
-    class StopAfterFirst(NullReporter):
-        def result(self, record: Result) -> None:
-            stop.set()
-
     options = RunOptions(out_dir=out, concurrency=8)
-    stopped = await batch.run_batch_async(manifest, options, target=inprocess(app),
-                                          reporter=StopAfterFirst(), stop=stop)
+    stopped = await run_until_first_result(manifest, options, app)
     assert stopped.summary["stop_reason"] == "interrupted"
     assert stopped.exit_code == 1
     done = len(load_results(out))
