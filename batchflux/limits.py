@@ -458,8 +458,6 @@ class SubmitRateLearner:
             # least min_window (never over nothing), and count the trailing submits over the
             # span they are divided by.
             window = max(self.min_window, now - start)
-            span = min(2 * self.min_window, window)
-            recent = sum(1 for t in self._accepted_at if t >= now - span)
             verdict: Verdict = "first"
             if self.sharers > 1:
                 # Processes on one key that started together have each had about the same
@@ -469,6 +467,8 @@ class SubmitRateLearner:
                 # a measured 429.
                 rate, self._provisional = self._accepted / window, True
             else:
+                span = min(2 * self.min_window, window)
+                recent = sum(1 for t in self._accepted_at if t >= now - span)
                 rate = max(self._accepted / window, recent / span)
                 self._provisional = now - start < self.min_window
         else:
