@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
 import time
@@ -8,38 +7,9 @@ from typing import Any
 
 import anyio
 import pytest
+from virtual_time import VirtualTime
 
 from batchflux.limits import AdaptiveLimit, Cooldown, SubmitRateLearner, TokenBucket
-
-
-class VirtualTime:
-    """A clock and sleep for many concurrent tasks: time jumps to the next wake-up only when
-    every task is blocked, so waits are exact and nothing really sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self._sleepers: list[tuple[float, int, anyio.Event]] = []
-        self._seq = itertools.count()
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        event = anyio.Event()
-        heapq.heappush(self._sleepers, (self.now + seconds, next(self._seq), event))
-        await event.wait()
-
-    async def drive(self) -> None:
-        """Advance time until no task sleeps any more (run as a task beside the others)."""
-        while True:
-            await anyio.wait_all_tasks_blocked()
-            if not self._sleepers:
-                return
-            wake, _, event = heapq.heappop(self._sleepers)
-            self.now = max(self.now, wake)
-            event.set()
 
 
 class SteppingTime:
@@ -551,6 +521,33 @@ def test_a_shard_takes_its_share_of_the_whole_window() -> None:
 
     assert learned(1) == pytest.approx(10.5)  # 21 accepted in the trailing 2 s (4.0 to 6.0)
     assert learned(3) == pytest.approx(5.0)
+
+
+def test_a_429_lowers_a_shards_pace_by_at_most_its_share_floor() -> None:
+    """Paced at 10/s, a process was held back (its own pause, its in-flight cap) and got only
+    9 submits through in the 3 s before its next 429. Alone, that is the provider's rate
+    (nobody else took the tokens): 3/s. A shard's low share would confirm itself (it measures
+    what it paces to), so it comes down to the floor, 60 % of its pace, and probes upward
+    twice as fast as a run alone."""
+    def paced(sharers: int) -> tuple[float | None, float | None]:
+        t, bucket, learner = unpaced_learner(sharers=sharers)
+        accept(t, learner, 10, gap=0.1)
+        assert learner.on_rate_limited(sent_at=t.now, pause=0.0) == "first"
+        assert bucket.rate == pytest.approx(10.0)
+        t.now += 3.0
+        accept(t, learner, 9)
+        learner.on_sent()
+        current = bucket.rate
+        assert learner.on_rate_limited(sent_at=t.now, pause=1.0) == "measured"
+        assert current is not None
+        return current, bucket.rate
+
+    current, alone = paced(1)
+    assert alone == pytest.approx(9 / 3.0)
+    current, shard = paced(3)
+    assert shard == pytest.approx(0.6 * current)  # type: ignore[operator]
+    assert SubmitRateLearner(TokenBucket(None), sharers=3).growth_factor(1.0) \
+        == pytest.approx(1.02, rel=2e-3)
 
 
 def test_submit_rate_learner_probes_upward_but_never_past_a_configured_rate() -> None:

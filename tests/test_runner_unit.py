@@ -8,9 +8,7 @@ polling with queue time, learning a rate, finding a cap, stopping at a budget.
 
 from __future__ import annotations
 
-import heapq
 import io
-import itertools
 import json
 import re
 import time
@@ -24,6 +22,7 @@ import anyio
 import httpx
 import pytest
 from PIL import Image
+from virtual_time import VirtualTime
 
 from batchflux.apiframe import ApiframeClient
 from batchflux.errors import RunAborted
@@ -36,37 +35,6 @@ from batchflux.store import RunStore
 BASE = "http://api.test"
 JOB_PATH = re.compile(r"^/v2/jobs/([0-9a-f-]{36})$")
 IMAGE_PATH = re.compile(r"^/cdn/([0-9a-f-]{36})\.png$")
-
-
-class VirtualTime:
-    """Time jumps to the next wake-up only when every task is blocked."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self._sleepers: list[tuple[float, int, anyio.Event]] = []
-        self._seq = itertools.count()
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        event = anyio.Event()
-        heapq.heappush(self._sleepers, (self.now + max(0.0, seconds), next(self._seq), event))
-        await event.wait()
-
-    async def drive(self, done: anyio.Event) -> None:
-        while not done.is_set():
-            await anyio.wait_all_tasks_blocked()
-            if done.is_set():
-                return
-            if not self._sleepers:
-                await anyio.sleep(0.001)  # a thread (image check) or the ticker is working
-                continue
-            wake, _, event = heapq.heappop(self._sleepers)
-            self.now = max(self.now, wake)
-            event.set()
-            while self._sleepers and self._sleepers[0][0] <= self.now:  # all due at once
-                heapq.heappop(self._sleepers)[2].set()
 
 
 def _png(size: tuple[int, int]) -> bytes:

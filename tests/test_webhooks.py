@@ -6,7 +6,6 @@ simulator are in tests/test_webhooks_e2e.py."""
 from __future__ import annotations
 
 import hashlib
-import heapq
 import hmac
 import itertools
 import json
@@ -18,6 +17,7 @@ import anyio
 import anyio.lowlevel
 import httpx
 import pytest
+from virtual_time import VirtualTime as SharedVirtualTime
 
 from batchflux.completion import (
     FallbackPolicy,
@@ -274,32 +274,12 @@ async def test_the_receiver_takes_post_on_its_own_path_only(receiver: WebhookRec
 # -- the completion source on a virtual clock --------------------------------------------------
 
 
-class VirtualTime:
-    """Time jumps to the next wake-up only when every task is blocked."""
+class VirtualTime(SharedVirtualTime):
+    """Virtual time from 1000 s; :attr:`done_at` is when wait_all's last job ended."""
 
     def __init__(self) -> None:
-        self.now = 1000.0
-        self.done_at: float | None = None  # when wait_all's last job ended
-        self._sleepers: list[tuple[float, int, anyio.Event]] = []
-        self._seq = itertools.count()
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        event = anyio.Event()
-        heapq.heappush(self._sleepers, (self.now + max(0.0, seconds), next(self._seq), event))
-        await event.wait()
-
-    async def advance(self) -> bool:
-        """Run everything that can run, then wake the next sleeper; False when none."""
-        await anyio.wait_all_tasks_blocked()
-        if not self._sleepers:
-            return False
-        wake, _, event = heapq.heappop(self._sleepers)
-        self.now = max(self.now, wake)
-        event.set()
-        return True
+        super().__init__(start=1000.0)
+        self.done_at: float | None = None
 
 
 @dataclass
