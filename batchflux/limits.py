@@ -360,8 +360,13 @@ class SubmitRateLearner:
     ``sharers`` > 1: this is one of that many processes that started together on one key
     (the shards of a run). Their first 429s come together; each takes its share of the whole
     window since its start (the same for each), not of its last seconds (a lottery of who got
-    through as the bucket emptied, whose ratios would stick: a measured 429 gives each the
-    share it was pacing to).
+    through as the bucket emptied). What a shard measures later is the share it was pacing to
+    (the others took the rest), so a low share confirms itself: one measured while the shard
+    was held back (by its own pause, or by its in-flight cap while that was still opening)
+    would stay low, and that shard would end long after the others. So a 429 lowers a
+    shard's pace to no less than ``share_floor`` of what it was, and a shard probes upward
+    by ``share_growth`` a second (a freed share is a large part of its own): a shard left
+    low climbs back within seconds, and one paced too high comes down over a few 429s.
 
     429s answering requests sent before the latest adjustment, or within ``min_window`` of
     it, belong to the same episode and change nothing.
@@ -370,14 +375,16 @@ class SubmitRateLearner:
     def __init__(self, bucket: TokenBucket, *, clock: Clock = time.monotonic,
                  growth: float = 0.01, min_window: float = 1.0, min_samples: int = 4,
                  horizon: float = 30.0, escalate: float = 5.0,
-                 burst_growth: float = 0.1, sharers: int = 1) -> None:
+                 burst_growth: float = 0.1, sharers: int = 1, share_growth: float = 0.02,
+                 share_floor: float = 0.6) -> None:
         self.bucket = bucket
         self.min_samples = min_samples
         self.ceiling = bucket.rate  # a configured rate is never exceeded
-        self.growth = growth
+        self.sharers = max(1, sharers)
+        self.growth = share_growth if self.sharers > 1 else growth
+        self.share_floor = share_floor
         self.escalate = escalate
         self.burst_growth = burst_growth
-        self.sharers = max(1, sharers)
         self.min_window = min_window
         self.horizon = horizon
         self._clock = clock
@@ -478,6 +485,8 @@ class SubmitRateLearner:
             rate = (self._total - count) / (now - since)
             verdict = "measured"
             self._provisional = False
+        if self.sharers > 1 and self.bucket.rate is not None:
+            rate = max(rate, self.share_floor * self.bucket.rate)
         if self.ceiling is not None:
             rate = min(rate, self.ceiling)
         rate = max(rate, 1.0 / 60.0)

@@ -122,15 +122,33 @@ class RunSettings:
 
 
 def initial_inflight(max_inflight: int, *, sharers: int = 1) -> int:
-    """Where slow start begins for a ceiling of ``max_inflight`` jobs in flight, when
-    ``sharers`` processes (the shards of one run) start together on one key: each opens with
-    its part, so that together they open as one run would.
+    """Where slow start begins for a ceiling of ``max_inflight`` jobs in flight. Alone, a run
+    opens with half of it (at least 16, or all of a smaller ceiling). ``sharers`` processes
+    (the shards of one run) that start together on one key open with ``max_inflight`` in
+    flight between them, each with its part of it: three shards of ``-j 32`` open as one
+    ``-j 32`` run would at most, not three times over the provider's opening bucket; a shard
+    that opened with much less would spend seconds slow-starting while the key's tokens went
+    unused.
 
     >>> initial_inflight(128), initial_inflight(8), initial_inflight(32, sharers=3)
-    (64, 8, 5)
+    (64, 8, 10)
     """
     alone = max(min(max_inflight, SLOW_START_INITIAL), max_inflight // 2)
-    return max(1, alone // max(1, sharers))
+    if sharers <= 1:
+        return alone
+    return max(1, min(alone, max_inflight // sharers))
+
+
+def submit_gate(settings: RunSettings, *, clock: Callable[[], float] = time.monotonic,
+                sleep: Callable[[float], Awaitable[None]] = anyio.sleep) -> SubmitGate:
+    """The gate a run with ``settings`` submits through: its in-flight cap (slow start from
+    :func:`initial_inflight`, up to ``-j``), its submit rate (``--rpm``, else learned) and
+    the share of a key it starts with when it is one of several shards."""
+    return SubmitGate(
+        ceiling=settings.max_inflight,
+        initial=settings.initial_inflight or initial_inflight(settings.max_inflight,
+                                                              sharers=settings.sharers),
+        rate=settings.submits_per_second, sharers=settings.sharers, clock=clock, sleep=sleep)
 
 
 def workers_for(settings: RunSettings) -> int:
@@ -199,12 +217,7 @@ class Runner:
         self.reporter: Reporter = reporter or NullReporter()
         self.clock = clock
         self.state = RunState(inflight_cap=settings.max_inflight)
-        self.gate = SubmitGate(
-            ceiling=settings.max_inflight,
-            initial=settings.initial_inflight or initial_inflight(settings.max_inflight,
-                                                                  sharers=settings.sharers),
-            rate=settings.submits_per_second, sharers=settings.sharers, clock=clock,
-            sleep=sleep)
+        self.gate = submit_gate(settings, clock=clock, sleep=sleep)
         self.budget = Budget(settings.budget, cost=settings.cost_per_image)
         self.timings = JobTimings()
         self.stats = LifecycleStats()
