@@ -124,11 +124,11 @@ class RunSettings:
 def initial_inflight(max_inflight: int, *, sharers: int = 1) -> int:
     """Where slow start begins for a ceiling of ``max_inflight`` jobs in flight. Alone, a run
     opens with half of it (at least 16, or all of a smaller ceiling). ``sharers`` processes
-    (the shards of one run) that start together on one key open with ``max_inflight`` in
-    flight between them, each with its part of it: three shards of ``-j 32`` open as one
-    ``-j 32`` run would at most, not three times over the provider's opening bucket; a shard
-    that opened with much less would spend seconds slow-starting while the key's tokens went
-    unused.
+    (the shards of one run) that start together on one key share ``max_inflight`` out among
+    them, never opening with more than a run alone: three shards of ``-j 32`` open with 10
+    each, 30 in all, where three runs alone would put 48 at once against the provider's
+    opening bucket; a shard that opened with much less would spend seconds slow-starting
+    while the key's tokens went unused.
 
     >>> initial_inflight(128), initial_inflight(8), initial_inflight(32, sharers=3)
     (64, 8, 10)
