@@ -75,12 +75,16 @@ def test_every_scenario_runs_at_smoke_size_and_reports_measured_ratios(tmp_path:
     for row in rows:
         assert row["metric"] in proc.stdout
     assert "targets met" in proc.stdout
-    # Each client really ran: the batchflux run directories hold verified results.
-    results = tmp_path / "runs" / "overhead" / "overhead-out" / "results.jsonl"
-    lines = [json.loads(line) for line in results.read_text().splitlines()]
-    assert lines and all(line["status"] == "ok" and line["files"] for line in lines)
-    peer = tmp_path / "runs" / "overhead" / "overhead-peer" / "results.jsonl"
-    assert len(peer.read_text().splitlines()) == len(lines)
+    # Each client really ran, each of its two turns (batchflux 1 and 4, plain 2 and 3): the
+    # batchflux run directories hold verified results.
+    runs = tmp_path / "runs" / "overhead"
+    for turn in (0, 3):
+        results = runs / f"overhead-out-{turn}" / "results.jsonl"
+        lines = [json.loads(line) for line in results.read_text().splitlines()]
+        assert lines and all(line["status"] == "ok" and line["files"] for line in lines)
+    for turn in (1, 2):
+        peer = runs / f"overhead-peer-{turn}" / "results.jsonl"
+        assert len(peer.read_text().splitlines()) == len(lines)
     # Webhook mode really received: its run's jobs ended by their events.
     hooked = json.loads((tmp_path / "runs" / "webhooks" / "webhooks-out" /
                          "summary.json").read_text())
