@@ -185,7 +185,7 @@ async def _run(tmp: Path, api: FakeApi, *, items: int, **settings: Any) -> tuple
 
 
 async def test_slow_start_doubles_the_cap_each_round_trip_up_to_j(tmp_path: Path) -> None:
-    api = FakeApi(VirtualTime(), run=2.0)
+    api = FakeApi(VirtualTime(threads=True), run=2.0)
     summary, _runner = await _run(tmp_path, api, items=240, max_inflight=64)
     assert summary["counts"]["ok"] == 240
     history = summary["inflight_cap"]["history"]
@@ -198,7 +198,7 @@ async def test_slow_start_doubles_the_cap_each_round_trip_up_to_j(tmp_path: Path
 async def test_queued_jobs_are_seen_done_within_a_tenth_of_a_second(tmp_path: Path) -> None:
     """1 s of queue and 1 s of run: the end of each job is seen ~0.1 s after it (the old
     schedule read progress against the submit and saw them ~1.9 s late)."""
-    api = FakeApi(VirtualTime(), queue=1.0, run=1.0)
+    api = FakeApi(VirtualTime(threads=True), queue=1.0, run=1.0)
     summary, _ = await _run(tmp_path, api, items=120, max_inflight=16)
     assert summary["counts"]["ok"] == 120
     lag = summary["completion_lag_seconds"]
@@ -207,7 +207,7 @@ async def test_queued_jobs_are_seen_done_within_a_tenth_of_a_second(tmp_path: Pa
 
 
 async def test_a_rate_limit_is_learned_and_kept_to(tmp_path: Path) -> None:
-    api = FakeApi(VirtualTime(), run=1.0, rate=10.0)
+    api = FakeApi(VirtualTime(threads=True), run=1.0, rate=10.0)
     summary, runner = await _run(tmp_path, api, items=200, max_inflight=64)
     assert summary["counts"]["ok"] == 200
     learned = runner.gate.learner.history[-1][1]  # the last measured rate (it then probes up)
@@ -217,7 +217,7 @@ async def test_a_rate_limit_is_learned_and_kept_to(tmp_path: Path) -> None:
 
 
 async def test_a_cap_is_found_and_pinned(tmp_path: Path) -> None:
-    api = FakeApi(VirtualTime(), run=2.0, cap=6)
+    api = FakeApi(VirtualTime(threads=True), run=2.0, cap=6)
     summary, runner = await _run(tmp_path, api, items=100, max_inflight=32)
     assert summary["counts"]["ok"] == 100
     assert runner.gate.inflight.pinned == 6
@@ -225,7 +225,7 @@ async def test_a_cap_is_found_and_pinned(tmp_path: Path) -> None:
 
 
 async def test_running_out_of_credits_stops_and_finishes_what_is_paid(tmp_path: Path) -> None:
-    api = FakeApi(VirtualTime(), run=1.0, credits=20)  # ten jobs
+    api = FakeApi(VirtualTime(threads=True), run=1.0, credits=20)  # ten jobs
     with pytest.raises(RunAborted) as caught:
         await _run(tmp_path, api, items=40, max_inflight=4)
     summary = caught.value.summary
@@ -234,7 +234,7 @@ async def test_running_out_of_credits_stops_and_finishes_what_is_paid(tmp_path: 
 
 
 async def test_a_budget_stops_submitting_before_it_is_passed(tmp_path: Path) -> None:
-    api = FakeApi(VirtualTime(), run=1.0)
+    api = FakeApi(VirtualTime(threads=True), run=1.0)
     summary, _ = await _run(tmp_path, api, items=40, max_inflight=4, budget=13.0)
     assert summary["counts"]["ok"] == 6  # 6 x 2 credits: a seventh would pass 13
     assert summary["stop_reason"] == "budget of 13 credits reached"

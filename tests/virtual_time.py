@@ -37,10 +37,17 @@ async def all_tasks_blocked() -> None:
 class VirtualTime:
     """A clock (:meth:`clock`) and a sleep (:meth:`sleep`) on virtual time starting at
     ``start``. :meth:`advance` wakes the next sleeper; :meth:`drive`, run as a task beside
-    the others, advances until they are done. :attr:`sleeps` records every requested sleep."""
+    the others, advances until they are done. :attr:`sleeps` records every requested sleep.
 
-    def __init__(self, start: float = 0.0) -> None:
+    ``threads``: the tasks also wait on worker threads (a runner checks images in them). A
+    task waiting on a thread looks blocked, and time would race ahead of the thread's real
+    work; anyio's own wait, which sleeps 0.1 s of real time whenever a task is still
+    runnable, leaves threads that time, and every sleeper due at one instant wakes together.
+    """
+
+    def __init__(self, start: float = 0.0, *, threads: bool = False) -> None:
         self.now = start
+        self.threads = threads
         self.sleeps: list[float] = []
         self._sleepers: list[tuple[float, int, anyio.Event]] = []
         self._seq = itertools.count()
@@ -58,12 +65,17 @@ class VirtualTime:
 
     async def advance(self) -> bool:
         """Run everything that can run, then wake the next sleeper; False when none sleeps."""
-        await all_tasks_blocked()
+        if self.threads:
+            await anyio.wait_all_tasks_blocked()
+        else:
+            await all_tasks_blocked()
         if not self._sleepers:
             return False
         wake, _, event = heapq.heappop(self._sleepers)
         self.now = max(self.now, wake)
         event.set()
+        while self.threads and self._sleepers and self._sleepers[0][0] <= self.now:
+            heapq.heappop(self._sleepers)[2].set()
         return True
 
     async def drive(self, done: anyio.Event | None = None) -> None:
