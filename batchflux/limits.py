@@ -469,9 +469,9 @@ class SubmitRateLearner:
             if self.sharers > 1:
                 # Processes on one key that started together have each had about the same
                 # share of the whole window, but not of its last seconds (who got through as
-                # the bucket emptied is a lottery), and shares keep the ratio they start at.
-                # The whole window's share errs low while they ramped up: it grows fast until
-                # a measured 429.
+                # the bucket emptied is a lottery), and a low share confirms itself (see the
+                # class docstring). The whole window's share errs low while they ramped up:
+                # it grows fast until a measured 429.
                 rate, self._provisional = self._accepted / window, True
             else:
                 span = min(2 * self.min_window, window)
